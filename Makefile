@@ -1,0 +1,35 @@
+# pacs-sidecar — every target does its own set-up.
+VENV ?= .venv
+CONFIG ?= config/sidecar.yaml
+BIN := $(VENV)/bin
+
+.PHONY: run test setup setup-test lint typecheck bench bench-ingest clean
+
+setup:
+	@scripts/setup.sh
+
+setup-test:
+	@scripts/setup.sh --test
+
+## Start the sidecar in the foreground with config/sidecar.yaml.
+run: setup
+	$(BIN)/sidecar --config $(CONFIG) serve
+
+## Run the whole test suite.
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+lint: setup-test
+	$(BIN)/ruff check sidecar tests bench
+
+typecheck: setup-test
+	$(BIN)/mypy
+
+## Benchmarks (not part of the tests).
+bench: bench-ingest
+
+bench-ingest: setup-test
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

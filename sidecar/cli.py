@@ -1,0 +1,256 @@
+"""Command-line interface; the only place that configures logging.
+
+Domain errors become a clean message and a non-zero exit code here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from sidecar.config import CONFIG_ENV, Config, load_config
+from sidecar.errors import ConfigError, InvalidDataset, OutOfResources, StorageFailure
+
+logger = logging.getLogger("sidecar")
+
+DEFAULT_CONFIG = Path("config/sidecar.yaml")
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr; third-party DICOM libraries stay at WARNING unless DEBUG.
+
+    pynetdicom's own INFO/DEBUG logs can print identifiers that carry patient
+    names and IDs, so they are only shown when the operator asks for DEBUG.
+    """
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    noisy = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    for name in ("pynetdicom", "pydicom", "apscheduler", "alembic"):
+        logging.getLogger(name).setLevel(noisy)
+    from pynetdicom import _config as pnd_config
+
+    pnd_config.LOG_REQUEST_IDENTIFIERS = level == "DEBUG"
+    pnd_config.LOG_RESPONSE_IDENTIFIERS = level == "DEBUG"
+
+
+def _load(ctx: click.Context) -> Config:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "config" not in obj:
+        path = obj.get("config_path")
+        if path is None and not os.environ.get(CONFIG_ENV) and DEFAULT_CONFIG.exists():
+            path = DEFAULT_CONFIG
+        try:
+            obj["config"] = load_config(path)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+        configure_logging(obj.get("log_level") or obj["config"].logging.level)
+    cfg: Config = obj["config"]
+    return cfg
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"YAML configuration (default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG} if present).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default=None,
+    help="Override logging.level.",
+)
+@click.version_option(package_name="pacs-sidecar")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None, log_level: str | None) -> None:
+    """pacs-sidecar: DICOM similarity search beside a PACS."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    ctx.obj["log_level"] = log_level.upper() if log_level else None
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Configuration file to check.")
+@click.pass_context
+def check_config(ctx: click.Context, config_path: Path | None) -> None:
+    """Validate the configuration and print the effective settings."""
+    if config_path is not None:
+        ctx.obj["config_path"] = config_path
+    cfg = _load(ctx)
+    click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))
+    click.echo("# configuration OK", err=True)
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the DICOM node and the scheduled jobs in the foreground until stopped."""
+    from sidecar.app import Sidecar
+
+    cfg = _load(ctx)
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        logger.info("received signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _signal)
+    signal.signal(signal.SIGTERM, _signal)
+    try:
+        app = Sidecar(cfg)
+    except Exception as exc:
+        raise click.ClickException(f"cannot start: {exc}") from exc
+    try:
+        host, port = app.start()
+    except OSError as exc:
+        app.stop()
+        raise click.ClickException(
+            f"cannot listen on {cfg.dicom.bind_address}:{cfg.dicom.port}: {exc.strerror}"
+        ) from exc
+    click.echo(f"sidecar ready: AE {cfg.dicom.ae_title} on {host}:{port}, data in {cfg.data_dir}",
+               err=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        app.stop()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Instance counts by state, studies and disk use."""
+    from sidecar.app import open_catalogue
+
+    cfg = _load(ctx)
+    engine, repo = open_catalogue(cfg)
+    try:
+        rep = repo.status()
+    finally:
+        engine.dispose()
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    disk = shutil.disk_usage(cfg.data_dir)
+    data = {
+        "instances": rep.instances_by_state,
+        "instances_total": sum(rep.instances_by_state.values()),
+        "studies": rep.studies,
+        "studies_stable": rep.studies_stable,
+        "series": rep.series,
+        "patients": rep.patients,
+        "stored_bytes": rep.stored_bytes,
+        "disk_free_bytes": disk.free,
+        "disk_total_bytes": disk.total,
+        "data_dir": str(cfg.data_dir),
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"data directory: {cfg.data_dir}")
+    click.echo(f"instances: {data['instances_total']}")
+    for state, count in rep.instances_by_state.items():
+        click.echo(f"  {state:<9} {count}")
+    click.echo(f"studies: {rep.studies} ({rep.studies_stable} stable, "
+               f"{rep.studies - rep.studies_stable} receiving)")
+    click.echo(f"series: {rep.series}   patients: {rep.patients}")
+    click.echo(f"stored: {_human(rep.stored_bytes)}   disk free: {_human(disk.free)} "
+               f"of {_human(disk.total)}")
+
+
+def _walk(paths: tuple[Path, ...]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield p
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
+    """Import DICOM files and folders without the network (same path as C-STORE).
+
+    Files that are not DICOM Part-10 files are skipped and counted. The exit
+    code is 1 when any DICOM file was refused or failed.
+    """
+    from sidecar.app import open_catalogue
+    from sidecar.dicom_scp.storage import InstanceStore, Origin
+
+    cfg = _load(ctx)
+    engine, repo = open_catalogue(cfg)
+    store = InstanceStore(cfg, repo)
+    origin = Origin(ae_title="", host="ingest")
+    files = list(_walk(paths))
+    tally: Counter[str] = Counter()
+    problems: list[str] = []
+    try:
+        with click.progressbar(files, label="ingest", hidden=quiet, file=sys.stderr) as bar:
+            for path in bar:
+                try:
+                    with path.open("rb") as fh:
+                        head = fh.read(132)
+                        if len(head) < 132 or head[128:132] != b"DICM":
+                            tally["not_dicom"] += 1
+                            continue
+                        data = head + fh.read()
+                except OSError as exc:
+                    tally["unreadable"] += 1
+                    problems.append(f"{path}: {exc.strerror}")
+                    continue
+                try:
+                    result = store.store(data, None, origin)
+                except InvalidDataset as exc:
+                    tally["refused"] += 1
+                    problems.append(f"{path}: refused: {exc}")
+                except (OutOfResources, StorageFailure) as exc:
+                    tally["failed"] += 1
+                    problems.append(f"{path}: failed: {exc}")
+                    if isinstance(exc, OutOfResources):
+                        break
+                else:
+                    tally[result.outcome.value] += 1
+    finally:
+        engine.dispose()
+    for line in problems:
+        click.echo(line, err=True)
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(tally.items())) or "nothing to do"
+    click.echo(f"ingest: {len(files)} files: {summary}")
+    if tally["refused"] or tally["failed"] or tally["unreadable"]:
+        ctx.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

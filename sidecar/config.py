@@ -1,0 +1,334 @@
+"""Configuration: one typed schema, loaded from YAML with environment overrides.
+
+The schema below is the single place where every setting, its default and its
+help text live. ``config/sidecar.yaml`` mirrors it with comments.
+
+Loading rules
+-------------
+* Unknown keys are rejected (``extra="forbid"``) at every level.
+* ``SIDECAR__SECTION__KEY=value`` overrides ``section.key``; the value is
+  parsed as YAML, so ``11113`` is a number, ``true`` a boolean and
+  ``[a, b]`` a list.
+* Relative paths resolve against the directory of the configuration file
+  (or the working directory when there is no file).
+* Errors name the dotted path and the offending value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sidecar.errors import ConfigError
+
+ENV_PREFIX = "SIDECAR__"
+CONFIG_ENV = "SIDECAR_CONFIG"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError("must be 1-16 printable ASCII characters, no backslash")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeerConfig(_Section):
+    """One calling peer allowed to open associations."""
+
+    ae_title: str = Field(description="Calling AE title of the peer; '*' matches any title.")
+    host: str = Field(
+        description="IP address or network (CIDR) the peer connects from; '*' matches any host."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return v if v == "*" else _check_ae_title(v)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v == "*":
+            return v
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError as exc:
+            raise ValueError("must be an IP address, a CIDR network or '*'") from exc
+
+
+class DicomConfig(_Section):
+    """The DICOM node (pynetdicom)."""
+
+    ae_title: str = Field("SIDECAR", description="Our AE title; the called AE title must match.")
+    bind_address: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. The default accepts local connections only; "
+        "use 0.0.0.0 and list peers in allowed_peers to serve a PACS on the network.",
+    )
+    port: int = Field(11112, ge=1, le=65535, description="TCP port to listen on.")
+    require_called_ae_title: bool = Field(
+        True, description="Reject associations whose called AE title is not ae_title."
+    )
+    allow_loopback: bool = Field(
+        True, description="Accept any calling AE title from a loopback address (127.0.0.0/8, ::1)."
+    )
+    allowed_peers: list[PeerConfig] = Field(
+        default_factory=list,
+        description="Calling peers allowed besides loopback: a list of {ae_title, host}. "
+        "Empty means no remote peer is accepted.",
+    )
+    max_associations: int = Field(
+        16, ge=1, le=1024, description="Most associations served at once; more are rejected."
+    )
+    max_pdu_size: int = Field(
+        0,
+        ge=0,
+        description="Largest P-DATA PDU we accept, in bytes; 0 means unlimited (fastest).",
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="Seconds to wait for association messages.")
+    dimse_timeout: float = Field(60.0, gt=0, description="Seconds to wait for DIMSE messages.")
+    network_timeout: float = Field(
+        120.0, gt=0, description="Seconds of network silence before an association is aborted."
+    )
+    tcp_nodelay: bool = Field(
+        True, description="Disable Nagle's algorithm on accepted sockets (large speed-up)."
+    )
+    duplicate_policy: Literal["keep_first", "replace"] = Field(
+        "keep_first",
+        description="A second copy of a SOP Instance UID with different bytes: keep_first "
+        "keeps the stored file (the new copy is acknowledged and dropped), replace stores "
+        "the new copy instead. Identical copies are always a no-op.",
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError("must be an IP address such as 127.0.0.1 or 0.0.0.0") from exc
+        return v
+
+
+class StorageConfig(_Section):
+    """Where files and the embedded database live."""
+
+    data_dir: Path = Field(
+        Path("../data"),
+        description="Directory for stored files, quarantine, database and index. "
+        "Relative paths resolve against the configuration file's directory.",
+    )
+    min_free_mb: int = Field(
+        1024,
+        ge=0,
+        description="Free-disk watermark in MiB: below it, stores are refused with an "
+        "out-of-resources status.",
+    )
+    fsync: bool = Field(
+        True,
+        description="fsync each file and its directory before acknowledging. Turning this "
+        "off risks losing acknowledged instances on power loss.",
+    )
+
+
+class DatabaseConfig(_Section):
+    """The relational database that maps files, series and studies."""
+
+    url: str = Field(
+        "",
+        description="SQLAlchemy URL. Empty: SQLite file sidecar.db in storage.data_dir. "
+        "PostgreSQL: postgresql+psycopg://user:password@host/dbname",
+    )
+    busy_timeout_ms: int = Field(
+        10000, ge=0, description="SQLite busy timeout in milliseconds."
+    )
+    echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+
+
+class StabilityConfig(_Section):
+    """When a study counts as complete."""
+
+    stable_age: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds without a new instance after which a study is marked stable "
+        "(ready for embedding). A later instance re-opens it.",
+    )
+    check_interval: float = Field(
+        5.0, gt=0, description="Seconds between checks for studies that became stable."
+    )
+
+
+class LoggingConfig(_Section):
+    """Logging of the service."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Log level. Patient names and IDs are never logged at INFO or above.",
+    )
+
+
+class Config(_Section):
+    """The whole configuration of one sidecar."""
+
+    dicom: DicomConfig = Field(default_factory=DicomConfig)  # type: ignore[arg-type]
+    storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)  # type: ignore[arg-type]
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def data_dir(self) -> Path:
+        """Absolute data directory."""
+        return self.storage.data_dir
+
+    @property
+    def storage_dir(self) -> Path:
+        """Where accepted instances are kept."""
+        return self.storage.data_dir / "storage"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where refused datasets are kept for the administrator."""
+        return self.storage.data_dir / "quarantine"
+
+    @property
+    def database_url(self) -> str:
+        """The effective SQLAlchemy URL."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.storage.data_dir / 'sidecar.db'}"
+
+    def effective(self) -> dict[str, Any]:
+        """The effective configuration as plain data (for ``check-config``)."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        url = data["database"]["url"]
+        data["database"]["url"] = _mask_password(url) if url else ""
+        data["database"]["effective_url"] = _mask_password(self.database_url)
+        return data
+
+
+def _mask_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+# ---------------------------------------------------------------------- loading
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    out: list[tuple[list[str], Any, str]] = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((keys, value, name))
+    return out
+
+
+def _apply_override(data: dict[str, Any], keys: list[str], value: Any, env_name: str) -> None:
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(keys[: i + 1])
+            raise ConfigError([f"{dotted}: {env_name} sets a key below a non-section value"])
+        node = child
+    node[keys[-1]] = value
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    data_dir = cfg.storage.data_dir
+    if not data_dir.is_absolute():
+        data_dir = (base / data_dir).resolve()
+    storage = cfg.storage.model_copy(update={"data_dir": data_dir})
+    return cfg.model_copy(update={"storage": storage})
+
+
+def _format_errors(exc: ValidationError, from_env: Mapping[str, str]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        dotted = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        env_names = [v for k, v in from_env.items() if dotted == k or dotted.startswith(k + ".")]
+        origin = f" [from {env_names[0]}]" if env_names else ""
+        lines.append(f"{dotted}: {msg}{shown}{origin}")
+    return lines
+
+
+def load_config(
+    path: Path | str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load, override and validate the configuration.
+
+    Parameters
+    ----------
+    path
+        YAML file. ``None`` uses ``$SIDECAR_CONFIG`` when set, otherwise the
+        built-in defaults (paths then resolve against the working directory).
+    environ
+        Environment to read ``SIDECAR__*`` overrides from (default ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a setting is invalid.
+    """
+    env = os.environ if environ is None else environ
+    if path is None and env.get(CONFIG_ENV):
+        path = env[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    source = "defaults"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"cannot read configuration file: {exc.strerror}"], source) from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(["(top level): must be a mapping of sections"], source)
+        data = loaded
+        base = p.resolve().parent
+    from_env: dict[str, str] = {}
+    for keys, value, env_name in _env_overrides(env):
+        _apply_override(data, keys, value, env_name)
+        from_env[".".join(keys)] = env_name
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, from_env), source) from exc
+    return _resolve_paths(cfg, base)

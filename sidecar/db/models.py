@@ -1,0 +1,136 @@
+"""SQLAlchemy 2.0 typed models: patient → study → series → instance.
+
+The columns are the attributes a radiologist filters on, plus what storage
+and the embedding worker need. Schema changes go through Alembic migrations
+in ``sidecar/db/migrations`` (``SCHEMA_VERSION`` names the head revision).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID = String(64)
+
+
+class InstanceState(enum.StrEnum):
+    """Life cycle of one stored instance, as ``sidecar status`` reports it."""
+
+    PENDING = "pending"  # stored, image, waiting for embedding
+    EMBEDDED = "embedded"  # vectors in the index
+    FAILED = "failed"  # embedding failed (see error, attempts)
+    SKIPPED = "skipped"  # stored but not for embedding (SR, KOS, PR, SEG, RT, ...)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Patient(Base):
+    """A patient as identified by PatientID (and issuer)."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    """One study (StudyInstanceUID)."""
+
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    # Backslash-separated, sorted, maintained on every insert.
+    modalities_in_study: Mapped[str] = mapped_column(String(64), default="")
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow, index=True)
+    stable: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    stable_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """One series (SeriesInstanceUID)."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="", index=True)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One stored SOP instance and its file."""
+
+    __tablename__ = "instance"
+    __table_args__ = (Index("ix_instance_state_series", "state", "series_pk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Relative to the storage directory; never built from unchecked UIDs.
+    file_path: Mapped[str] = mapped_column(String(512))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    calling_host: Mapped[str] = mapped_column(String(64), default="")
+    state: Mapped[InstanceState] = mapped_column(
+        Enum(InstanceState, native_enum=False, length=16,
+             values_callable=lambda e: [m.value for m in e]),
+        default=InstanceState.PENDING,
+    )
+    skip_reason: Mapped[str] = mapped_column(String(128), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")

@@ -1,0 +1,281 @@
+"""Repository functions: every read and write of the catalogue goes through here.
+
+Transactions are short; callers pass plain data (``InstanceMeta``) and get
+plain data back, so the DICOM layer never touches ORM objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sidecar.errors import InvalidDataset
+from sidecar.db.models import Instance, InstanceState, Patient, Series, Study
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now, as stored in the database."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the catalogue records of one instance (parsed from its header)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician_name: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+    number_of_frames: int = 1
+    rows: int | None = None
+    columns: int | None = None
+    embeddable: bool = False
+    skip_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where and what was written for an instance."""
+
+    file_path: str  # relative to the storage directory
+    file_size: int
+    sha256: str
+    calling_ae_title: str = ""
+    calling_host: str = ""
+
+
+@dataclass(frozen=True)
+class ExistingInstance:
+    """The catalogue's record of an already stored SOP Instance UID."""
+
+    pk: int
+    sha256: str
+    file_path: str
+
+
+@dataclass
+class StatusReport:
+    """Counts shown by ``sidecar status``."""
+
+    instances_by_state: dict[str, int] = field(default_factory=dict)
+    studies: int = 0
+    studies_stable: int = 0
+    series: int = 0
+    patients: int = 0
+    stored_bytes: int = 0
+
+
+class Repository:
+    """Catalogue access over one session factory."""
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._sf = session_factory
+
+    # ----------------------------------------------------------------- reads
+    def find_instance(self, sop_instance_uid: str) -> ExistingInstance | None:
+        """The stored record of ``sop_instance_uid``, if any."""
+        with self._sf() as s:
+            row = s.execute(
+                select(Instance.id, Instance.sha256, Instance.file_path).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        if row is None:
+            return None
+        return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2])
+
+    def status(self) -> StatusReport:
+        """Counts per instance state, studies, series and stored bytes."""
+        rep = StatusReport()
+        with self._sf() as s:
+            for state, count in s.execute(
+                select(Instance.state, func.count()).group_by(Instance.state)
+            ):
+                rep.instances_by_state[InstanceState(state).value] = count
+            rep.studies = s.scalar(select(func.count()).select_from(Study)) or 0
+            rep.studies_stable = (
+                s.scalar(select(func.count()).select_from(Study).where(Study.stable)) or 0
+            )
+            rep.series = s.scalar(select(func.count()).select_from(Series)) or 0
+            rep.patients = s.scalar(select(func.count()).select_from(Patient)) or 0
+            rep.stored_bytes = s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))) or 0
+        for st in InstanceState:
+            rep.instances_by_state.setdefault(st.value, 0)
+        return rep
+
+    # ---------------------------------------------------------------- writes
+    def add_instance(self, meta: InstanceMeta, stored: StoredFile) -> int:
+        """Record a new instance (and its patient, study, series) in one transaction.
+
+        The study is re-opened (``stable`` cleared) and its last-received time
+        moved forward. Raises ``sqlalchemy.exc.IntegrityError`` when the SOP
+        Instance UID was recorded concurrently.
+
+        Returns
+        -------
+        int
+            Primary key of the new instance row.
+        """
+        now = utcnow()
+        with self._sf.begin() as s:
+            series = self._series_for(s, meta, now)
+            inst = Instance(
+                sop_instance_uid=meta.sop_instance_uid,
+                sop_class_uid=meta.sop_class_uid,
+                series_pk=series.id,
+                instance_number=meta.instance_number,
+                transfer_syntax_uid=meta.transfer_syntax_uid,
+                number_of_frames=meta.number_of_frames,
+                rows=meta.rows,
+                columns=meta.columns,
+                file_path=stored.file_path,
+                file_size=stored.file_size,
+                sha256=stored.sha256,
+                received_at=now,
+                calling_ae_title=stored.calling_ae_title,
+                calling_host=stored.calling_host,
+                state=InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
+                skip_reason="" if meta.embeddable else meta.skip_reason,
+            )
+            s.add(inst)
+            s.flush()
+            return inst.id
+
+    def replace_instance(self, pk: int, meta: InstanceMeta, stored: StoredFile) -> None:
+        """Point an existing instance row at a new file (policy ``replace``).
+
+        The instance goes back to pending (or skipped) and its study re-opens.
+        """
+        now = utcnow()
+        with self._sf.begin() as s:
+            series = self._series_for(s, meta, now)
+            s.execute(
+                update(Instance)
+                .where(Instance.id == pk)
+                .values(
+                    sop_class_uid=meta.sop_class_uid,
+                    series_pk=series.id,
+                    instance_number=meta.instance_number,
+                    transfer_syntax_uid=meta.transfer_syntax_uid,
+                    number_of_frames=meta.number_of_frames,
+                    rows=meta.rows,
+                    columns=meta.columns,
+                    file_path=stored.file_path,
+                    file_size=stored.file_size,
+                    sha256=stored.sha256,
+                    received_at=now,
+                    calling_ae_title=stored.calling_ae_title,
+                    calling_host=stored.calling_host,
+                    state=InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
+                    skip_reason="" if meta.embeddable else meta.skip_reason,
+                    error="",
+                    attempts=0,
+                )
+            )
+
+    def mark_stable_studies(self, stable_age: float, now: dt.datetime | None = None) -> int:
+        """Mark studies with no new instance for ``stable_age`` seconds as stable.
+
+        Returns
+        -------
+        int
+            Number of studies that became stable.
+        """
+        now = now or utcnow()
+        cutoff = now - dt.timedelta(seconds=stable_age)
+        with self._sf.begin() as s:
+            result = s.execute(
+                update(Study)
+                .where(Study.stable.is_(False), Study.last_received_at <= cutoff)
+                .values(stable=True, stable_at=now)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # --------------------------------------------------------------- helpers
+    @staticmethod
+    def _series_for(s: Session, meta: InstanceMeta, now: dt.datetime) -> Series:
+        study = s.scalars(
+            select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
+        ).first()
+        if study is None:
+            patient = s.scalars(
+                select(Patient).where(
+                    Patient.patient_id == meta.patient_id,
+                    Patient.issuer_of_patient_id == meta.issuer_of_patient_id,
+                )
+            ).first()
+            if patient is None:
+                patient = Patient(
+                    patient_id=meta.patient_id,
+                    issuer_of_patient_id=meta.issuer_of_patient_id,
+                    patient_name=meta.patient_name,
+                    patient_birth_date=meta.patient_birth_date,
+                    patient_sex=meta.patient_sex,
+                )
+                s.add(patient)
+                s.flush()
+            study = Study(
+                study_instance_uid=meta.study_instance_uid,
+                patient_pk=patient.id,
+                study_date=meta.study_date,
+                study_time=meta.study_time,
+                accession_number=meta.accession_number,
+                study_id=meta.study_id,
+                study_description=meta.study_description,
+                referring_physician_name=meta.referring_physician_name,
+                modalities_in_study="",
+                first_received_at=now,
+                last_received_at=now,
+                stable=False,
+            )
+            s.add(study)
+            s.flush()
+        else:
+            study.last_received_at = now
+            study.stable = False
+            study.stable_at = None
+        if meta.modality:
+            mods = set(filter(None, study.modalities_in_study.split("\\")))
+            if meta.modality not in mods:
+                mods.add(meta.modality)
+                study.modalities_in_study = "\\".join(sorted(mods))
+        series = s.scalars(
+            select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
+        ).first()
+        if series is None:
+            series = Series(
+                series_instance_uid=meta.series_instance_uid,
+                study_pk=study.id,
+                modality=meta.modality,
+                series_number=meta.series_number,
+                series_description=meta.series_description,
+                body_part_examined=meta.body_part_examined,
+            )
+            s.add(series)
+            s.flush()
+        elif series.study_pk != study.id:
+            raise InvalidDataset(
+                "inconsistent",
+                "SeriesInstanceUID already belongs to another study",
+            )
+        return series

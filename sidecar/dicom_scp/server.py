@@ -1,0 +1,225 @@
+"""The DICOM node: a pynetdicom AE with C-ECHO and C-STORE.
+
+Handlers are thin: they translate between DIMSE and :class:`InstanceStore`,
+which does the work. Each handler lists the statuses it can return.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from sidecar.config import Config
+from sidecar.dicom_scp.access import AccessPolicy
+from sidecar.dicom_scp.statuses import Status, error_comment
+from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
+from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+
+logger = logging.getLogger(__name__)
+
+_INVALID_STATUS = {
+    "unparseable": Status.CANNOT_DECODE_DATASET,
+    "missing": Status.CANNOT_UNDERSTAND,
+    "invalid_uid": Status.INVALID_SOP_INSTANCE,
+    "mismatch": Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    "inconsistent": Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+}
+
+
+@dataclass
+class _AssocStats:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    failed: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _status(code: Status, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = int(code)
+    if comment:
+        ds.ErrorComment = error_comment(comment)
+    return ds
+
+
+class DicomNode:
+    """The sidecar's Application Entity and its handlers.
+
+    Parameters
+    ----------
+    config
+        Full configuration (``dicom`` section).
+    store
+        Durable instance storage.
+    """
+
+    def __init__(self, config: Config, store: InstanceStore) -> None:
+        self._cfg = config.dicom
+        self._store = store
+        self._policy = AccessPolicy(self._cfg.allowed_peers, self._cfg.allow_loopback)
+        self._server: ThreadedAssociationServer | None = None
+        self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
+        self._stats_lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    # ------------------------------------------------------------ lifecycle
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self._cfg.ae_title)
+        ts = list(AllTransferSyntaxes)
+        ae.add_supported_context(Verification, ts)
+        for uid in _STORAGE_CLASSES.values():
+            ae.add_supported_context(uid, ts)
+        ae.maximum_associations = self._cfg.max_associations
+        ae.maximum_pdu_size = self._cfg.max_pdu_size
+        ae.acse_timeout = self._cfg.acse_timeout
+        ae.dimse_timeout = self._cfg.dimse_timeout
+        ae.network_timeout = self._cfg.network_timeout
+        ae.require_called_aet = self._cfg.require_called_ae_title
+        return ae
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        """Event bindings of the node."""
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed, ["released"]),
+            (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads; returns the bound address."""
+        self._server = self.ae.start_server(
+            (self._cfg.bind_address, self._cfg.port),
+            block=False,
+            evt_handlers=self.handlers(),
+        )
+        host, port = self._server.server_address[:2]
+        logger.info("DICOM node %s listening on %s:%s", self._cfg.ae_title, host, port)
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        """Stop accepting associations and wait for running ones to end."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            logger.info("DICOM node stopped")
+
+    # ------------------------------------------------------------ handlers
+    def _on_conn_open(self, event: evt.Event) -> None:
+        if not self._cfg.tcp_nodelay:
+            return
+        try:
+            sock = event.assoc.dul.socket.socket
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # pragma: no cover - platform specific
+            logger.debug("could not set TCP_NODELAY: %s", exc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Refuse callers that are not allowed (A-ASSOCIATE-RJ, calling AE not recognised)."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(assoc.requestor.address)
+        if not self._policy.allows(calling, host):
+            logger.warning("association from %s@%s refused: peer not allowed", calling, host)
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_established(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._stats_lock:
+            self._stats[assoc] = _AssocStats()
+        logger.info(
+            "association from %s@%s:%s accepted",
+            str(assoc.requestor.ae_title).strip(), assoc.requestor.address, assoc.requestor.port,
+        )
+
+    def _on_closed(self, event: evt.Event, how: str) -> None:
+        assoc = event.assoc
+        with self._stats_lock:
+            st = self._stats.pop(assoc, None)
+        if st is None:
+            return
+        logger.info(
+            "association from %s@%s %s: %d stored, %d duplicate, %d refused, %d failed",
+            str(assoc.requestor.ae_title).strip(), assoc.requestor.address, how,
+            st.stored, st.duplicates, st.refused, st.failed,
+        )
+
+    def handle_echo(self, event: evt.Event) -> int:
+        """C-ECHO.
+
+        Returns
+        -------
+        int
+            ``0x0000`` Success.
+        """
+        return int(Status.SUCCESS)
+
+    def handle_store(self, event: evt.Event) -> Dataset:
+        """C-STORE: keep the dataset byte for byte, durably, then acknowledge.
+
+        Returns
+        -------
+        pydicom.dataset.Dataset
+            Status with Error Comment on failure:
+
+            * ``0x0000`` Success (stored, or an identical/kept-first duplicate)
+            * ``0xA700`` Out of resources (free disk below the watermark)
+            * ``0xA900`` Dataset does not match SOP Class (UIDs disagree with
+              the request, inconsistent hierarchy, short pixel data)
+            * ``0xC000`` Cannot understand (required UID missing)
+            * ``0xC210`` Cannot decode dataset
+            * ``0x0117`` Invalid SOP Instance (UID not digits and dots)
+            * ``0x0110`` Processing failure (write or database commit failed)
+            * ``0xC211`` Unexpected error in the handler
+        """
+        assoc = event.assoc
+        origin = Origin(
+            ae_title=str(assoc.requestor.ae_title).strip(), host=str(assoc.requestor.address)
+        )
+        st = self._stats.get(assoc) or _AssocStats()
+        try:
+            request = event.request
+            data = event.encoded_dataset(include_meta=True)
+            result = self._store.store(
+                data,
+                str(event.context.transfer_syntax),
+                origin,
+                expected_sop_class_uid=str(request.AffectedSOPClassUID),
+                expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+        except OutOfResources as exc:
+            st.failed += 1
+            logger.error("store from %s refused: %s", origin.ae_title, exc)
+            return _status(Status.OUT_OF_RESOURCES, str(exc))
+        except InvalidDataset as exc:
+            st.refused += 1
+            return _status(_INVALID_STATUS.get(exc.kind, Status.CANNOT_UNDERSTAND), str(exc))
+        except StorageFailure as exc:
+            st.failed += 1
+            logger.error("store from %s failed: %s", origin.ae_title, exc)
+            return _status(Status.PROCESSING_FAILURE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
+            st.failed += 1
+            logger.exception("unexpected error storing from %s", origin.ae_title)
+            return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")
+        if result.outcome in (Outcome.DUPLICATE, Outcome.KEPT_FIRST):
+            st.duplicates += 1
+        else:
+            st.stored += 1
+        return _status(Status.SUCCESS)

@@ -1,0 +1,329 @@
+"""Durable storage of received instances: the one code path for C-STORE and ``ingest``.
+
+Order of operations for one instance (nothing is acknowledged before the end):
+
+1. refuse early when free disk is below the watermark;
+2. parse the header (pixels deferred) and check the identifying UIDs;
+3. duplicate check under a per-UID lock;
+4. write a temporary file in the storage area, fsync it, hard-link it to its
+   final name (never overwriting anything), fsync the directory;
+5. commit the catalogue row;
+6. only then report success.
+
+If step 4 or 5 fails, the new file is removed and the caller answers a
+failure status: no half-written file and no orphan row. File names come only
+from UIDs that passed :func:`sidecar.dicom_scp.parse.is_valid_uid` (digits and
+dots), and the final path is checked to lie inside the storage directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from sidecar.config import Config
+from sidecar.db.repository import InstanceMeta, Repository, StoredFile
+from sidecar.dicom_scp.parse import extract_meta, read_header
+from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+
+logger = logging.getLogger(__name__)
+
+_LOCK_STRIPES = 64
+
+
+class Outcome(StrEnum):
+    """What happened to an accepted instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # identical bytes already stored: no-op
+    KEPT_FIRST = "kept_first"  # different bytes, policy keep_first: new copy dropped
+    REPLACED = "replaced"  # different bytes, policy replace: new copy stored
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The result of a successful store."""
+
+    outcome: Outcome
+    sop_instance_uid: str
+    study_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an instance (for the catalogue and the logs)."""
+
+    ae_title: str = ""
+    host: str = ""
+
+
+class InstanceStore:
+    """Store Part-10 byte strings durably and record them.
+
+    Parameters
+    ----------
+    config
+        The configuration (storage directory, watermark, fsync, duplicate policy).
+    repository
+        Catalogue access.
+    """
+
+    def __init__(self, config: Config, repository: Repository) -> None:
+        self._root = config.storage_dir.resolve()
+        self._tmp = self._root / ".tmp"
+        self._quarantine = config.quarantine_dir.resolve()
+        self._min_free = config.storage.min_free_mb * 1024 * 1024
+        self._fsync = config.storage.fsync
+        self._policy = config.dicom.duplicate_policy
+        self._repo = repository
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        for d in (self._root, self._tmp, self._quarantine):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def root(self) -> Path:
+        """The storage directory (absolute)."""
+        return self._root
+
+    # ---------------------------------------------------------------- public
+    def check_free_space(self) -> None:
+        """Raise :class:`OutOfResources` when free disk is below the watermark."""
+        try:
+            st = os.statvfs(self._root)
+        except OSError as exc:
+            raise OutOfResources(f"cannot stat storage: {exc.strerror}") from exc
+        free = st.f_bavail * st.f_frsize
+        if free < self._min_free:
+            raise OutOfResources(
+                f"free disk {free // 2**20} MiB below watermark {self._min_free // 2**20} MiB"
+            )
+
+    def store(
+        self,
+        data: bytes,
+        transfer_syntax_uid: str | None,
+        origin: Origin,
+        *,
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> StoreResult:
+        """Keep ``data`` (a Part-10 file image) and record it.
+
+        ``transfer_syntax_uid`` is the negotiated one for C-STORE; ``None``
+        takes it from the file meta information (``ingest``).
+
+        Raises
+        ------
+        OutOfResources
+            Free disk is below the watermark (nothing is written).
+        InvalidDataset
+            The dataset is unparseable or inconsistent; it was quarantined.
+        StorageFailure
+            Writing or committing failed; nothing was kept.
+        """
+        self.check_free_space()
+        try:
+            ds = read_header(data)
+            if transfer_syntax_uid is None:
+                transfer_syntax_uid = str(ds.file_meta.get("TransferSyntaxUID", "")).strip()
+                if not transfer_syntax_uid:
+                    raise InvalidDataset("missing", "file meta has no TransferSyntaxUID")
+            meta = extract_meta(
+                ds,
+                transfer_syntax_uid,
+                expected_sop_class_uid=expected_sop_class_uid,
+                expected_sop_instance_uid=expected_sop_instance_uid,
+            )
+        except InvalidDataset as exc:
+            self.quarantine(data, str(exc), origin)
+            raise
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock_for(meta.sop_instance_uid):
+            try:
+                return self._store_locked(data, digest, meta, origin)
+            except InvalidDataset as exc:
+                self.quarantine(data, str(exc), origin)
+                raise
+
+    def quarantine(self, data: bytes, reason: str, origin: Origin) -> Path | None:
+        """Keep a refused dataset for the administrator, with a note of why.
+
+        Never raises: quarantine is best effort and skipped below the watermark.
+        """
+        try:
+            self.check_free_space()
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+            name = f"{stamp}_{secrets.token_hex(4)}"
+            path = self._quarantine / f"{name}.dcm"
+            self._write_durably(path, data)
+            note = (
+                f"reason: {reason}\ncalling_ae_title: {origin.ae_title}\n"
+                f"calling_host: {origin.host}\nbytes: {len(data)}\n"
+            )
+            self._write_durably(self._quarantine / f"{name}.txt", note.encode())
+        except Exception as exc:  # noqa: BLE001 - must not mask the original refusal
+            logger.warning("could not quarantine refused dataset: %s", exc)
+            return None
+        logger.warning(
+            "refused dataset from %s@%s quarantined as %s: %s",
+            origin.ae_title, origin.host, path.name, reason,
+        )
+        return path
+
+    # --------------------------------------------------------------- private
+    def _lock_for(self, uid: str) -> threading.Lock:
+        return self._locks[hash(uid) % _LOCK_STRIPES]
+
+    def _store_locked(
+        self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin
+    ) -> StoreResult:
+        try:
+            existing = self._repo.find_instance(meta.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            raise StorageFailure(f"database unavailable: {exc.__class__.__name__}") from exc
+        if existing is not None:
+            if existing.sha256 == digest:
+                logger.debug("duplicate %s from %s: identical, no-op",
+                            meta.sop_instance_uid, origin.ae_title)
+                return StoreResult(Outcome.DUPLICATE, meta.sop_instance_uid,
+                                   meta.study_instance_uid, self._root / existing.file_path)
+            if self._policy == "keep_first":
+                logger.warning(
+                    "duplicate %s from %s with different content: kept the first copy",
+                    meta.sop_instance_uid, origin.ae_title,
+                )
+                return StoreResult(Outcome.KEPT_FIRST, meta.sop_instance_uid,
+                                   meta.study_instance_uid, self._root / existing.file_path)
+
+        final = self._place(data, meta)
+        stored = StoredFile(
+            file_path=final.relative_to(self._root).as_posix(),
+            file_size=len(data),
+            sha256=digest,
+            calling_ae_title=origin.ae_title,
+            calling_host=origin.host,
+        )
+        try:
+            if existing is None:
+                self._repo.add_instance(meta, stored)
+            else:
+                self._repo.replace_instance(existing.pk, meta, stored)
+        except InvalidDataset:
+            self._unlink_quietly(final)
+            raise
+        except IntegrityError as exc:
+            self._unlink_quietly(final)
+            raise StorageFailure("concurrent store of the same SOP Instance UID") from exc
+        except Exception as exc:
+            self._unlink_quietly(final)
+            raise StorageFailure(f"database commit failed: {exc.__class__.__name__}") from exc
+
+        if existing is not None:
+            self._unlink_quietly(self._root / existing.file_path)
+            logger.warning("duplicate %s from %s with different content: replaced",
+                           meta.sop_instance_uid, origin.ae_title)
+            outcome = Outcome.REPLACED
+        else:
+            outcome = Outcome.STORED
+        logger.debug("stored %s (study %s) from %s@%s, %d bytes",
+                    meta.sop_instance_uid, meta.study_instance_uid,
+                    origin.ae_title, origin.host, len(data))
+        return StoreResult(outcome, meta.sop_instance_uid, meta.study_instance_uid, final)
+
+    def _place(self, data: bytes, meta: InstanceMeta) -> Path:
+        """Write ``data`` durably under a fresh final name and return that path."""
+        directory = self._root / meta.study_instance_uid / meta.series_instance_uid
+        if not directory.resolve().is_relative_to(self._root):  # defence in depth
+            raise StorageFailure("storage path escapes the storage directory")
+        try:
+            self._ensure_dir(directory)
+            tmp = self._tmp / f"{secrets.token_hex(8)}.part"
+            self._write_file(tmp, data)
+            try:
+                final = directory / f"{meta.sop_instance_uid}.dcm"
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    final = directory / f"{meta.sop_instance_uid}.{secrets.token_hex(6)}.dcm"
+                    os.link(tmp, final)
+            finally:
+                self._unlink_quietly(tmp)
+            if self._fsync:
+                self._fsync_dir(directory)
+        except OSError as exc:
+            with self._dirs_lock:
+                self._known_dirs.discard(directory)  # it may have been removed
+            raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from exc
+        return final
+
+    def _write_durably(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".part")
+        self._write_file(tmp, data)
+        os.replace(tmp, path)
+        if self._fsync:
+            self._fsync_dir(path.parent)
+
+    def _write_file(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self._fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._unlink_quietly(path)
+            raise
+        os.close(fd)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        with self._dirs_lock:
+            missing = []
+            d = directory
+            while not d.exists():
+                missing.append(d)
+                d = d.parent
+            for d in reversed(missing):
+                d.mkdir(exist_ok=True)
+                if self._fsync:
+                    self._fsync_dir(d.parent)
+            self._known_dirs.add(directory)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _unlink_quietly(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.error("could not remove %s: %s", path, exc)
+
+
+def disk_usage(path: Path) -> shutil._ntuple_diskusage:
+    """Total/used/free bytes of the filesystem holding ``path``."""
+    return shutil.disk_usage(path)
