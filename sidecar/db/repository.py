@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.errors import InvalidDataset
 from sidecar.db.models import Instance, InstanceState, Patient, Series, Study
+from sidecar.errors import InvalidDataset
 
 
 def utcnow() -> dt.datetime:

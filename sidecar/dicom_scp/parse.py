@@ -69,12 +69,10 @@ def read_header(data: bytes) -> Dataset:
         ``kind="unparseable"`` when pydicom cannot read it.
     """
     try:
+        # Reading walks every element's tag and length (so a truncated or
+        # structurally broken dataset fails here); values are converted lazily
+        # and only the few we need ever are.
         ds = dcmread(BytesIO(data), defer_size=1024)
-        # Convert every top-level element but the pixels now, so that a broken
-        # element (or sequence) fails here rather than in a later reader.
-        for tag in list(ds.keys()):
-            if tag not in _PIXEL_TAGS:
-                _ = ds[tag].value
     except InvalidDicomError as exc:
         raise InvalidDataset("unparseable", f"not a DICOM dataset: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad input
@@ -98,8 +96,11 @@ def _check_native_pixel_length(ds: Dataset, frames: int) -> None:
     if not rows or not cols or not bits:
         raise InvalidDataset("mismatch", "Pixel Data without Rows, Columns or BitsAllocated")
     expected = (rows * cols * frames * spp * bits + 7) // 8
-    length = ds.get_item(0x7FE00010, keep_deferred=True).length
-    if length is not None and 0 <= length < expected and length != 0xFFFFFFFF:
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    length = getattr(raw, "length", None)
+    if length is None:  # already converted: measure the value
+        length = len(getattr(raw, "value", b"") or b"")
+    if 0 <= length < expected and length != 0xFFFFFFFF:
         raise InvalidDataset(
             "mismatch", f"Pixel Data is {length} bytes, image needs {expected}"
         )

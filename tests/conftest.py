@@ -1,0 +1,173 @@
+"""Shared fixtures: configurations in tmp dirs, a live node on a free port,
+DICOM built in code, and the locations of optional real-world resources."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from sidecar.app import Sidecar
+from sidecar.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SIDECAR_SHARED_DATA", REPO.parent / "shared" / "data"))
+DCMTK_BIN = Path("/usr/bin")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path) -> Callable[..., Config]:
+    """Build a validated Config with data in tmp_path; pass nested overrides."""
+
+    def make(overrides: dict[str, Any] | None = None) -> Config:
+        import yaml
+
+        data: dict[str, Any] = {
+            "dicom": {"port": free_port()},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_mb": 1},
+            "stability": {"stable_age": 60.0, "check_interval": 1.0},
+        }
+        _deep_update(data, overrides or {})
+        path = tmp_path / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path, environ={})
+
+    return make
+
+
+@pytest.fixture
+def config(config_factory: Callable[..., Config]) -> Config:
+    """A default test configuration."""
+    return config_factory()
+
+
+@pytest.fixture
+def running(config: Config) -> Iterator[Sidecar]:
+    """A started sidecar (DICOM node + scheduler) on a free port."""
+    app = Sidecar(config)
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture
+def sidecar_factory() -> Iterator[Callable[[Config], Sidecar]]:
+    """Start sidecars with custom configurations; all are stopped afterwards."""
+    apps: list[Sidecar] = []
+
+    def start(cfg: Config) -> Sidecar:
+        app = Sidecar(cfg)
+        app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+def make_ct(
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    instance_number: int = 1,
+    rows: int = 64,
+    cols: int = 64,
+    seed: int = 0,
+    patient_id: str = "PID-SECRET-123",
+    patient_name: str = "Doe^Secret",
+) -> Dataset:
+    """A small valid CT Image Storage dataset with file meta (Explicit VR LE)."""
+    ds = Dataset()
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20240131"
+    ds.StudyTime = "101010"
+    ds.AccessionNumber = "ACC001"
+    ds.StudyID = "1"
+    ds.StudyDescription = "CT HEAD"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "CT"
+    ds.SeriesNumber = 2
+    ds.SeriesDescription = "AXIAL"
+    ds.BodyPartExamined = "HEAD"
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [0.0, 0.0, float(instance_number)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 1.0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or skip when this machine does not have it."""
+    if not (SHARED_DATA / "dicom").is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def dcmtk_tool(name: str) -> str:
+    """Full path of a DCMTK tool (never the pynetdicom console script of the same name)."""
+    path = DCMTK_BIN / name
+    if not path.exists():
+        pytest.skip(f"DCMTK {name} not installed at {path} (apt-get install dcmtk)")
+    return str(path)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for DCMTK clients: Nagle off (see FIELD_NOTES)."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
