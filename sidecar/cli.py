@@ -22,31 +22,11 @@ import yaml
 
 from sidecar.config import CONFIG_ENV, Config, load_config
 from sidecar.errors import ConfigError, InvalidDataset, OutOfResources, StorageFailure
+from sidecar.logsetup import configure_logging
 
 logger = logging.getLogger("sidecar")
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
-
-
-def configure_logging(level: str) -> None:
-    """Log to stderr; third-party DICOM libraries stay at WARNING unless DEBUG.
-
-    pynetdicom's own INFO/DEBUG logs can print identifiers that carry patient
-    names and IDs, so they are only shown when the operator asks for DEBUG.
-    """
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    noisy = logging.DEBUG if level == "DEBUG" else logging.WARNING
-    for name in ("pynetdicom", "pydicom", "apscheduler", "alembic"):
-        logging.getLogger(name).setLevel(noisy)
-    from pynetdicom import _config as pnd_config
-
-    pnd_config.LOG_REQUEST_IDENTIFIERS = level == "DEBUG"
-    pnd_config.LOG_RESPONSE_IDENTIFIERS = level == "DEBUG"
 
 
 def _load(ctx: click.Context) -> Config:
@@ -116,7 +96,11 @@ def serve(ctx: click.Context) -> None:
     signal.signal(signal.SIGINT, _signal)
     signal.signal(signal.SIGTERM, _signal)
     try:
-        app = Sidecar(cfg)
+        app = Sidecar(
+            cfg,
+            receiver_processes=None,
+            log_level=ctx.obj.get("log_level") or cfg.logging.level,
+        )
     except Exception as exc:
         raise click.ClickException(f"cannot start: {exc}") from exc
     try:

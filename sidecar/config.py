@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from sidecar.errors import ConfigError
 
@@ -41,7 +43,9 @@ def _check_ae_title(value: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers given for text settings (an AE title "1234" from the environment)
+    # stay text.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class PeerConfig(_Section):
@@ -92,6 +96,14 @@ class DicomConfig(_Section):
     max_associations: int = Field(
         16, ge=1, le=1024, description="Most associations served at once; more are rejected."
     )
+    receiver_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes that receive associations on the shared port "
+        "(SO_REUSEPORT); 0 means one per CPU core. One Python process uses about "
+        "one core, so more processes raise ingest throughput with parallel associations.",
+    )
     max_pdu_size: int = Field(
         0,
         ge=0,
@@ -131,7 +143,7 @@ class StorageConfig(_Section):
     """Where files and the embedded database live."""
 
     data_dir: Path = Field(
-        Path("../data"),
+        Path("data"),
         description="Directory for stored files, quarantine, database and index. "
         "Relative paths resolve against the configuration file's directory.",
     )
@@ -227,7 +239,11 @@ class Config(_Section):
 
 
 def _mask_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    try:
+        masked = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------- loading
@@ -313,6 +329,10 @@ def load_config(
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError([f"cannot read configuration file: {exc.strerror}"], source) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                [f"not valid YAML: not UTF-8 text (byte {exc.start})"], source
+            ) from exc
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

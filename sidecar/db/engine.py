@@ -8,14 +8,19 @@ PostgreSQL is used by URL unchanged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 logger = logging.getLogger(__name__)
+
+#: Execution option that marks a connection's transactions as writes.
+WRITE_OPTION = "sidecar_write"
 
 
 def make_engine(url: str, *, busy_timeout_ms: int = 10000, echo: bool = False) -> Engine:
@@ -40,12 +45,22 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10000, echo: bool = False) -
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # We issue BEGIN ourselves (below), so the driver must not.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            # A write transaction takes the write lock up front: a deferred one
+            # that reads first and writes later can fail with SQLITE_BUSY
+            # (no busy-wait) when another writer commits in between.
+            immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     else:
         kwargs["pool_pre_ping"] = True
@@ -56,3 +71,10 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10000, echo: bool = False) -
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """A session factory bound to ``engine`` (objects stay usable after commit)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A short write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on exit."""
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+        yield conn

@@ -24,7 +24,9 @@ def alembic_config(engine: Engine) -> AlembicConfig:
     """An Alembic configuration that runs on ``engine``'s connection."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    # ConfigParser treats '%' as interpolation: escape it (percent-encoded passwords).
+    url = engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    cfg.set_main_option("sqlalchemy.url", url)
     cfg.attributes["engine"] = engine
     return cfg
 

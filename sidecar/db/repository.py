@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Engine, Table, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from sidecar.db.engine import write_transaction
 from sidecar.db.models import Instance, InstanceState, Patient, Series, Study
 from sidecar.errors import InvalidDataset
+
+# The hot write path uses Core statements on these tables (no ORM unit of work).
+_PATIENT: Table = Patient.__table__  # type: ignore[assignment]
+_STUDY: Table = Study.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
+_RACE_RETRIES = 3
 
 
 def utcnow() -> dt.datetime:
@@ -90,14 +100,23 @@ class Repository:
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._sf = session_factory
+        bind = session_factory.kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise TypeError("the session factory must be bound to an Engine")
+        self._engine: Engine = bind
+
+    @property
+    def engine(self) -> Engine:
+        """The engine behind this repository."""
+        return self._engine
 
     # ----------------------------------------------------------------- reads
     def find_instance(self, sop_instance_uid: str) -> ExistingInstance | None:
         """The stored record of ``sop_instance_uid``, if any."""
-        with self._sf() as s:
-            row = s.execute(
-                select(Instance.id, Instance.sha256, Instance.file_path).where(
-                    Instance.sop_instance_uid == sop_instance_uid
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.file_path).where(
+                    _INSTANCE.c.sop_instance_uid == sop_instance_uid
                 )
             ).first()
         if row is None:
@@ -128,38 +147,37 @@ class Repository:
         """Record a new instance (and its patient, study, series) in one transaction.
 
         The study is re-opened (``stable`` cleared) and its last-received time
-        moved forward. Raises ``sqlalchemy.exc.IntegrityError`` when the SOP
-        Instance UID was recorded concurrently.
+        moved forward. A race with another writer creating the same study or
+        series is retried.
+
+        Raises
+        ------
+        sqlalchemy.exc.IntegrityError
+            The SOP Instance UID was recorded concurrently.
+        InvalidDataset
+            The series already belongs to another study.
 
         Returns
         -------
         int
             Primary key of the new instance row.
         """
-        now = utcnow()
-        with self._sf.begin() as s:
-            series = self._series_for(s, meta, now)
-            inst = Instance(
-                sop_instance_uid=meta.sop_instance_uid,
-                sop_class_uid=meta.sop_class_uid,
-                series_pk=series.id,
-                instance_number=meta.instance_number,
-                transfer_syntax_uid=meta.transfer_syntax_uid,
-                number_of_frames=meta.number_of_frames,
-                rows=meta.rows,
-                columns=meta.columns,
-                file_path=stored.file_path,
-                file_size=stored.file_size,
-                sha256=stored.sha256,
-                received_at=now,
-                calling_ae_title=stored.calling_ae_title,
-                calling_host=stored.calling_host,
-                state=InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
-                skip_reason="" if meta.embeddable else meta.skip_reason,
-            )
-            s.add(inst)
-            s.flush()
-            return inst.id
+        for attempt in range(_RACE_RETRIES):
+            now = utcnow()
+            try:
+                with write_transaction(self._engine) as conn:
+                    series_pk = self._touch_hierarchy(conn, meta, now)
+                    values = _instance_values(meta, stored, now)
+                    values["sop_instance_uid"] = meta.sop_instance_uid
+                    values["series_pk"] = series_pk
+                    result = conn.execute(insert(_INSTANCE).values(**values))
+                    pk = result.inserted_primary_key
+                    assert pk is not None
+                    return int(pk[0])
+            except IntegrityError:
+                if attempt == _RACE_RETRIES - 1 or self.find_instance(meta.sop_instance_uid):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def replace_instance(self, pk: int, meta: InstanceMeta, stored: StoredFile) -> None:
         """Point an existing instance row at a new file (policy ``replace``).
@@ -167,31 +185,11 @@ class Repository:
         The instance goes back to pending (or skipped) and its study re-opens.
         """
         now = utcnow()
-        with self._sf.begin() as s:
-            series = self._series_for(s, meta, now)
-            s.execute(
-                update(Instance)
-                .where(Instance.id == pk)
-                .values(
-                    sop_class_uid=meta.sop_class_uid,
-                    series_pk=series.id,
-                    instance_number=meta.instance_number,
-                    transfer_syntax_uid=meta.transfer_syntax_uid,
-                    number_of_frames=meta.number_of_frames,
-                    rows=meta.rows,
-                    columns=meta.columns,
-                    file_path=stored.file_path,
-                    file_size=stored.file_size,
-                    sha256=stored.sha256,
-                    received_at=now,
-                    calling_ae_title=stored.calling_ae_title,
-                    calling_host=stored.calling_host,
-                    state=InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
-                    skip_reason="" if meta.embeddable else meta.skip_reason,
-                    error="",
-                    attempts=0,
-                )
-            )
+        with write_transaction(self._engine) as conn:
+            series_pk = self._touch_hierarchy(conn, meta, now)
+            values = _instance_values(meta, stored, now)
+            values.update(series_pk=series_pk, error="", attempts=0)
+            conn.execute(update(_INSTANCE).where(_INSTANCE.c.id == pk).values(**values))
 
     def mark_stable_studies(self, stable_age: float, now: dt.datetime | None = None) -> int:
         """Mark studies with no new instance for ``stable_age`` seconds as stable.
@@ -203,79 +201,102 @@ class Repository:
         """
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=stable_age)
-        with self._sf.begin() as s:
-            result = s.execute(
-                update(Study)
-                .where(Study.stable.is_(False), Study.last_received_at <= cutoff)
+        with write_transaction(self._engine) as conn:
+            result = conn.execute(
+                update(_STUDY)
+                .where(_STUDY.c.stable.is_(False), _STUDY.c.last_received_at <= cutoff)
                 .values(stable=True, stable_at=now)
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            return int(result.rowcount or 0)
 
     # --------------------------------------------------------------- helpers
     @staticmethod
-    def _series_for(s: Session, meta: InstanceMeta, now: dt.datetime) -> Series:
-        study = s.scalars(
-            select(Study).where(Study.study_instance_uid == meta.study_instance_uid)
-        ).first()
-        if study is None:
-            patient = s.scalars(
-                select(Patient).where(
-                    Patient.patient_id == meta.patient_id,
-                    Patient.issuer_of_patient_id == meta.issuer_of_patient_id,
-                )
-            ).first()
-            if patient is None:
-                patient = Patient(
-                    patient_id=meta.patient_id,
-                    issuer_of_patient_id=meta.issuer_of_patient_id,
-                    patient_name=meta.patient_name,
-                    patient_birth_date=meta.patient_birth_date,
-                    patient_sex=meta.patient_sex,
-                )
-                s.add(patient)
-                s.flush()
-            study = Study(
-                study_instance_uid=meta.study_instance_uid,
-                patient_pk=patient.id,
-                study_date=meta.study_date,
-                study_time=meta.study_time,
-                accession_number=meta.accession_number,
-                study_id=meta.study_id,
-                study_description=meta.study_description,
-                referring_physician_name=meta.referring_physician_name,
-                modalities_in_study="",
-                first_received_at=now,
-                last_received_at=now,
-                stable=False,
+    def _touch_hierarchy(conn: Connection, meta: InstanceMeta, now: dt.datetime) -> int:
+        """Create or update patient, study and series rows; return the series key."""
+        row = conn.execute(
+            select(_STUDY.c.id, _STUDY.c.modalities_in_study).where(
+                _STUDY.c.study_instance_uid == meta.study_instance_uid
             )
-            s.add(study)
-            s.flush()
+        ).first()
+        if row is None:
+            patient_pk = conn.execute(
+                select(_PATIENT.c.id).where(
+                    _PATIENT.c.patient_id == meta.patient_id,
+                    _PATIENT.c.issuer_of_patient_id == meta.issuer_of_patient_id,
+                )
+            ).scalar()
+            if patient_pk is None:
+                patient_pk = conn.execute(
+                    insert(_PATIENT).values(
+                        patient_id=meta.patient_id,
+                        issuer_of_patient_id=meta.issuer_of_patient_id,
+                        patient_name=meta.patient_name,
+                        patient_birth_date=meta.patient_birth_date,
+                        patient_sex=meta.patient_sex,
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            study_pk = conn.execute(
+                insert(_STUDY).values(
+                    study_instance_uid=meta.study_instance_uid,
+                    patient_pk=patient_pk,
+                    study_date=meta.study_date,
+                    study_time=meta.study_time,
+                    accession_number=meta.accession_number,
+                    study_id=meta.study_id,
+                    study_description=meta.study_description,
+                    referring_physician_name=meta.referring_physician_name,
+                    modalities_in_study=meta.modality,
+                    first_received_at=now,
+                    last_received_at=now,
+                    stable=False,
+                )
+            ).inserted_primary_key[0]  # type: ignore[index]
         else:
-            study.last_received_at = now
-            study.stable = False
-            study.stable_at = None
-        if meta.modality:
-            mods = set(filter(None, study.modalities_in_study.split("\\")))
-            if meta.modality not in mods:
-                mods.add(meta.modality)
-                study.modalities_in_study = "\\".join(sorted(mods))
-        series = s.scalars(
-            select(Series).where(Series.series_instance_uid == meta.series_instance_uid)
+            study_pk, modalities = row
+            changes: dict[str, Any] = {"last_received_at": now, "stable": False, "stable_at": None}
+            mods = set(filter(None, modalities.split("\\")))
+            if meta.modality and meta.modality not in mods:
+                changes["modalities_in_study"] = "\\".join(sorted(mods | {meta.modality}))
+            conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(**changes))
+        series = conn.execute(
+            select(_SERIES.c.id, _SERIES.c.study_pk).where(
+                _SERIES.c.series_instance_uid == meta.series_instance_uid
+            )
         ).first()
         if series is None:
-            series = Series(
-                series_instance_uid=meta.series_instance_uid,
-                study_pk=study.id,
-                modality=meta.modality,
-                series_number=meta.series_number,
-                series_description=meta.series_description,
-                body_part_examined=meta.body_part_examined,
+            return int(
+                conn.execute(
+                    insert(_SERIES).values(
+                        series_instance_uid=meta.series_instance_uid,
+                        study_pk=study_pk,
+                        modality=meta.modality,
+                        series_number=meta.series_number,
+                        series_description=meta.series_description,
+                        body_part_examined=meta.body_part_examined,
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
             )
-            s.add(series)
-            s.flush()
-        elif series.study_pk != study.id:
+        if series[1] != study_pk:
             raise InvalidDataset(
-                "inconsistent",
-                "SeriesInstanceUID already belongs to another study",
+                "inconsistent", "SeriesInstanceUID already belongs to another study"
             )
-        return series
+        return int(series[0])
+
+
+def _instance_values(meta: InstanceMeta, stored: StoredFile, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "sop_class_uid": meta.sop_class_uid,
+        "instance_number": meta.instance_number,
+        "transfer_syntax_uid": meta.transfer_syntax_uid,
+        "number_of_frames": meta.number_of_frames,
+        "rows": meta.rows,
+        "columns": meta.columns,
+        "file_path": stored.file_path,
+        "file_size": stored.file_size,
+        "sha256": stored.sha256,
+        "received_at": now,
+        "calling_ae_title": stored.calling_ae_title,
+        "calling_host": stored.calling_host,
+        "state": InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
+        "skip_reason": "" if meta.embeddable else meta.skip_reason,
+    }

@@ -22,7 +22,7 @@ from sidecar.errors import InvalidDataset
 # A UID is digits and dots, at most 64 characters (PS3.5 9.1). We accept
 # components with leading zeros (common in the field) but nothing else:
 # these strings become directory and file names.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 #: SOP classes whose pixels we embed: image storage classes, without video.
 IMAGE_SOP_CLASSES: frozenset[str] = frozenset(
@@ -37,7 +37,7 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float
 
 def is_valid_uid(value: str) -> bool:
     """True for a syntactically valid UID that is safe as a file name."""
-    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+    return 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -60,6 +60,21 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _check_not_truncated(ds: Dataset, size: int) -> None:
+    """Refuse a dataset whose (deferred) pixel value runs past the end of the data."""
+    for tag in _PIXEL_TAGS:
+        if tag not in ds:
+            continue
+        raw = ds.get_item(tag, keep_deferred=True)
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+        if tell is None or length is None or length == 0xFFFFFFFF:
+            continue
+        if tell + length > size:
+            raise InvalidDataset(
+                "mismatch", f"Pixel Data is truncated: {size - tell} of {length} bytes present"
+            )
+
+
 def read_header(data: bytes) -> Dataset:
     """Parse a Part-10 byte string, deferring every large value.
 
@@ -73,6 +88,9 @@ def read_header(data: bytes) -> Dataset:
         # structurally broken dataset fails here); values are converted lazily
         # and only the few we need ever are.
         ds = dcmread(BytesIO(data), defer_size=1024)
+        _check_not_truncated(ds, len(data))
+    except InvalidDataset:
+        raise
     except InvalidDicomError as exc:
         raise InvalidDataset("unparseable", f"not a DICOM dataset: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad input

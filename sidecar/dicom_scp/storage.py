@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from sidecar.config import Config
 from sidecar.db.repository import InstanceMeta, Repository, StoredFile
-from sidecar.dicom_scp.parse import extract_meta, read_header
+from sidecar.dicom_scp.parse import extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 
 logger = logging.getLogger(__name__)
@@ -245,9 +245,10 @@ class InstanceStore:
 
     def _place(self, data: bytes, meta: InstanceMeta) -> Path:
         """Write ``data`` durably under a fresh final name and return that path."""
+        for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
+            if not is_valid_uid(uid):  # defence in depth: names are digits and dots only
+                raise StorageFailure("refusing a file name that is not a UID")
         directory = self._root / meta.study_instance_uid / meta.series_instance_uid
-        if not directory.resolve().is_relative_to(self._root):  # defence in depth
-            raise StorageFailure("storage path escapes the storage directory")
         try:
             self._ensure_dir(directory)
             tmp = self._tmp / f"{secrets.token_hex(8)}.part"
