@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 _LOCK_STRIPES = 64
 
 
+class _LostRace(Exception):
+    """Another writer recorded the same SOP Instance UID first."""
+
+
 class Outcome(StrEnum):
     """What happened to an accepted instance."""
 
@@ -153,7 +157,15 @@ class InstanceStore:
         digest = hashlib.sha256(data).hexdigest()
         with self._lock_for(meta.sop_instance_uid):
             try:
-                return self._store_locked(data, digest, meta, origin)
+                try:
+                    return self._store_locked(data, digest, meta, origin)
+                except _LostRace:
+                    # Another process recorded the same SOP Instance UID between
+                    # our duplicate check and our commit: decide again, now as a
+                    # duplicate (our file was removed).
+                    return self._store_locked(data, digest, meta, origin)
+            except _LostRace as exc:
+                raise StorageFailure("concurrent store of the same SOP Instance UID") from exc
             except InvalidDataset as exc:
                 self.quarantine(data, str(exc), origin)
                 raise
@@ -226,7 +238,9 @@ class InstanceStore:
             raise
         except IntegrityError as exc:
             self._unlink_quietly(final)
-            raise StorageFailure("concurrent store of the same SOP Instance UID") from exc
+            if existing is None and self._repo.find_instance(meta.sop_instance_uid):
+                raise _LostRace() from exc
+            raise StorageFailure(f"database refused the row: {exc.orig}") from exc
         except Exception as exc:
             self._unlink_quietly(final)
             raise StorageFailure(f"database commit failed: {exc.__class__.__name__}") from exc

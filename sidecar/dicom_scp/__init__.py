@@ -1,0 +1,1 @@
+"""The DICOM node: association handling, C-ECHO/C-STORE handlers and durable storage."""
