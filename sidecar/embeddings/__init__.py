@@ -1,1 +1,1 @@
-"""Image normalisation, CNN embeddings, the vector index and the embedding worker (next milestone)."""
+"""Image normalisation, CNN embeddings, vector index and embedding worker."""
