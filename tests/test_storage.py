@@ -475,3 +475,27 @@ def test_concurrent_identical_stores_keep_one_file(env: Env) -> None:
     assert sorted(outcomes) == sorted([Outcome.STORED] + [Outcome.DUPLICATE] * (n - 1))
     assert len(env.stored_files()) == 1
     assert len(env.instances()) == 1
+
+
+def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
+    """Another process commits the same SOP Instance UID between our duplicate
+    check and our insert: the unique constraint stops us, our file is removed,
+    and the store is decided again as an identical duplicate (Success)."""
+    data = to_bytes(make_ct())
+    other = InstanceStore(env.config, env.repo)  # stands for the other process
+    real_find = env.repo.find_instance
+    calls = {"n": 0}
+
+    def find_then_lose(uid: str) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            other.store(data, None, PACS)  # the other writer wins right now
+            return None  # ... but our check ran just before it
+        return real_find(uid)
+
+    env.repo.find_instance = find_then_lose  # type: ignore[method-assign]
+    result = env.store.store(data, None, PACS)
+    assert result.outcome is Outcome.DUPLICATE
+    assert len(env.instances()) == 1
+    files = env.stored_files()
+    assert len(files) == 1 and files[0].read_bytes() == data

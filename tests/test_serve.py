@@ -1,0 +1,139 @@
+"""`sidecar serve` as a real process: receiver processes sharing the port,
+parallel associations, and clean shutdown on SIGTERM and on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from tests.conftest import CT_IMAGE_STORAGE, free_port, make_ct
+
+SIDECAR = str(Path(sys.executable).with_name("sidecar"))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def listeners(port: int) -> int:
+    """Listening TCP sockets on 127.0.0.1:port (from /proc/net/tcp)."""
+    wanted = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":  # 0A = LISTEN
+            count += 1
+    return count
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], port: int, cfg: Path, log: Path) -> None:
+        self.proc, self.port, self.cfg, self.log = proc, port, cfg, log
+
+    def status(self) -> dict[str, object]:
+        out = subprocess.run(
+            [SIDECAR, "--config", str(self.cfg), "status", "--json"],
+            capture_output=True, text=True, check=True, env=_env(),
+        )
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR")}
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    port = free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "dicom": {"port": port, "receiver_processes": 2},
+        "storage": {"data_dir": "data", "min_free_mb": 1},
+        "logging": {"level": "INFO"},
+    }))
+    log = tmp_path / "serve.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [SIDECAR, "--config", str(cfg), "serve"],
+            stdout=fh, stderr=subprocess.STDOUT, text=True, env=_env(),
+            start_new_session=True,  # its own process group, like a terminal job
+        )
+    served = Served(proc, port, cfg, log)
+    try:
+        wait_for(lambda: "sidecar ready" in log.read_text() or proc.poll() is not None,
+                 60, "sidecar ready")
+        assert proc.poll() is None, log.read_text()
+        yield served
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _send(port: int, study: str, n: int, results: list[int]) -> None:
+    ae = AE(ae_title="PARALLEL")
+    ae.add_requested_context(CT_IMAGE_STORAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SIDECAR")
+    assert assoc.is_established
+    series = generate_uid()
+    for i in range(n):
+        st = assoc.send_c_store(make_ct(study_uid=study, series_uid=series, instance_number=i))
+        results.append(int(st.Status))
+    assoc.release()
+
+
+def test_receivers_share_the_port_and_stop_on_sigterm(served: Served) -> None:
+    # The main process plus one spawned receiver listen on the same port.
+    wait_for(lambda: len(children_of(served.proc.pid)) >= 1, 30, "receiver process")
+    # Two listening sockets on the one port: the kernel spreads associations.
+    assert listeners(served.port) == 2
+    study = generate_uid()
+    results: list[int] = []
+    threads = [threading.Thread(target=_send, args=(served.port, study, 10, results))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [0] * 40
+    status = served.status()
+    assert status["instances_total"] == 40 and status["studies"] == 1 and status["series"] == 4
+
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) == 0
+    log = served.log.read_text()
+    assert "Traceback" not in log, log
+
+
+def test_ctrl_c_to_the_process_group_stops_everything(served: Served) -> None:
+    wait_for(lambda: len(children_of(served.proc.pid)) >= 1, 30, "receiver process")
+    kids = children_of(served.proc.pid)
+    os.killpg(served.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert served.proc.wait(30) == 0, served.log.read_text()
+    for kid in kids:
+        wait_for(lambda k=kid: not Path(f"/proc/{k}").exists() or
+                 "zombie" in Path(f"/proc/{k}/status").read_text().lower(),
+                 10, f"receiver {kid} to exit")
+    assert "Traceback" not in served.log.read_text()
