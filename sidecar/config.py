@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -188,6 +195,121 @@ class StabilityConfig(_Section):
     )
 
 
+class WindowPreset(_Section):
+    """A VOI window (center/width in modality units, e.g. HU for CT)."""
+
+    center: float = Field(description="Window center.")
+    width: float = Field(gt=0, description="Window width (> 0).")
+
+
+def _default_windows() -> dict[str, WindowPreset]:
+    return {
+        "soft_tissue": WindowPreset(center=40, width=400),
+        "lung": WindowPreset(center=-600, width=1500),
+        "bone": WindowPreset(center=400, width=1800),
+        "brain": WindowPreset(center=40, width=80),
+    }
+
+
+class PreprocessConfig(_Section):
+    """Pixel normalisation before embedding (SimpleITK)."""
+
+    windows: dict[str, WindowPreset] = Field(
+        default_factory=_default_windows,
+        description="Named VOI windows (center/width in modality units, HU for CT).",
+    )
+    modality_window: dict[str, str] = Field(
+        default_factory=lambda: {"CT": "soft_tissue"},
+        description="Which named window each modality uses; modalities not listed "
+        "(MR, US, CR, ...) get robust percentile scaling.",
+    )
+    use_file_window: bool = Field(
+        False,
+        description="Prefer the file's own Window Center/Width when it has one.",
+    )
+    @model_validator(mode="after")
+    def _windows_exist(self) -> PreprocessConfig:
+        for modality, name in self.modality_window.items():
+            if name not in self.windows:
+                raise ValueError(
+                    f"modality_window.{modality}: unknown window {name!r} "
+                    f"(known: {', '.join(sorted(self.windows))})"
+                )
+        return self
+
+    percentile_low: float = Field(
+        0.5, ge=0, lt=50, description="Lower percentile for percentile scaling."
+    )
+    percentile_high: float = Field(
+        99.5, gt=50, le=100, description="Upper percentile for percentile scaling."
+    )
+    pixel_spacing_mm: float = Field(
+        1.5,
+        ge=0,
+        description="In-plane spacing (mm) to resample to before fitting the model "
+        "input; 0 keeps the native spacing. Images without spacing are only fitted.",
+    )
+    slice_spacing_mm: float = Field(
+        5.0,
+        ge=0,
+        description="Embed one slice every this many mm along a series (0: every slice).",
+    )
+    max_slices_per_series: int = Field(
+        32, ge=1, description="Most slices embedded per series (evenly spread)."
+    )
+
+
+class EmbeddingConfig(_Section):
+    """The CNN that turns slices into vectors (torch, CPU)."""
+
+    model_path: Path | None = Field(
+        None,
+        description="TorchScript file replacing the built-in model (input N x 1 x S x S "
+        "in [0, 1], output N x D). Empty: the built-in model shipped in the package.",
+    )
+    input_size: int = Field(
+        128, ge=16, le=1024, description="Side of the square model input, in pixels."
+    )
+    batch_size: int = Field(32, ge=1, le=1024, description="Slices per CNN batch.")
+    threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="torch CPU threads for the CNN. Keep below the core count so "
+        "ingest keeps a core.",
+    )
+
+
+class IndexConfig(_Section):
+    """The hnswlib vector index (cosine)."""
+
+    m: int = Field(16, ge=2, le=128, description="HNSW graph degree M.")
+    ef_construction: int = Field(200, ge=8, description="HNSW ef at construction.")
+    ef_search: int = Field(64, ge=8, description="HNSW ef at query time (>= k).")
+    initial_capacity: int = Field(
+        10000, ge=100, description="Initial capacity; the index grows by resizing."
+    )
+    save_interval: float = Field(
+        60.0, gt=0, description="Seconds between periodic saves of the index (if changed)."
+    )
+
+
+class WorkerConfig(_Section):
+    """The scheduled embedding job (APScheduler)."""
+
+    enabled: bool = Field(True, description="Run the embedding job in `sidecar serve`.")
+    interval: float = Field(5.0, gt=0, description="Seconds between embedding job runs.")
+    batch_instances: int = Field(
+        64, ge=1, description="Most instances claimed by one job run (bounded work)."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Attempts before an instance is given up as failed."
+    )
+    retry_backoff: float = Field(
+        60.0, ge=0, description="Seconds before the first retry; doubles per attempt."
+    )
+
+
 class LoggingConfig(_Section):
     """Logging of the service."""
 
@@ -204,6 +326,10 @@ class Config(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)  # type: ignore[arg-type]
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)  # type: ignore[arg-type]
     stability: StabilityConfig = Field(default_factory=StabilityConfig)  # type: ignore[arg-type]
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)  # type: ignore[arg-type]
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)  # type: ignore[arg-type]
+    index: IndexConfig = Field(default_factory=IndexConfig)  # type: ignore[arg-type]
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ derived
@@ -216,6 +342,11 @@ class Config(_Section):
     def storage_dir(self) -> Path:
         """Where accepted instances are kept."""
         return self.storage.data_dir / "storage"
+
+    @property
+    def index_dir(self) -> Path:
+        """Where the vector index and its facts file live."""
+        return self.storage.data_dir / "index"
 
     @property
     def quarantine_dir(self) -> Path:
@@ -279,7 +410,13 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     if not data_dir.is_absolute():
         data_dir = (base / data_dir).resolve()
     storage = cfg.storage.model_copy(update={"data_dir": data_dir})
-    return cfg.model_copy(update={"storage": storage})
+    update: dict[str, Any] = {"storage": storage}
+    model_path = cfg.embedding.model_path
+    if model_path is not None and not model_path.is_absolute():
+        update["embedding"] = cfg.embedding.model_copy(
+            update={"model_path": (base / model_path).resolve()}
+        )
+    return cfg.model_copy(update=update)
 
 
 def _format_errors(exc: ValidationError, from_env: Mapping[str, str]) -> list[str]:
