@@ -15,8 +15,10 @@ setup-test:
 run: setup
 	$(BIN)/sidecar --config $(CONFIG) serve
 
-## Run the whole test suite.
+## Run the whole test suite (lint and type checks first).
 test: setup-test
+	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup-test
