@@ -15,9 +15,11 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -132,5 +134,72 @@ class Instance(Base):
     skip_reason: Mapped[str] = mapped_column(String(128), default="")
     error: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Earliest time of the next embedding attempt after a failure (None: no retry).
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    embedded_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class SliceVector(Base):
+    """One embedded slice (an instance's frame) under one model.
+
+    The primary key is the label of the vector in the hnswlib index, so a hit
+    maps back to instance, series and study without any remapping. The vector
+    itself is kept (float16) so the index can be rebuilt without the CNN.
+    """
+
+    __tablename__ = "slice_vector"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "frame", "model_id"),
+        Index("ix_slice_vector_model_study", "model_id", "study_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(
+        ForeignKey("instance.id", ondelete="CASCADE"), index=True
+    )
+    frame: Mapped[int] = mapped_column(Integer, default=0)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(String(64))
+    position_mm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+
+
+class SeriesVector(Base):
+    """Normalised mean of a series' slice vectors under one model."""
+
+    __tablename__ = "series_vector"
+    __table_args__ = (UniqueConstraint("series_pk", "model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    slices: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class StudyVector(Base):
+    """Normalised mean of a study's slice vectors under one model (candidate search)."""
+
+    __tablename__ = "study_vector"
+    __table_args__ = (UniqueConstraint("study_pk", "model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    slices: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Setting(Base):
+    """Small key/value facts the service keeps (e.g. the active model id)."""
+
+    __tablename__ = "setting"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
