@@ -244,10 +244,11 @@ class PreprocessConfig(_Section):
         99.5, gt=50, le=100, description="Upper percentile for percentile scaling."
     )
     pixel_spacing_mm: float = Field(
-        1.5,
+        2.5,
         ge=0,
         description="In-plane spacing (mm) to resample to before fitting the model "
-        "input; 0 keeps the native spacing. Images without spacing are only fitted.",
+        "input; 0 keeps the native spacing. Images without spacing are only fitted. "
+        "input_size x pixel_spacing_mm is the field of view (128 x 2.5 = 320 mm).",
     )
     slice_spacing_mm: float = Field(
         5.0,
