@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless
 
-from sidecar.config import PreprocessConfig, WindowPreset
+from sidecar.config import EmbeddingConfig, PreprocessConfig, WindowPreset
 from sidecar.embeddings.preprocess import (
     FrameInfo,
     FrameMeta,
@@ -37,7 +37,8 @@ from sidecar.embeddings.preprocess import (
 from sidecar.errors import SidecarError
 from tests.conftest import make_ct
 
-CFG = PreprocessConfig()
+# The tests were calibrated at 1.5 mm; the shipped default (2.5 mm) is checked separately.
+CFG = PreprocessConfig(pixel_spacing_mm=1.5)
 
 
 @pytest.fixture(autouse=True)
@@ -196,6 +197,17 @@ def test_ct_fit_keeps_head_centred_and_aspect(shared_data: Path) -> None:
     assert np.all(np.abs(out_centre) < 0.1 * 224 * s_out)  # roughly centred
     # The margins beyond the field of view are black padding.
     assert out[:20].max() == 0 and out[-20:].max() == 0
+
+
+def test_shipped_defaults_keep_the_whole_head(shared_data: Path) -> None:
+    """Default input size and spacing (128 px x 2.5 mm = 320 mm) crop no part of a head."""
+    cfg, size = PreprocessConfig(), EmbeddingConfig().input_size
+    for path in _ct_files(shared_data)[::5]:
+        out = prepare(pydicom.dcmread(path), cfg, size)[0]
+        r0, r1, c0, c1 = _bbox(out > 0.25)
+        assert r0 > 0 and c0 > 0 and r1 < size - 1 and c1 < size - 1, path.name
+        # The head spans a sensible part of the input (about 160-220 mm of 320).
+        assert 0.4 < (r1 - r0) / size < 0.8
 
 
 def test_ct_series_sampling_with_tilt_and_variable_spacing(shared_data: Path) -> None:
