@@ -1,0 +1,878 @@
+"""Slice embeddings: the SliceNetV1 CNN, its shipped weights and the embedders.
+
+Contract
+--------
+An :class:`Embedder` turns a batch of pre-processed slices, ``(N, S, S)``
+floating point in ``[0, 1]`` with ``S == embedder.input_size``, into
+``(N, embedder.dim)`` float32 rows of unit L2 norm (``N`` may be 0). Every
+stored vector records ``embedder.model_id``; vectors are comparable only when
+their model ids are equal.
+
+Models
+------
+* Built-in: :class:`SliceNetV1` with the weights shipped in ``weights/``: a
+  ``state_dict`` (``torch.save``) plus a JSON next to it naming the
+  architecture, its hyper-parameters, the input size, the SHA-256 of the
+  weights and how they were made. Until trained weights ship, the file is an
+  **untrained**, seeded random initialisation written by
+  ``python -m sidecar.embeddings.make_initial_weights``.
+* ``embedding.model_path``: a TorchScript file (input ``N x 1 x S x S`` in
+  ``[0, 1]``, output ``N x D``) replaces the built-in model. ``D`` is found by a
+  dry run. :func:`export_torchscript` writes such a file from any module.
+
+Model id
+--------
+The first 16 hex digits of the SHA-256 of the model file's bytes (the shipped
+weights file, or the TorchScript file). A model has a *native* input size: the
+built-in model's is in its JSON, a file from :func:`export_torchscript`
+records its own. When ``embedding.input_size`` differs from it, or a
+TorchScript file records none, ``-s<size>`` is appended (``1f0c...-s96``): the
+same weights at another input size give another vector space. A TorchScript
+export of the built-in model therefore gets a new id although its outputs are
+the same; its metadata records the source model id.
+
+Threads
+-------
+:meth:`TorchEmbedder.from_config` calls ``torch.set_num_threads`` with
+``embedding.threads``. The setting is process-global: it applies to every torch
+operation in the process, on every thread.
+
+torch is imported only inside ``sidecar.embeddings``; :class:`TinyEmbedder` is a
+pure-numpy stand-in for unit tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from sidecar.config import EmbeddingConfig
+from sidecar.errors import SidecarError
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR: Final = Path(__file__).resolve().parent / "weights"
+"""Directory of the shipped weights (package data)."""
+BUILTIN_WEIGHTS: Final = "slicenet-v1-initial-random-seed0.pt"
+"""File name of the built-in weights in :data:`WEIGHTS_DIR`."""
+WEIGHTS_FORMAT: Final = 1
+"""Version of the weights JSON layout."""
+TORCHSCRIPT_META: Final = "sidecar.json"
+"""Name of the metadata record that :func:`export_torchscript` adds to a TorchScript file."""
+MODEL_ID_HEX: Final = 16
+
+FloatBatch = npt.NDArray[np.floating[Any]]
+Vectors = npt.NDArray[np.float32]
+
+
+class ModelError(SidecarError):
+    """A model file is missing, unreadable or does not fit, or a model misbehaves.
+
+    Parameters
+    ----------
+    path
+        The weights, JSON or TorchScript file concerned.
+    problem
+        What is wrong with it.
+    """
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"model file {self.path}: {problem}")
+
+
+# --------------------------------------------------------------------- interface
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns pre-processed slices into unit vectors."""
+
+    @property
+    def model_id(self) -> str:
+        """Identifies the vector space; stored with every vector."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Length of each vector."""
+        ...
+
+    @property
+    def input_size(self) -> int:
+        """Side ``S`` of the square slices :meth:`embed` accepts."""
+        ...
+
+    def embed(self, batch: FloatBatch) -> Vectors:
+        """Embed a batch of slices.
+
+        Parameters
+        ----------
+        batch
+            ``(N, S, S)`` floating point, values in ``[0, 1]``; ``N`` may be 0.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(N, dim)`` float32, every row of unit L2 norm.
+
+        Raises
+        ------
+        ValueError
+            The batch has the wrong shape or holds NaN or infinite values.
+        ModelError
+            The model produced unusable output (TorchScript models only).
+        """
+        ...
+
+
+def _check_batch(batch: FloatBatch, size: int) -> npt.NDArray[np.float32]:
+    arr = np.asarray(batch)
+    if arr.ndim != 3 or arr.shape[1:] != (size, size):
+        raise ValueError(f"expected a batch of shape (N, {size}, {size}), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"expected floating point pixels in [0, 1], got dtype {arr.dtype}")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    if not out.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        out = out.copy()
+    if not np.isfinite(out).all():
+        raise ValueError("batch holds NaN or infinite values")
+    return out
+
+
+# ------------------------------------------------------------------ architecture
+@dataclass(frozen=True)
+class SliceNetV1Params:
+    """Hyper-parameters of :class:`SliceNetV1`, recorded in the weights' JSON.
+
+    Attributes
+    ----------
+    in_channels
+        Input channels (1: grey-level slices).
+    stem_width
+        Channels of the stride-2 3x3 stem convolution.
+    widths
+        Output channels of each stage; every stage starts with stride 2.
+    depths
+        Blocks per stage.
+    separable
+        Per stage: depthwise-separable blocks (``True``) or ResNet basic
+        blocks with dense 3x3 convolutions (``False``).
+    dim
+        Length of the embedding (the linear head's output).
+    input_mean, input_std
+        The network computes ``(x - input_mean) / input_std`` first, so its
+        input stays ``[0, 1]`` pixels.
+    """
+
+    in_channels: int = 1
+    stem_width: int = 16
+    widths: tuple[int, ...] = (32, 64, 96, 256)
+    depths: tuple[int, ...] = (1, 1, 1, 1)
+    separable: tuple[bool, ...] = (False, False, False, True)
+    dim: int = 128
+    input_mean: float = 0.5
+    input_std: float = 0.25
+
+    def __post_init__(self) -> None:
+        stages = len(self.widths)
+        if stages == 0 or len(self.depths) != stages or len(self.separable) != stages:
+            raise ValueError("widths, depths and separable need one entry per stage (>= 1)")
+        sizes = (self.in_channels, self.stem_width, self.dim, *self.widths, *self.depths)
+        if min(sizes) < 1:
+            raise ValueError("channel counts, depths and dim must be >= 1")
+        if self.input_std <= 0:
+            raise ValueError("input_std must be > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        """The hyper-parameters as JSON-ready data."""
+        data = asdict(self)
+        for key in ("widths", "depths", "separable"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SliceNetV1Params:
+        """Rebuild from :meth:`to_json` output.
+
+        Raises
+        ------
+        ValueError
+            Unknown or invalid keys.
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hyper-parameters {unknown}")
+        kwargs = dict(data)
+        for key in ("widths", "depths", "separable"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+
+
+class ConvBNReLU(nn.Sequential):
+    """Convolution (no bias), BatchNorm and optionally ReLU."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+        relu: bool = True,
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two dense 3x3 convolutions plus a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = ConvBNReLU(cin, cout, 3, stride)
+        self.conv2 = ConvBNReLU(cout, cout, 3, 1, relu=False)
+        self.shortcut: nn.Module = (
+            nn.Identity() if cin == cout and stride == 1
+            else ConvBNReLU(cin, cout, 1, stride, relu=False)
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        out: torch.Tensor = self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+        return out
+
+
+class SeparableBlock(nn.Module):
+    """Two depthwise 3x3 + pointwise 1x1 pairs plus a shortcut (few parameters)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBNReLU(cin, cin, 3, stride, groups=cin),
+            ConvBNReLU(cin, cout, 1),
+            ConvBNReLU(cout, cout, 3, 1, groups=cout),
+            ConvBNReLU(cout, cout, 1, relu=False),
+        )
+        self.shortcut: nn.Module = (
+            nn.Identity() if cin == cout and stride == 1
+            else ConvBNReLU(cin, cout, 1, stride, relu=False)
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block."""
+        out: torch.Tensor = self.relu(self.body(x) + self.shortcut(x))
+        return out
+
+
+class SliceNetV1(nn.Module):
+    """Compact ResNet-style CNN for single-channel slices (version 1).
+
+    Stride-2 3x3 stem, then stages that each start with stride 2 (dense basic
+    blocks at high resolution, depthwise-separable blocks where channels are
+    many and pixels few), global average pooling and a linear head to ``dim``.
+    With the default :class:`SliceNetV1Params` a 128 x 128 slice ends as a
+    4 x 4 x 256 map; about 0.37 M parameters and 41 M multiply-adds. Any input
+    size works (fully convolutional), but weights are made for one.
+
+    The output is not normalised; embedders L2-normalise it. For contrastive
+    training, put a projection MLP on top of :meth:`forward` (or of
+    :meth:`features`) during training only.
+
+    Parameters
+    ----------
+    hparams
+        Hyper-parameters; the defaults define the shipped model.
+    """
+
+    ARCHITECTURE: Final = "SliceNetV1"
+
+    def __init__(self, hparams: SliceNetV1Params | None = None) -> None:
+        super().__init__()
+        p = hparams if hparams is not None else SliceNetV1Params()
+        self.hparams = p
+        self.input_mean = float(p.input_mean)
+        self.input_std = float(p.input_std)
+        self.stem = ConvBNReLU(p.in_channels, p.stem_width, 3, 2)
+        blocks: list[nn.Module] = []
+        cin = p.stem_width
+        for width, depth, separable in zip(p.widths, p.depths, p.separable, strict=True):
+            block = SeparableBlock if separable else BasicBlock
+            for i in range(depth):
+                blocks.append(block(cin, width, 2 if i == 0 else 1))
+                cin = width
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(cin, p.dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, ``(N, widths[-1])``, for ``x`` ``(N, C, S, S)`` in [0, 1]."""
+        x = (x - self.input_mean) / self.input_std
+        pooled: torch.Tensor = self.pool(self.stages(self.stem(x)))
+        return torch.flatten(pooled, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(N, dim)`` (not normalised) for ``x`` ``(N, C, S, S)`` in [0, 1]."""
+        out: torch.Tensor = self.head(self.features(x))
+        return out
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Deterministic initialisation from ``generator``.
+
+        Convolutions: Kaiming normal (fan_out, ReLU). BatchNorm: weight 1,
+        bias 0, running mean 0, running variance 1. Linear head: normal with
+        standard deviation ``1 / sqrt(fan_in)``, bias 0.
+        """
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(
+                        module.weight, mode="fan_out", nonlinearity="relu", generator=generator
+                    )
+                elif isinstance(module, nn.BatchNorm2d):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+                    module.reset_running_stats()
+                elif isinstance(module, nn.Linear):
+                    std = 1.0 / math.sqrt(module.in_features)
+                    nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                    nn.init.zeros_(module.bias)
+
+    def parameter_count(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+ARCHITECTURES: Final[dict[str, type[SliceNetV1]]] = {SliceNetV1.ARCHITECTURE: SliceNetV1}
+
+
+# ------------------------------------------------------------------ files, ids
+def file_model_id(data: bytes) -> str:
+    """Model id of a model file: the first 16 hex digits of SHA-256 over its bytes."""
+    return hashlib.sha256(data).hexdigest()[:MODEL_ID_HEX]
+
+
+def _model_id(file_id: str, native_size: int | None, input_size: int) -> str:
+    return file_id if native_size == input_size else f"{file_id}-s{input_size}"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelError(path, "file not found") from exc
+    except OSError as exc:
+        raise ModelError(path, f"cannot read: {exc.strerror or exc}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def serialise_state_dict(model: nn.Module) -> bytes:
+    """``torch.save`` of the model's ``state_dict`` as bytes.
+
+    Saving to memory makes the bytes independent of the file name (``torch.save``
+    to a path names the archive's records after the file), so equal tensors
+    give equal bytes and an equal model id.
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename.
+
+    The file gets permissions ``mode`` (a temporary file would be 0600, and
+    model files must be readable by the service's user).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What the JSON next to a weights file says, checked against the file.
+
+    Attributes
+    ----------
+    path
+        The weights file.
+    model_id
+        Its model id (hash of the file) at ``input_size``.
+    sha256
+        SHA-256 of the file, hex.
+    input_size
+        Input size the weights were made for.
+    trained
+        False for an initialisation that was never trained.
+    hparams
+        Architecture hyper-parameters.
+    description
+        The whole JSON.
+    """
+
+    path: Path
+    model_id: str
+    sha256: str
+    input_size: int
+    trained: bool
+    hparams: SliceNetV1Params
+    description: dict[str, Any] = field(repr=False)
+
+
+def builtin_weights_path() -> Path:
+    """Path of the weights file of the built-in model (inside the package)."""
+    return WEIGHTS_DIR / BUILTIN_WEIGHTS
+
+
+def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:
+    """Load SliceNetV1 weights (a ``state_dict`` file and the JSON next to it).
+
+    Parameters
+    ----------
+    path
+        Weights file; its description is the same name with ``.json``.
+        ``None``: the built-in weights.
+
+    Returns
+    -------
+    tuple
+        The model in eval mode, and what its JSON says.
+
+    Raises
+    ------
+    ModelError
+        A file is missing or unreadable, the JSON does not describe this file
+        (checked by SHA-256) or names an unknown architecture, or the tensors
+        do not fit the architecture.
+    """
+    path = builtin_weights_path() if path is None else path
+    json_path = path.with_suffix(".json")
+    data = _read_bytes(path)
+    try:
+        desc = json.loads(_read_bytes(json_path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(json_path, f"not valid JSON ({_first_line(exc)})") from exc
+    if not isinstance(desc, dict):
+        raise ModelError(json_path, "not a JSON object")
+    sha = hashlib.sha256(data).hexdigest()
+    if desc.get("weights_sha256") != sha:
+        raise ModelError(
+            path,
+            f"SHA-256 {sha[:MODEL_ID_HEX]}... does not match {json_path.name} "
+            f"({str(desc.get('weights_sha256'))[:MODEL_ID_HEX]}...): the file is corrupt "
+            "or the two files do not belong together",
+        )
+    arch = desc.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelError(json_path, f"unknown architecture {arch!r} (known: {list(ARCHITECTURES)})")
+    try:
+        hparams = SliceNetV1Params.from_json(desc["hparams"])
+        input_size = int(desc["input_size"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(json_path, f"invalid description: {_first_line(exc)}") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt archives raise RuntimeError, UnpicklingError, ...
+        raise ModelError(path, f"not a readable torch weights file ({_first_line(exc)})") from exc
+    if not isinstance(state, Mapping):
+        raise ModelError(path, "does not hold a state_dict")
+    model = ARCHITECTURES[arch](hparams)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(path, f"tensors do not fit {arch}: {_first_line(exc)}") from exc
+    model.eval()
+    info = WeightsInfo(
+        path=path,
+        model_id=file_model_id(data),
+        sha256=sha,
+        input_size=input_size,
+        trained=bool(desc.get("trained", False)),
+        hparams=hparams,
+        description=desc,
+    )
+    return model, info
+
+
+@contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    # torch 2.13 marks all of torch.jit deprecated; the configuration's model_path
+    # is a TorchScript file, so this module keeps using it without the noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        yield
+
+
+def load_torchscript(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
+    """Load a TorchScript model file.
+
+    Returns
+    -------
+    tuple
+        The module (eval mode), the file's model id (hash of its bytes, no
+        input-size suffix) and the metadata :func:`export_torchscript` stored in
+        it (empty for other files).
+
+    Raises
+    ------
+    ModelError
+        The file is missing, unreadable, not TorchScript, or its metadata is
+        not valid JSON.
+    """
+    data = _read_bytes(path)
+    extra: dict[str, Any] = {TORCHSCRIPT_META: ""}
+    try:
+        with _quiet_torchscript():
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                io.BytesIO(data), map_location="cpu", _extra_files=extra
+            )
+    except Exception as exc:  # corrupt archives raise RuntimeError and others
+        raise ModelError(
+            path,
+            f"not a readable TorchScript file ({_first_line(exc)}); embedding.model_path "
+            "must name a file written by torch.jit.save or export_torchscript, "
+            "not a state_dict",
+        ) from exc
+    raw = extra.get(TORCHSCRIPT_META) or b""
+    meta: dict[str, Any] = {}
+    if raw:
+        try:
+            loaded = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(path, f"metadata {TORCHSCRIPT_META} is not valid JSON") from exc
+        if not isinstance(loaded, dict):
+            raise ModelError(path, f"metadata {TORCHSCRIPT_META} is not a JSON object")
+        meta = loaded
+    if not isinstance(module, nn.Module):
+        raise ModelError(path, "does not hold a TorchScript module")
+    module.eval()
+    return module, file_model_id(data), meta
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: Path,
+    *,
+    input_size: int = 128,
+    source_model_id: str | None = None,
+) -> str:
+    """Write ``model`` as a TorchScript file usable as ``embedding.model_path``.
+
+    A plain module is traced with an example batch ``(2, 1, S, S)``; pass a
+    ``torch.jit.ScriptModule`` for models with data-dependent control flow.
+    The file records ``input_size``, the output dimension and
+    ``source_model_id`` as metadata. The model is put in eval mode.
+
+    Parameters
+    ----------
+    model
+        Maps ``(N, 1, S, S)`` in [0, 1] to ``(N, D)``.
+    path
+        Destination; written atomically.
+    input_size
+        The input size ``S`` the model is made for (its native size).
+    source_model_id
+        Model id of what was exported, for provenance.
+
+    Returns
+    -------
+    str
+        The model id of the new file at ``input_size``.
+
+    Raises
+    ------
+    ModelError
+        The model fails on the example batch or its output is not ``(2, D)``.
+    """
+    model.eval()
+    example = torch.rand(2, 1, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with _quiet_torchscript(), torch.no_grad():
+            if isinstance(model, torch.jit.ScriptModule):
+                scripted: nn.Module = model
+            else:
+                scripted = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
+            out = scripted(example)
+    except Exception as exc:
+        raise ModelError(path, f"cannot export the model: {_first_line(exc)}") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        raise ModelError(path, "cannot export the model: output is not an N x D tensor")
+    meta = {
+        "format": WEIGHTS_FORMAT,
+        "input_size": input_size,
+        "dim": int(out.shape[1]),
+        "source_model_id": source_model_id,
+        "exported_by": f"{__name__}.export_torchscript",
+        "torch_version": torch.__version__,
+    }
+    buffer = io.BytesIO()
+    with _quiet_torchscript():
+        torch.jit.save(
+            scripted, buffer, _extra_files={TORCHSCRIPT_META: json.dumps(meta, sort_keys=True)}
+        )
+    data = buffer.getvalue()
+    atomic_write(path, data)
+    return _model_id(file_model_id(data), input_size, input_size)
+
+
+# ------------------------------------------------------------------- embedders
+class TorchEmbedder:
+    """Embedder running a torch module on the CPU in batches.
+
+    Parameters
+    ----------
+    module
+        Maps ``(N, 1, S, S)`` float32 in [0, 1] to ``(N, D)``; put in eval mode.
+    model_id
+        Identifies the vector space (see the module notes).
+    input_size
+        Side ``S`` of the input slices.
+    batch_size
+        Most slices per forward pass; larger batches are split.
+    source
+        The model file, for error messages.
+
+    Raises
+    ------
+    ModelError
+        The dry run on a ``(2, 1, S, S)`` batch fails or does not give ``(2, D)``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        model_id: str,
+        input_size: int,
+        batch_size: int = 32,
+        source: str = "model",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self._module = module.eval()
+        self._model_id = model_id
+        self._input_size = input_size
+        self._batch_size = batch_size
+        self._source = source
+        probe = torch.linspace(0.0, 1.0, 2 * input_size * input_size)
+        try:
+            with torch.inference_mode():
+                out = self._module(probe.reshape(2, 1, input_size, input_size))
+        except Exception as exc:
+            raise ModelError(
+                source, f"fails on a 2 x 1 x {input_size} x {input_size} input: {_first_line(exc)}"
+            ) from exc
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(source, f"output for a batch of 2 is {shape}, expected (2, D)")
+        if not out.is_floating_point() or out.shape[1] < 1:
+            raise ModelError(source, f"output must be floating point with D >= 1, got {out.dtype}")
+        self._dim = int(out.shape[1])
+
+    @classmethod
+    def from_config(cls, cfg: EmbeddingConfig) -> TorchEmbedder:
+        """The built-in model, or ``cfg.model_path`` when set.
+
+        Sets ``torch.set_num_threads(cfg.threads)``, which is process-global.
+
+        Raises
+        ------
+        ModelError
+            The weights or TorchScript file is missing, corrupt or does not fit.
+        """
+        torch.set_num_threads(cfg.threads)
+        if cfg.model_path is None:
+            model, info = load_weights(None)
+            module: nn.Module = model
+            model_id = _model_id(info.model_id, info.input_size, cfg.input_size)
+            source = str(info.path)
+            if not info.trained:
+                logger.warning(
+                    "built-in embedding weights %s are NOT TRAINED (random initialisation): "
+                    "similarity results are not meaningful yet",
+                    info.path.name,
+                )
+            if cfg.input_size != info.input_size:
+                logger.warning(
+                    "embedding.input_size %d differs from the %d the built-in weights were "
+                    "made for; model id %s",
+                    cfg.input_size, info.input_size, model_id,
+                )
+        else:
+            module, file_id, meta = load_torchscript(cfg.model_path)
+            native = meta.get("input_size")
+            model_id = _model_id(file_id, native if isinstance(native, int) else None,
+                                 cfg.input_size)
+            source = str(cfg.model_path)
+        embedder = cls(
+            module,
+            model_id=model_id,
+            input_size=cfg.input_size,
+            batch_size=cfg.batch_size,
+            source=source,
+        )
+        logger.info(
+            "embedding model %s from %s: input %d x %d, dim %d, batch %d, %d torch threads",
+            model_id, source, cfg.input_size, cfg.input_size, embedder.dim, cfg.batch_size,
+            cfg.threads,
+        )
+        return embedder
+
+    @property
+    def model_id(self) -> str:
+        """Identifies the vector space; stored with every vector."""
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        """Length of each vector (found by the dry run)."""
+        return self._dim
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input slices."""
+        return self._input_size
+
+    @property
+    def batch_size(self) -> int:
+        """Most slices per forward pass."""
+        return self._batch_size
+
+    def embed(self, batch: FloatBatch) -> Vectors:
+        """Embed ``(N, S, S)`` slices in [0, 1] as ``(N, dim)`` unit rows (see :class:`Embedder`).
+
+        Runs under ``torch.inference_mode`` in chunks of ``batch_size``; the
+        module is not modified, so calls from several threads are safe.
+        """
+        arr = _check_batch(batch, self._input_size)
+        n = arr.shape[0]
+        result = np.empty((n, self._dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, self._batch_size):
+                stop = min(start + self._batch_size, n)
+                x = torch.from_numpy(arr[start:stop]).unsqueeze(1)
+                out = self._module(x)
+                result[start:stop] = self._normalised(out, stop - start)
+        return result
+
+    def _normalised(self, out: Any, n: int) -> Vectors:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, self._dim):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(self._source, f"output is {shape}, expected ({n}, {self._dim})")
+        vec = out.to(torch.float32)
+        norms = torch.linalg.vector_norm(vec, dim=1, keepdim=True)
+        if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+            raise ModelError(self._source, "output holds NaN, infinite or all-zero vectors")
+        result: Vectors = (vec / norms).numpy()
+        return result
+
+
+class TinyEmbedder:
+    """Tiny deterministic pure-numpy embedder for unit tests.
+
+    Block-averages each slice to ``grid x grid``, subtracts 0.5, adds a small
+    constant feature (so a uniform grey slice still has a direction), applies a
+    fixed random projection seeded by ``seed`` and L2-normalises. Slices that
+    differ by small noise get nearly equal vectors.
+
+    Parameters
+    ----------
+    input_size
+        Side of the square input slices (>= ``grid``).
+    dim
+        Length of each vector.
+    grid
+        Side of the block-average grid.
+    seed
+        Seed of the projection matrix.
+    """
+
+    def __init__(self, input_size: int = 64, dim: int = 32, grid: int = 8, seed: int = 0) -> None:
+        if grid < 1 or dim < 1 or input_size < grid:
+            raise ValueError("need grid >= 1, dim >= 1 and input_size >= grid")
+        self._input_size = input_size
+        self._dim = dim
+        self._model_id = f"tiny-g{grid}-d{dim}-seed{seed}-s{input_size}"
+        edges = np.linspace(0, input_size, grid + 1).round().astype(np.intp)
+        self._starts = edges[:-1]
+        counts = np.diff(edges).astype(np.float32)
+        self._area = np.outer(counts, counts).reshape(-1)
+        rng = np.random.default_rng(seed)
+        proj = rng.standard_normal((grid * grid + 1, dim)) / math.sqrt(dim)
+        self._proj = proj.astype(np.float32)
+
+    @property
+    def model_id(self) -> str:
+        """``tiny-g<grid>-d<dim>-seed<seed>-s<input_size>``."""
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        """Length of each vector."""
+        return self._dim
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input slices."""
+        return self._input_size
+
+    def embed(self, batch: FloatBatch) -> Vectors:
+        """Embed ``(N, S, S)`` slices in [0, 1] as unit rows (see :class:`Embedder`)."""
+        arr = _check_batch(batch, self._input_size)
+        n = arr.shape[0]
+        if n == 0:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        sums = np.add.reduceat(np.add.reduceat(arr, self._starts, axis=1), self._starts, axis=2)
+        pooled = sums.reshape(n, -1) / self._area - 0.5
+        feats = np.concatenate([pooled, np.full((n, 1), 0.01, dtype=np.float32)], axis=1)
+        vec = feats.astype(np.float32) @ self._proj
+        norms = np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+        result: Vectors = (vec / norms).astype(np.float32)
+        return result
+
+
+def load_embedder(cfg: EmbeddingConfig) -> Embedder:
+    """The embedder the configuration asks for (see :meth:`TorchEmbedder.from_config`).
+
+    Raises
+    ------
+    ModelError
+        The weights or TorchScript file is missing, corrupt or does not fit.
+    """
+    return TorchEmbedder.from_config(cfg)
