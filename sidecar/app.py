@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -12,6 +13,7 @@ from sidecar.config import Config
 from sidecar.db.engine import make_engine, make_session_factory
 from sidecar.db.migrate import upgrade
 from sidecar.db.repository import Repository
+from sidecar.db.vectors import VectorRepository
 from sidecar.dicom_scp.receivers import (
     ReceiverPool,
     effective_receivers,
@@ -19,6 +21,11 @@ from sidecar.dicom_scp.receivers import (
 )
 from sidecar.dicom_scp.server import DicomNode
 from sidecar.dicom_scp.storage import InstanceStore
+
+if TYPE_CHECKING:  # torch is imported only when embedding is on
+    from sidecar.embeddings.model import Embedder
+    from sidecar.embeddings.service import IndexService
+    from sidecar.embeddings.worker import EmbeddingWorker
 
 logger = logging.getLogger(__name__)
 
@@ -35,34 +42,90 @@ def open_catalogue(config: Config, *, migrate: bool = True) -> tuple[Engine, Rep
     return engine, Repository(make_session_factory(engine))
 
 
-class Sidecar:
-    """The running service: catalogue, storage, DICOM node and scheduled jobs.
+class Embedding:
+    """The embedding parts of one process: model, index service and worker.
 
-    Start order: database (migrated) → storage → scheduler → DICOM node →
-    extra receiver processes. Stop order is the reverse, so no association is
-    served without storage.
+    Parameters
+    ----------
+    config
+        The configuration.
+    engine
+        The process's engine.
+    embedder
+        A ready embedder (tests); ``None`` loads the configured model.
+    """
+
+    def __init__(self, config: Config, engine: Engine, embedder: Embedder | None = None) -> None:
+        from sidecar.embeddings.model import load_embedder
+        from sidecar.embeddings.service import IndexService
+        from sidecar.embeddings.worker import EmbeddingWorker
+
+        self.embedder: Embedder = embedder or load_embedder(config.embedding)
+        self.vectors = VectorRepository(engine)
+        self.index: IndexService = IndexService(
+            config, self.vectors, self.embedder.model_id, self.embedder.dim
+        )
+        self.worker: EmbeddingWorker = EmbeddingWorker(
+            config, self.vectors, self.embedder, self.index
+        )
+
+    def open(self) -> None:
+        """Take the index lock, load or rebuild the index and repair it."""
+        report = self.index.open()
+        logger.info(
+            "index for model %s: %d vectors (%s)",
+            self.embedder.model_id, report.count,
+            "loaded" if report.loaded else "rebuilt",
+        )
+
+    def close(self) -> None:
+        """Save the index if it changed and release its lock."""
+        self.index.close()
+
+
+class Sidecar:
+    """The running service: catalogue, storage, DICOM node, embedding and scheduled jobs.
+
+    Start order: database (migrated) → storage → index (loaded and repaired)
+    → scheduler → DICOM receivers. Stop order is the reverse, so no
+    association is served without storage and the index is saved last.
 
     Parameters
     ----------
     config
         The configuration.
     receiver_processes
-        Processes receiving associations, this one included; ``None`` uses
-        ``dicom.receiver_processes`` (one per core by default). Tests use 1.
+        Processes receiving associations; ``None`` uses ``dicom.receiver_processes``
+        (one per core by default). With more than one, every receiver is a child
+        process and this one runs the scheduled jobs. Tests use 1 (in-process).
     log_level
         Logging level handed to receiver processes.
+    embedder
+        Embedder to use instead of the configured model (tests).
     """
 
     def __init__(
-        self, config: Config, *, receiver_processes: int | None = 1, log_level: str = "INFO"
+        self,
+        config: Config,
+        *,
+        receiver_processes: int | None = 1,
+        log_level: str = "INFO",
+        embedder: Embedder | None = None,
     ) -> None:
         self.config = config
         self.engine, self.repository = open_catalogue(config)
         self.store = InstanceStore(config, self.repository)
         n = effective_receivers(config) if receiver_processes is None else receiver_processes
         share = share_of_associations(config, n)
-        self.node = DicomNode(config, self.store, reuse_port=n > 1, max_associations=share)
-        self.pool = ReceiverPool(config, n - 1, share, log_level) if n > 1 else None
+        # One receiver: in this process. Several: all in child processes sharing
+        # the port, so the CNN in this process never competes with them for the GIL.
+        self.node = DicomNode(config, self.store, max_associations=share) if n == 1 else None
+        self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
+        self.embedding = (
+            Embedding(config, self.engine, embedder)
+            if config.worker.enabled or embedder is not None
+            else None
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.mark_stable,
@@ -72,6 +135,23 @@ class Sidecar:
             max_instances=1,
             coalesce=True,
         )
+        if self.embedding is not None and config.worker.enabled:
+            self.scheduler.add_job(
+                self.embedding.worker.run_once,
+                "interval",
+                seconds=config.worker.interval,
+                id="embed",
+                max_instances=1,
+                coalesce=True,
+            )
+            self.scheduler.add_job(
+                self.embedding.index.save,
+                "interval",
+                seconds=config.index.save_interval,
+                id="save_index",
+                max_instances=1,
+                coalesce=True,
+            )
         self.address: tuple[str, int] | None = None
 
     def mark_stable(self) -> int:
@@ -82,20 +162,28 @@ class Sidecar:
         return n
 
     def start(self) -> tuple[str, int]:
-        """Start the scheduler and the DICOM node; returns the bound address."""
+        """Open the index, start the scheduler and the receivers; returns the address."""
+        if self.embedding is not None:
+            self.embedding.open()
         self.scheduler.start()
-        self.address = self.node.start()
-        if self.pool is not None:
+        if self.node is not None:
+            self.address = self.node.start()
+        else:
+            assert self.pool is not None
             self.pool.start()
+            self.address = (self.config.dicom.bind_address, self.config.dicom.port)
         return self.address
 
     def stop(self) -> None:
-        """Stop the receivers and the node, then the scheduler, then the database."""
+        """Stop receivers, then the scheduler (waiting for a running job), then save."""
         if self.pool is not None:
             self.pool.stop()
-        self.node.stop()
+        if self.node is not None:
+            self.node.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.embedding is not None:
+            self.embedding.close()
         self.engine.dispose()
 
     def __enter__(self) -> Sidecar:

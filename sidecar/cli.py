@@ -135,9 +135,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
     from sidecar.app import open_catalogue
 
     cfg = _load(ctx)
+    from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+
     engine, repo = open_catalogue(cfg)
     try:
         rep = repo.status()
+        vrepo = VectorRepository(engine)
+        vectors = vrepo.count_vectors()
+        active_model = vrepo.get_setting(ACTIVE_MODEL_KEY)
+        retrying, given_up = vrepo.failed_breakdown(cfg.worker.max_attempts)
     finally:
         engine.dispose()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +156,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "series": rep.series,
         "patients": rep.patients,
         "stored_bytes": rep.stored_bytes,
+        "failed_retrying": retrying,
+        "failed_given_up": given_up,
+        "active_model_id": active_model,
+        "vectors_by_model": vectors,
         "disk_free_bytes": disk.free,
         "disk_total_bytes": disk.total,
         "data_dir": str(cfg.data_dir),
@@ -160,12 +170,18 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"data directory: {cfg.data_dir}")
     click.echo(f"instances: {data['instances_total']}")
     for state, count in rep.instances_by_state.items():
-        click.echo(f"  {state:<9} {count}")
+        extra = ""
+        if state == "failed" and count:
+            extra = f"   ({retrying} will be retried, {given_up} given up)"
+        click.echo(f"  {state:<9} {count}{extra}")
     click.echo(f"studies: {rep.studies} ({rep.studies_stable} stable, "
                f"{rep.studies - rep.studies_stable} receiving)")
     click.echo(f"series: {rep.series}   patients: {rep.patients}")
     click.echo(f"stored: {_human(rep.stored_bytes)}   disk free: {_human(disk.free)} "
                f"of {_human(disk.total)}")
+    click.echo(f"active model: {active_model or '(none yet)'}")
+    for model_id, count in sorted(vectors.items()):
+        click.echo(f"  vectors of model {model_id}: {count}")
 
 
 def _walk(paths: tuple[Path, ...]) -> Iterator[Path]:
@@ -234,6 +250,84 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
     click.echo(f"ingest: {len(files)} files: {summary}")
     if tally["refused"] or tally["failed"] or tally["unreadable"]:
         ctx.exit(1)
+
+
+def _open_embedding(ctx: click.Context) -> Any:
+    """Catalogue + embedding parts for a one-shot command (index lock taken)."""
+    from sidecar.app import Embedding, open_catalogue
+    from sidecar.embeddings.service import IndexBusy
+
+    cfg = _load(ctx)
+    engine, repo = open_catalogue(cfg)
+    emb = Embedding(cfg, engine)
+    try:
+        emb.open()
+    except IndexBusy as exc:
+        engine.dispose()
+        raise click.ClickException(str(exc)) from exc
+    return cfg, engine, repo, emb
+
+
+def _run_worker(emb: Any, repo: Any, cfg: Config, quiet: bool) -> Any:
+    from sidecar.embeddings.worker import WorkStats
+
+    total = WorkStats()
+    due = repo.status().instances_by_state.get("pending", 0)
+    with click.progressbar(length=max(due, 1), label="embed", hidden=quiet,
+                           file=sys.stderr) as bar:
+        while True:
+            stats = emb.worker.run_once(progress=bar.update)
+            total.merge(stats)
+            if stats.series == 0:
+                break
+    return total
+
+
+@main.command()
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def embed(ctx: click.Context, quiet: bool) -> None:
+    """Run the embedding job in the foreground until nothing is due.
+
+    Studies quiet for stability.stable_age seconds are marked stable first; only
+    stable studies are embedded. Refuses to run while `sidecar serve` owns the index.
+    """
+    cfg, engine, repo, emb = _open_embedding(ctx)
+    try:
+        repo.mark_stable_studies(cfg.stability.stable_age)
+        total = _run_worker(emb, repo, cfg, quiet)
+    finally:
+        emb.close()
+        engine.dispose()
+    click.echo(
+        f"embed: {total.slices_embedded} slices from {total.instances_embedded} instances "
+        f"in {total.series} series, {total.instances_failed} failed, {total.seconds:.1f} s"
+    )
+
+
+@main.command()
+@click.option("--reembed", is_flag=True,
+              help="Run the CNN again on every instance instead of using stored vectors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def reindex(ctx: click.Context, reembed: bool, quiet: bool) -> None:
+    """Rebuild the vector index from stored vectors (or re-embed with --reembed)."""
+    cfg, engine, repo, emb = _open_embedding(ctx)
+    try:
+        if reembed:
+            n = emb.vectors.requeue(emb.embedder.model_id)
+            emb.index.rebuild()
+            click.echo(f"reindex: {n} instances queued for embedding", err=True)
+            total = _run_worker(emb, repo, cfg, quiet)
+            click.echo(f"reindex: re-embedded {total.slices_embedded} slices, "
+                       f"{total.instances_failed} failed")
+        else:
+            count = emb.index.rebuild()
+            click.echo(f"reindex: index of model {emb.embedder.model_id} rebuilt "
+                       f"from {count} stored vectors")
+    finally:
+        emb.close()
+        engine.dispose()
 
 
 if __name__ == "__main__":  # pragma: no cover

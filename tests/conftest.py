@@ -50,6 +50,8 @@ def config_factory(tmp_path: Path) -> Callable[..., Config]:
             "dicom": {"port": free_port()},
             "storage": {"data_dir": str(tmp_path / "data"), "min_free_mb": 1},
             "stability": {"stable_age": 60.0, "check_interval": 1.0},
+            # DICOM tests do not need the CNN; embedding tests turn it on.
+            "worker": {"enabled": False},
         }
         _deep_update(data, overrides or {})
         path = tmp_path / "sidecar.yaml"

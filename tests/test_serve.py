@@ -70,6 +70,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(yaml.safe_dump({
         "dicom": {"port": port, "receiver_processes": 2},
+        "worker": {"enabled": False},
         "storage": {"data_dir": "data", "min_free_mb": 1},
         "logging": {"level": "INFO"},
     }))

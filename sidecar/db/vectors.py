@@ -292,6 +292,10 @@ class VectorRepository:
                 )
             }
 
+    def failed_breakdown(self, max_attempts: int) -> tuple[int, int]:
+        """Failed instances: (will be retried, given up)."""
+        return _failed_counts(self._engine, max_attempts)
+
     def requeue(self, model_id: str) -> int:
         """Forget a model's vectors and make every embedded instance pending again.
 
@@ -328,3 +332,14 @@ def _upsert_mean(
                 **key, **(extra or {}), model_id=model_id, vector=blob, slices=slices
             )
         )
+
+
+def _failed_counts(engine: Engine, max_attempts: int) -> tuple[int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(_INSTANCE.c.next_attempt_at.is_not(None), func.count())
+            .where(_INSTANCE.c.state == InstanceState.FAILED)
+            .group_by(_INSTANCE.c.next_attempt_at.is_not(None))
+        ).all()
+    counts = {bool(k): int(n) for k, n in rows}
+    return counts.get(True, 0), counts.get(False, 0)

@@ -1,9 +1,10 @@
 """Extra receiver processes that share the DICOM port (SO_REUSEPORT).
 
 One Python process is GIL-bound at roughly one core of C-STORE work (see
-FIELD_NOTES). To use every core, ``sidecar serve`` runs the DICOM node in the
-main process and in ``n - 1`` more processes bound to the same port; the
-kernel spreads new associations over them. Each process has its own database
+FIELD_NOTES). To use every core, ``sidecar serve`` runs the DICOM node in
+``n`` child processes bound to the same port; the kernel spreads new
+associations over them, and the main process keeps the scheduled jobs (the
+CNN among them) out of their way. Each process has its own database
 engine; SQLite in WAL mode with ``BEGIN IMMEDIATE`` and a busy timeout
 serialises their short write transactions. The main process alone runs the
 scheduled jobs. A receiver that dies is restarted.
@@ -75,7 +76,7 @@ class ReceiverPool:
     config
         The configuration (pickled to each child).
     count
-        Number of extra processes.
+        Number of receiver processes.
     share
         Each process's maximum number of associations.
     log_level
@@ -111,7 +112,7 @@ class ReceiverPool:
         """Start the children and wait until each one listens."""
         for i in range(self._count):
             self._procs.append(self._spawn(i + 1))
-        logger.info("%d extra receiver process(es) listening", self._count)
+        logger.info("%d receiver processes listening", self._count)
         self._supervisor = threading.Thread(
             target=self._supervise, name="receiver-supervisor", daemon=True
         )

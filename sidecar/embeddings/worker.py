@@ -1,0 +1,233 @@
+"""The embedding worker: stable studies → sampled slices → CNN → vectors → index.
+
+One job run (``EmbeddingWorker.run_once``) takes a bounded number of due
+instances, grouped by series because slice sampling needs every slice's
+position. For each series, in an order that survives a crash at any point:
+
+1. read the headers of the series' instances (positions for sampling);
+2. choose slices by physical distance (``preprocess.sample``), skip those that
+   already have a vector under the active model;
+3. decode and normalise the chosen slices, embed them with the CNN;
+4. **one database transaction**: insert the slice vectors (their keys are the
+   index labels), store the series and study mean vectors, mark the due
+   instances embedded (or failed, with attempt count and next retry time);
+5. only then add the vectors to the index.
+
+A crash before 4 leaves the work pending (done again later, nothing doubled:
+existing vectors are skipped and (instance, frame, model) is unique); a crash
+between 4 and 5 leaves the index behind the database, which start-up repairs
+from the stored vectors (``IndexService.open``). No vector is ever in the index
+without its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import dcmread
+
+from sidecar.config import Config
+from sidecar.db.vectors import NewVector, SeriesWork, VectorRepository
+from sidecar.embeddings import preprocess
+from sidecar.embeddings.index import from_blob, to_blob
+from sidecar.embeddings.model import Embedder
+from sidecar.embeddings.service import IndexService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkStats:
+    """What one job run did."""
+
+    series: int = 0
+    instances_embedded: int = 0
+    instances_failed: int = 0
+    slices_embedded: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def merge(self, other: WorkStats) -> None:
+        """Add another run's counts to this one."""
+        self.series += other.series
+        self.instances_embedded += other.instances_embedded
+        self.instances_failed += other.instances_failed
+        self.slices_embedded += other.slices_embedded
+        self.seconds += other.seconds
+        for k, v in other.stage_seconds.items():
+            self.stage_seconds[k] += v
+
+
+def _normalised_mean(vectors: np.ndarray) -> np.ndarray:
+    mean: np.ndarray = vectors.astype(np.float32).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else mean
+
+
+class EmbeddingWorker:
+    """Embed due instances; safe to run again at any time (idempotent, bounded).
+
+    Parameters
+    ----------
+    config
+        The configuration (preprocess, embedding, worker sections).
+    vectors
+        Vector repository.
+    embedder
+        The CNN (or a test embedder).
+    index
+        The index service for ``embedder.model_id``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        vectors: VectorRepository,
+        embedder: Embedder,
+        index: IndexService,
+    ) -> None:
+        self._cfg = config
+        self._repo = vectors
+        self._embedder = embedder
+        self._index = index
+        self._storage = config.storage_dir
+        self._run_lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        """Id of the model that produces the vectors."""
+        return self._embedder.model_id
+
+    def run_once(
+        self,
+        max_instances: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> WorkStats:
+        """Embed up to ``max_instances`` due instances (default ``worker.batch_instances``).
+
+        ``progress`` is called with the number of instances finished after each series.
+        Concurrent calls do not overlap (the second waits).
+        """
+        limit = max_instances or self._cfg.worker.batch_instances
+        stats = WorkStats()
+        start = time.perf_counter()
+        with self._run_lock:
+            work = self._repo.due_series(
+                max_instances=limit, max_attempts=self._cfg.worker.max_attempts
+            )
+            for item in work:
+                done, failed = self._process_series(item, stats)
+                stats.series += 1
+                stats.instances_embedded += done
+                stats.instances_failed += failed
+                if progress is not None:
+                    progress(done + failed)
+        stats.seconds = time.perf_counter() - start
+        if stats.series:
+            logger.info(
+                "embedded %d slices of %d instances in %d series (%d failed) in %.1f s",
+                stats.slices_embedded, stats.instances_embedded, stats.series,
+                stats.instances_failed, stats.seconds,
+            )
+        return stats
+
+    # ----------------------------------------------------------------- steps
+    def _process_series(self, work: SeriesWork, stats: WorkStats) -> tuple[int, int]:
+        cfg = self._cfg
+        failures: dict[int, str] = {}
+        infos: list[preprocess.FrameInfo[tuple[int, int]]] = []
+        t0 = time.perf_counter()
+        for ref in work.instances:
+            try:
+                header = dcmread(self._storage / ref.file_path, stop_before_pixels=True)
+                infos.extend(preprocess.frame_infos(header, ref.pk))
+            except Exception as exc:  # noqa: BLE001 - recorded on the instance
+                if ref.pk in work.due:
+                    failures[ref.pk] = f"cannot read header: {exc}"
+        chosen = preprocess.sample(infos, cfg.preprocess)
+        existing = self._repo.vector_keys(work.series_pk, self.model_id)
+        todo: dict[int, list[int]] = defaultdict(list)
+        positions = {info.key: info.position_mm for info in infos}
+        for inst_pk, frame in chosen:
+            if (inst_pk, frame) not in existing and inst_pk not in failures:
+                todo[inst_pk].append(frame)
+        stats.stage_seconds["sample"] += time.perf_counter() - t0
+
+        keys: list[tuple[int, int]] = []
+        arrays: list[np.ndarray] = []
+        paths = {ref.pk: ref.file_path for ref in work.instances}
+        size = self._embedder.input_size
+        for inst_pk, frames in todo.items():
+            t0 = time.perf_counter()
+            try:
+                ds = dcmread(self._storage / paths[inst_pk])
+                prepared = preprocess.prepare(ds, cfg.preprocess, size, frames=sorted(frames))
+            except Exception as exc:  # noqa: BLE001 - recorded on the instance
+                failures[inst_pk] = f"cannot prepare pixels: {exc}"
+                stats.stage_seconds["preprocess"] += time.perf_counter() - t0
+                continue
+            stats.stage_seconds["preprocess"] += time.perf_counter() - t0
+            for frame, arr in zip(sorted(frames), prepared, strict=True):
+                keys.append((inst_pk, frame))
+                arrays.append(arr)
+
+        t0 = time.perf_counter()
+        if arrays:
+            vectors = self._embedder.embed(np.stack(arrays).astype(np.float32))
+        else:
+            vectors = np.zeros((0, self._embedder.dim), dtype=np.float32)
+        stats.stage_seconds["cnn"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        new = [
+            NewVector(instance_pk=k[0], frame=k[1], position_mm=positions.get(k), blob=to_blob(v))
+            for k, v in zip(keys, vectors, strict=True)
+        ]
+        series_vec = self._mean_vector(vectors, series_pk=work.series_pk)
+        study_vec = self._mean_vector(vectors, study_pk=work.study_pk)
+        done = [pk for pk in work.due if pk not in failures]
+        labels = self._repo.commit_series(
+            work,
+            self.model_id,
+            new,
+            done,
+            {pk: msg for pk, msg in failures.items() if pk in work.due},
+            retry_backoff=cfg.worker.retry_backoff,
+            max_attempts=cfg.worker.max_attempts,
+            series_vector=series_vec,
+            study_vector=study_vec,
+        )
+        stats.stage_seconds["db"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if labels:
+            self._index.add(np.asarray(labels, dtype=np.int64), vectors)
+        stats.stage_seconds["index"] += time.perf_counter() - t0
+        stats.slices_embedded += len(labels)
+        for pk, msg in failures.items():
+            if pk in work.due:
+                logger.warning("embedding instance %d failed: %s", pk, msg)
+        return len(done), len([pk for pk in failures if pk in work.due])
+
+    def _mean_vector(
+        self, new: np.ndarray, *, series_pk: int | None = None, study_pk: int | None = None
+    ) -> tuple[bytes, int] | None:
+        stored = [
+            from_blob(blob, self._embedder.dim)
+            for batch in self._repo.slice_vectors(
+                self.model_id, series_pk=series_pk, study_pk=study_pk
+            )
+            for _, blob in batch
+        ]
+        parts = [np.stack(stored)] if stored else []
+        if len(new):
+            parts.append(new)
+        if not parts:
+            return None
+        allv = np.concatenate(parts)
+        return to_blob(_normalised_mean(allv)), int(allv.shape[0])
