@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from sidecar.config import Config
 from sidecar.db.engine import make_engine, make_session_factory
 from sidecar.db.migrate import upgrade
 from sidecar.db.repository import Repository
-from sidecar.db.vectors import VectorRepository
+from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.dicom_scp.receivers import (
     ReceiverPool,
     effective_receivers,
@@ -23,9 +24,11 @@ from sidecar.dicom_scp.server import DicomNode
 from sidecar.dicom_scp.storage import InstanceStore
 
 if TYPE_CHECKING:  # torch is imported only when embedding is on
+    from collections.abc import Callable
+
     from sidecar.embeddings.model import Embedder
     from sidecar.embeddings.service import IndexService
-    from sidecar.embeddings.worker import EmbeddingWorker
+    from sidecar.embeddings.worker import EmbeddingWorker, WorkStats
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,15 @@ def open_catalogue(config: Config, *, migrate: bool = True) -> tuple[Engine, Rep
 
 
 class Embedding:
-    """The embedding parts of one process: model, index service and worker.
+    """The embedding parts of one process: model, index services and worker.
+
+    Normally one index serves queries and receives the worker's vectors. After
+    a model change (the configured model's id differs from the active one
+    recorded in the database) the index of the previous model keeps serving
+    queries while the worker embeds new studies and re-embeds old ones with
+    the new model into a second index; once nothing is left, the new index is
+    saved and becomes the active one in one step (``swap``). The old model's
+    vectors and index stay on disk, so going back needs no CNN run.
 
     Parameters
     ----------
@@ -60,6 +71,7 @@ class Embedding:
         from sidecar.embeddings.service import IndexService
         from sidecar.embeddings.worker import EmbeddingWorker
 
+        self.config = config
         self.embedder: Embedder = embedder or load_embedder(config.embedding)
         self.vectors = VectorRepository(engine)
         self.index: IndexService = IndexService(
@@ -68,18 +80,83 @@ class Embedding:
         self.worker: EmbeddingWorker = EmbeddingWorker(
             config, self.vectors, self.embedder, self.index
         )
+        self.serving: IndexService = self.index
+        self._serving_embedder_id = self.embedder.model_id
+        self._swap_lock = threading.Lock()
+
+    @property
+    def reembedding(self) -> bool:
+        """True while a previous model's index still serves queries."""
+        return self.serving is not self.index
 
     def open(self) -> None:
-        """Take the index lock, load or rebuild the index and repair it."""
+        """Take the index locks, load or rebuild the indexes and repair them."""
+        from sidecar.embeddings.service import IndexService
+
         report = self.index.open()
         logger.info(
             "index for model %s: %d vectors (%s)",
             self.embedder.model_id, report.count,
             "loaded" if report.loaded else "rebuilt",
         )
+        active = self.vectors.get_setting(ACTIVE_MODEL_KEY)
+        previous = self.vectors.count_vectors().get(active or "", 0)
+        if active and active != self.embedder.model_id and previous:
+            old_dim = self._stored_dim(active)
+            self.serving = IndexService(self.config, self.vectors, active, old_dim)
+            self.serving.open()
+            logger.warning(
+                "model changed from %s to %s: %d vectors of the old model keep serving "
+                "queries while studies are re-embedded in the background",
+                active, self.embedder.model_id, previous,
+            )
+        else:
+            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.embedder.model_id)
+
+    def _stored_dim(self, model_id: str) -> int:
+        from sidecar.embeddings.index import read_saved_facts
+
+        try:
+            return int(read_saved_facts(self.config.index_dir / model_id)["dim"])
+        except Exception:  # noqa: BLE001 - fall back to the stored blobs' size
+            for batch in self.vectors.slice_vectors(model_id, batch=1):
+                return len(batch[0][1]) // 2  # float16
+            raise
+
+    def run_job(self, progress: Callable[[int], None] | None = None) -> WorkStats:
+        """The scheduled job: embed due work, re-embed after a model change, swap when done.
+
+        Returns what was done; a run that did nothing means nothing is due now.
+        """
+        stats = self.worker.run_once(progress=progress)
+        if self.reembedding:
+            again = self.worker.reembed_once()
+            stats.merge(again)
+            # New and pending studies go to the new index anyway (they were never
+            # in the old one), so the swap waits only for the old studies.
+            if again.series == 0:
+                self.swap()
+        return stats
+
+    def swap(self) -> None:
+        """Make the new model's index the active one (atomically for queries)."""
+        with self._swap_lock:
+            if not self.reembedding:
+                return
+            old = self.serving
+            self.index.save(force=True)
+            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.embedder.model_id)
+            self.serving = self.index
+            old.close()
+            logger.warning(
+                "model %s is now active (%d vectors); model %s kept on disk for rollback",
+                self.embedder.model_id, len(self.index.index), old.model_id,
+            )
 
     def close(self) -> None:
-        """Save the index if it changed and release its lock."""
+        """Save the indexes if they changed and release their locks."""
+        if self.reembedding:
+            self.serving.close()
         self.index.close()
 
 
@@ -137,7 +214,7 @@ class Sidecar:
         )
         if self.embedding is not None and config.worker.enabled:
             self.scheduler.add_job(
-                self.embedding.worker.run_once,
+                self.embedding.run_job,
                 "interval",
                 seconds=config.worker.interval,
                 id="embed",

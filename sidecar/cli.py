@@ -276,7 +276,7 @@ def _run_worker(emb: Any, repo: Any, cfg: Config, quiet: bool) -> Any:
     with click.progressbar(length=max(due, 1), label="embed", hidden=quiet,
                            file=sys.stderr) as bar:
         while True:
-            stats = emb.worker.run_once(progress=bar.update)
+            stats = emb.run_job(progress=bar.update)
             total.merge(stats)
             if stats.series == 0:
                 break

@@ -292,6 +292,54 @@ class VectorRepository:
                 )
             }
 
+    def series_missing_model(
+        self, model_id: str, *, max_instances: int, exclude: set[int] | None = None
+    ) -> list[SeriesWork]:
+        """Embedded series of stable studies that have no vector yet under ``model_id``.
+
+        This is the re-embedding work after a model change; the instances'
+        states are not touched (``due`` is empty).
+        """
+        have = select(_SERIES_VEC.c.series_pk).where(_SERIES_VEC.c.model_id == model_id)
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(_SERIES.c.id, _SERIES.c.study_pk, func.count(_INSTANCE.c.id))
+                .join(_INSTANCE, _INSTANCE.c.series_pk == _SERIES.c.id)
+                .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
+                .where(
+                    _STUDY.c.stable.is_(True),
+                    _INSTANCE.c.state == InstanceState.EMBEDDED,
+                    _SERIES.c.id.not_in(have),
+                    _SERIES.c.id.not_in(sorted(exclude or ())),
+                )
+                .group_by(_SERIES.c.id, _SERIES.c.study_pk)
+                .order_by(_SERIES.c.id)
+            ).all()
+            work: list[SeriesWork] = []
+            covered = 0
+            for series_pk, study_pk, n in rows:
+                if work and covered + n > max_instances:
+                    break
+                item = SeriesWork(series_pk=series_pk, study_pk=study_pk)
+                for row in conn.execute(
+                    select(
+                        _INSTANCE.c.id, _INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
+                        _INSTANCE.c.state, _INSTANCE.c.attempts, _INSTANCE.c.number_of_frames,
+                    )
+                    .where(
+                        _INSTANCE.c.series_pk == series_pk,
+                        _INSTANCE.c.state == InstanceState.EMBEDDED,
+                    )
+                    .order_by(_INSTANCE.c.id)
+                ):
+                    item.instances.append(InstanceRef(
+                        pk=row[0], sop_instance_uid=row[1], file_path=row[2],
+                        state=InstanceState(row[3]), attempts=row[4], number_of_frames=row[5],
+                    ))
+                work.append(item)
+                covered += n
+        return work
+
     def failed_breakdown(self, max_attempts: int) -> tuple[int, int]:
         """Failed instances: (will be retried, given up)."""
         return _failed_counts(self._engine, max_attempts)

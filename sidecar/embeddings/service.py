@@ -22,7 +22,7 @@ from typing import TextIO
 import numpy as np
 
 from sidecar.config import Config
-from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.db.vectors import VectorRepository
 from sidecar.embeddings.index import IndexMismatch, VectorIndex, from_blob
 from sidecar.errors import SidecarError
 
@@ -137,7 +137,6 @@ class IndexService:
         elif missing or extra:
             logger.warning("index for model %s repaired: %d added, %d removed",
                            self.model_id, len(missing), deleted)
-        self._repo.set_setting(ACTIVE_MODEL_KEY, self.model_id)
         if self._dirty:
             self.save()
         return OpenReport(loaded, reason, len(missing), deleted, len(self._index))

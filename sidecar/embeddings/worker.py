@@ -98,6 +98,7 @@ class EmbeddingWorker:
         self._index = index
         self._storage = config.storage_dir
         self._run_lock = threading.Lock()
+        self._reembed_tried: set[int] = set()
 
     @property
     def model_id(self) -> str:
@@ -134,6 +135,32 @@ class EmbeddingWorker:
                 "embedded %d slices of %d instances in %d series (%d failed) in %.1f s",
                 stats.slices_embedded, stats.instances_embedded, stats.series,
                 stats.instances_failed, stats.seconds,
+            )
+        return stats
+
+    def reembed_once(self, max_instances: int | None = None) -> WorkStats:
+        """Embed, under this worker's model, series embedded under another model.
+
+        Runs after a model change, in bounded steps like ``run_once``; instance
+        states are left alone. Series that yield no vector at all (every slice
+        fails under the new model) are not tried again in this process.
+        """
+        limit = max_instances or self._cfg.worker.batch_instances
+        stats = WorkStats()
+        start = time.perf_counter()
+        with self._run_lock:
+            work = self._repo.series_missing_model(
+                self.model_id, max_instances=limit, exclude=self._reembed_tried
+            )
+            for item in work:
+                self._reembed_tried.add(item.series_pk)
+                self._process_series(item, stats)
+                stats.series += 1
+        stats.seconds = time.perf_counter() - start
+        if stats.series:
+            logger.info(
+                "re-embedded %d slices of %d series under model %s in %.1f s",
+                stats.slices_embedded, stats.series, self.model_id, stats.seconds,
             )
         return stats
 
