@@ -1,0 +1,94 @@
+"""A model change re-embeds in the background and swaps the index in one step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from sidecar.app import Embedding, open_catalogue
+from sidecar.config import Config
+from sidecar.db.vectors import ACTIVE_MODEL_KEY
+from sidecar.dicom_scp.storage import InstanceStore, Origin
+from sidecar.embeddings.model import TinyEmbedder
+from tests.conftest import make_ct
+
+OVERRIDES = {"preprocess": {"slice_spacing_mm": 0, "max_slices_per_series": 64}}
+
+
+def _store_series(cfg: Config, n: int, seed: int) -> str:
+    engine, repo = open_catalogue(cfg)
+    try:
+        store = InstanceStore(cfg, repo)
+        study, series = generate_uid(), generate_uid()
+        for i in range(n):
+            ds = make_ct(study_uid=study, series_uid=series, instance_number=i + 1, seed=seed + i)
+            buf = Path(cfg.data_dir) / "in.dcm"
+            ds.save_as(buf, enforce_file_format=True)
+            store.store(buf.read_bytes(), None, Origin("TEST", "127.0.0.1"))
+        repo.mark_stable_studies(0.0)
+    finally:
+        engine.dispose()
+    return study
+
+
+def _embedding(cfg: Config, seed: int) -> tuple[Embedding, Callable[[], None]]:
+    engine, _ = open_catalogue(cfg)
+    emb = Embedding(cfg, engine, TinyEmbedder(seed=seed))
+    emb.open()
+
+    def close() -> None:
+        emb.close()
+        engine.dispose()
+
+    return emb, close
+
+
+def test_model_change_reembeds_then_swaps(config_factory: Callable[..., Config]) -> None:
+    cfg = config_factory(OVERRIDES)
+    _store_series(cfg, 6, seed=0)
+    _store_series(cfg, 4, seed=100)
+
+    old, close = _embedding(cfg, seed=0)
+    old.run_job()
+    assert not old.reembedding
+    assert len(old.serving.index) == 10
+    close()
+
+    new, close = _embedding(cfg, seed=1)
+    try:
+        assert new.embedder.model_id != old.embedder.model_id
+        # The old model's index serves while the new one is built.
+        assert new.reembedding
+        assert new.serving.model_id == old.embedder.model_id
+        assert len(new.serving.index) == 10
+        assert new.vectors.get_setting(ACTIVE_MODEL_KEY) == old.embedder.model_id
+        query = np.ones((1, new.serving.dim), dtype=np.float32)
+        assert new.serving.index.search(query, 3)[0].shape == (1, 3)
+
+        stats = new.worker.reembed_once(max_instances=6)  # one series at a time
+        assert stats.series == 1 and new.reembedding  # not done: still the old index
+        assert new.run_job().series == 1  # the other series; the old index still serves
+        assert new.reembedding
+        assert new.run_job().series == 0  # nothing left: swap
+        assert not new.reembedding
+        assert new.serving is new.index
+        assert len(new.serving.index) == 10
+        assert new.vectors.get_setting(ACTIVE_MODEL_KEY) == new.embedder.model_id
+        counts = new.vectors.count_vectors()
+        assert counts == {old.embedder.model_id: 10, new.embedder.model_id: 10}
+    finally:
+        close()
+
+    # Going back to the first model needs no CNN run: its vectors are all there.
+    back, close = _embedding(cfg, seed=0)
+    try:
+        assert back.reembedding
+        stats = back.run_job()
+        assert stats.slices_embedded == 0
+        assert not back.reembedding
+        assert back.vectors.get_setting(ACTIVE_MODEL_KEY) == back.embedder.model_id
+    finally:
+        close()
