@@ -138,6 +138,13 @@ class Embedding:
                 self.swap()
         return stats
 
+    def maintain(self) -> None:
+        """Periodic job: reconcile the indexes with the database, then save them."""
+        with self.worker.run_lock:
+            for service in {id(self.index): self.index, id(self.serving): self.serving}.values():
+                service.reconcile(save=False)
+                service.save()
+
     def swap(self) -> None:
         """Make the new model's index the active one (atomically for queries)."""
         with self._swap_lock:
@@ -222,7 +229,7 @@ class Sidecar:
                 coalesce=True,
             )
             self.scheduler.add_job(
-                self.embedding.index.save,
+                self.embedding.maintain,
                 "interval",
                 seconds=config.index.save_interval,
                 id="save_index",

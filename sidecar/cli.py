@@ -252,6 +252,44 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
         ctx.exit(1)
 
 
+@main.command("delete-study")
+@click.argument("study_instance_uid")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None:
+    """Delete a study: its files, rows and vectors (the index drops them on its
+    next reconciliation: at once when no `sidecar serve` runs, else within
+    index.save_interval seconds)."""
+    from sidecar.app import open_catalogue
+
+    cfg = _load(ctx)
+    if not yes:
+        click.confirm(f"Delete study {study_instance_uid} and its files?", abort=True)
+    engine, repo = open_catalogue(cfg)
+    try:
+        paths = repo.delete_study(study_instance_uid)
+    finally:
+        engine.dispose()
+    if paths is None:
+        raise click.ClickException(f"no study {study_instance_uid} in the catalogue")
+    removed = 0
+    for rel in paths:
+        path = cfg.storage_dir / rel
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        for parent in (path.parent, path.parent.parent):  # series, then study folder
+            if parent != cfg.storage_dir:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    pass  # not empty (yet) or already gone
+    logger.info("study %s deleted: %d files removed", study_instance_uid, removed)
+    click.echo(f"deleted study {study_instance_uid}: {len(paths)} instances, {removed} files")
+
+
 def _open_embedding(ctx: click.Context) -> Any:
     """Catalogue + embedding parts for a one-shot command (index lock taken)."""
     from sidecar.app import Embedding, open_catalogue

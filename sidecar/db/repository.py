@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select, update
+from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -190,6 +190,43 @@ class Repository:
             values = _instance_values(meta, stored, now)
             values.update(series_pk=series_pk, error="", attempts=0)
             conn.execute(update(_INSTANCE).where(_INSTANCE.c.id == pk).values(**values))
+
+    def delete_study(self, study_instance_uid: str) -> list[str] | None:
+        """Delete a study's rows (instances, series, vectors; its patient if orphaned).
+
+        Returns the stored files' paths (relative to the storage directory) for
+        the caller to remove after the commit, or ``None`` for an unknown study.
+        The index drops the study's vectors when it is next reconciled.
+        """
+        from sidecar.db.models import SeriesVector, SliceVector, StudyVector
+
+        with write_transaction(self._engine) as conn:
+            row = conn.execute(
+                select(_STUDY.c.id, _STUDY.c.patient_pk).where(
+                    _STUDY.c.study_instance_uid == study_instance_uid
+                )
+            ).first()
+            if row is None:
+                return None
+            study_pk, patient_pk = row
+            series_pks = select(_SERIES.c.id).where(_SERIES.c.study_pk == study_pk)
+            paths = [
+                str(p) for p in conn.execute(
+                    select(_INSTANCE.c.file_path).where(_INSTANCE.c.series_pk.in_(series_pks))
+                ).scalars()
+            ]
+            for model in (SliceVector, SeriesVector, StudyVector):
+                table: Table = model.__table__  # type: ignore[assignment]
+                conn.execute(delete(table).where(table.c.study_pk == study_pk))
+            conn.execute(delete(_INSTANCE).where(_INSTANCE.c.series_pk.in_(series_pks)))
+            conn.execute(delete(_SERIES).where(_SERIES.c.study_pk == study_pk))
+            conn.execute(delete(_STUDY).where(_STUDY.c.id == study_pk))
+            others = conn.execute(
+                select(func.count()).select_from(_STUDY).where(_STUDY.c.patient_pk == patient_pk)
+            ).scalar()
+            if not others:
+                conn.execute(delete(_PATIENT).where(_PATIENT.c.id == patient_pk))
+        return paths
 
     def mark_stable_studies(self, stable_age: float, now: dt.datetime | None = None) -> int:
         """Mark studies with no new instance for ``stable_age`` seconds as stable.

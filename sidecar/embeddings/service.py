@@ -123,6 +123,27 @@ class IndexService:
         except IndexMismatch as exc:
             loaded, reason = False, str(exc)
             self._index = VectorIndex(self.dim, self._cfg.index)
+        added, deleted = self.reconcile(save=False)
+        self._dirty = self._dirty or not loaded
+        if not loaded and len(self._index):
+            logger.warning("index for model %s rebuilt from %d stored vectors: %s",
+                           self.model_id, len(self._index), reason)
+        if self._dirty:
+            self.save()
+        return OpenReport(loaded, reason, added, deleted, len(self._index))
+
+    def reconcile(self, save: bool = True) -> tuple[int, int]:
+        """Make the index hold exactly the database's vectors of this model.
+
+        Labels missing from the index are added from the stored vectors; labels
+        whose rows are gone (a deleted study, say) are marked deleted. Call it
+        while no worker run is adding vectors.
+
+        Returns
+        -------
+        tuple of int
+            (added, deleted).
+        """
         in_db = self._repo.labels(self.model_id)
         missing, extra = self._index.verify_against(in_db)
         if missing:
@@ -130,16 +151,13 @@ class IndexService:
         deleted = 0
         if extra:
             deleted = self._index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
-        self._dirty = bool(missing or extra or not loaded)
-        if not loaded and in_db:
-            logger.warning("index for model %s rebuilt from %d stored vectors: %s",
-                           self.model_id, len(in_db), reason)
-        elif missing or extra:
-            logger.warning("index for model %s repaired: %d added, %d removed",
-                           self.model_id, len(missing), deleted)
-        if self._dirty:
-            self.save()
-        return OpenReport(loaded, reason, len(missing), deleted, len(self._index))
+        if missing or extra:
+            self._dirty = True
+            logger.warning("index for model %s reconciled with the database: %d added, "
+                           "%d removed", self.model_id, len(missing), deleted)
+            if save:
+                self.save()
+        return len(missing), deleted
 
     def _add_stored(self, labels: set[int]) -> None:
         for batch in self._repo.slice_vectors(self.model_id):

@@ -101,6 +101,11 @@ class EmbeddingWorker:
         self._reembed_tried: set[int] = set()
 
     @property
+    def run_lock(self) -> threading.Lock:
+        """Held while a job run works; take it to keep the worker out."""
+        return self._run_lock
+
+    @property
     def model_id(self) -> str:
         """Id of the model that produces the vectors."""
         return self._embedder.model_id
