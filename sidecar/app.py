@@ -104,7 +104,12 @@ class Embedding:
         if active and active != self.embedder.model_id and previous:
             old_dim = self._stored_dim(active)
             self.serving = IndexService(self.config, self.vectors, active, old_dim)
-            self.serving.open()
+            try:
+                self.serving.open()
+            except Exception:
+                self.serving = self.index
+                self.index.close()
+                raise
             logger.warning(
                 "model changed from %s to %s: %d vectors of the old model keep serving "
                 "queries while studies are re-embedded in the background",

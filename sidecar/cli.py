@@ -21,7 +21,13 @@ import click
 import yaml
 
 from sidecar.config import CONFIG_ENV, Config, load_config
-from sidecar.errors import ConfigError, InvalidDataset, OutOfResources, StorageFailure
+from sidecar.errors import (
+    ConfigError,
+    InvalidDataset,
+    OutOfResources,
+    SidecarError,
+    StorageFailure,
+)
 from sidecar.logsetup import configure_logging
 
 logger = logging.getLogger("sidecar")
@@ -110,6 +116,9 @@ def serve(ctx: click.Context) -> None:
         raise click.ClickException(
             f"cannot listen on {cfg.dicom.bind_address}:{cfg.dicom.port}: {exc.strerror}"
         ) from exc
+    except SidecarError as exc:  # the index is busy, say
+        app.stop()
+        raise click.ClickException(f"cannot start: {exc}") from exc
     click.echo(f"sidecar ready: AE {cfg.dicom.ae_title} on {host}:{port}, data in {cfg.data_dir}",
                err=True)
     try:
@@ -297,7 +306,11 @@ def _open_embedding(ctx: click.Context) -> Any:
 
     cfg = _load(ctx)
     engine, repo = open_catalogue(cfg)
-    emb = Embedding(cfg, engine)
+    try:
+        emb = Embedding(cfg, engine)
+    except SidecarError as exc:  # ModelError: model file missing, corrupt or unfit
+        engine.dispose()
+        raise click.ClickException(f"cannot load the embedding model: {exc}") from exc
     try:
         emb.open()
     except IndexBusy as exc:

@@ -153,6 +153,8 @@ class SliceVector(Base):
     __table_args__ = (
         UniqueConstraint("instance_pk", "frame", "model_id"),
         Index("ix_slice_vector_model_study", "model_id", "study_pk"),
+        # Keys are index labels: never hand a deleted row's key to a new row.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

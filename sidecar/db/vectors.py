@@ -170,6 +170,16 @@ class VectorRepository:
             ).all()
         return {(int(a), int(b)) for a, b in rows}
 
+    def vector_labels(self, series_pk: int, model_id: str) -> dict[tuple[int, int], int]:
+        """(instance pk, frame) -> key (label) of a series' existing vectors."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(_SLICE.c.instance_pk, _SLICE.c.frame, _SLICE.c.id).where(
+                    _SLICE.c.series_pk == series_pk, _SLICE.c.model_id == model_id
+                )
+            ).all()
+        return {(int(a), int(b)): int(c) for a, b, c in rows}
+
     def commit_series(
         self,
         work: SeriesWork,
@@ -182,6 +192,7 @@ class VectorRepository:
         max_attempts: int,
         series_vector: tuple[bytes, int] | None,
         study_vector: tuple[bytes, int] | None,
+        replaced: Sequence[int] = (),
         now: dt.datetime | None = None,
     ) -> list[int]:
         """Record one series' results in one transaction.
@@ -191,11 +202,20 @@ class VectorRepository:
         exponential backoff, none after ``max_attempts``), and stores the
         series and study vectors given as ``(blob, number of slices)``.
         Returns the new vector rows' keys (= index labels), in the order of
-        ``vectors``.
+        ``vectors``. The rows ``replaced`` (keys of stale vectors) are deleted;
+        the new rows are inserted while they still exist, so no new row gets
+        the key (label) of a stale one.
         """
         now = now or utcnow()
         labels: list[int] = []
         with write_transaction(self._engine) as conn:
+            if replaced:
+                # Move the stale rows aside ((instance, frame, model) stays unique).
+                conn.execute(
+                    update(_SLICE)
+                    .where(_SLICE.c.id.in_(list(replaced)))
+                    .values(frame=-1 - _SLICE.c.frame)
+                )
             for v in vectors:
                 pk = conn.execute(
                     insert(_SLICE).values(
@@ -211,6 +231,8 @@ class VectorRepository:
                 ).inserted_primary_key
                 assert pk is not None
                 labels.append(int(pk[0]))
+            if replaced:
+                conn.execute(delete(_SLICE).where(_SLICE.c.id.in_(list(replaced))))
             if done:
                 conn.execute(
                     update(_INSTANCE)
@@ -383,11 +405,16 @@ def _upsert_mean(
 
 
 def _failed_counts(engine: Engine, max_attempts: int) -> tuple[int, int]:
+    # The same rule as ``due_series``: a retry time and attempts left (max_attempts
+    # may have been lowered since the retry time was set).
+    retrying = and_(
+        _INSTANCE.c.next_attempt_at.is_not(None), _INSTANCE.c.attempts < max_attempts
+    )
     with engine.connect() as conn:
         rows = conn.execute(
-            select(_INSTANCE.c.next_attempt_at.is_not(None), func.count())
+            select(retrying, func.count())
             .where(_INSTANCE.c.state == InstanceState.FAILED)
-            .group_by(_INSTANCE.c.next_attempt_at.is_not(None))
+            .group_by(retrying)
         ).all()
     counts = {bool(k): int(n) for k, n in rows}
     return counts.get(True, 0), counts.get(False, 0)

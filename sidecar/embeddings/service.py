@@ -186,6 +186,13 @@ class IndexService:
         self._index.add(labels, vectors)
         self._dirty = True
 
+    def remove(self, labels: np.ndarray) -> int:
+        """Hide labels whose rows were deleted (replaced vectors); returns how many."""
+        count = self._index.mark_deleted(labels)
+        if count:
+            self._dirty = True
+        return count
+
     def save(self, force: bool = False) -> bool:
         """Save atomically if changed (or ``force``); returns whether it saved."""
         with self._save_lock:

@@ -6,7 +6,9 @@ position. For each series, in an order that survives a crash at any point:
 
 1. read the headers of the series' instances (positions for sampling);
 2. choose slices by physical distance (``preprocess.sample``), skip those that
-   already have a vector under the active model;
+   already have a vector under the active model (except the vectors of due
+   instances: such an instance got a new file, its vectors are stale and are
+   replaced in step 4, and its old labels are marked deleted after step 5);
 3. decode and normalise the chosen slices, embed them with the CNN;
 4. **one database transaction**: insert the slice vectors (their keys are the
    index labels), store the series and study mean vectors, mark the due
@@ -183,11 +185,16 @@ class EmbeddingWorker:
                 if ref.pk in work.due:
                     failures[ref.pk] = f"cannot read header: {exc}"
         chosen = preprocess.sample(infos, cfg.preprocess)
-        existing = self._repo.vector_keys(work.series_pk, self.model_id)
+        existing = self._repo.vector_labels(work.series_pk, self.model_id)
+        # A due instance with vectors got a new file (duplicate policy "replace"):
+        # its vectors are stale; the commit replaces them.
+        stale = {label for (inst_pk, _), label in existing.items() if inst_pk in work.due}
         todo: dict[int, list[int]] = defaultdict(list)
         positions = {info.key: info.position_mm for info in infos}
         for inst_pk, frame in chosen:
-            if (inst_pk, frame) not in existing and inst_pk not in failures:
+            if inst_pk not in failures and (
+                (inst_pk, frame) not in existing or inst_pk in work.due
+            ):
                 todo[inst_pk].append(frame)
         stats.stage_seconds["sample"] += time.perf_counter() - t0
 
@@ -221,8 +228,8 @@ class EmbeddingWorker:
             NewVector(instance_pk=k[0], frame=k[1], position_mm=positions.get(k), blob=to_blob(v))
             for k, v in zip(keys, vectors, strict=True)
         ]
-        series_vec = self._mean_vector(vectors, series_pk=work.series_pk)
-        study_vec = self._mean_vector(vectors, study_pk=work.study_pk)
+        series_vec = self._mean_vector(vectors, stale, series_pk=work.series_pk)
+        study_vec = self._mean_vector(vectors, stale, study_pk=work.study_pk)
         done = [pk for pk in work.due if pk not in failures]
         labels = self._repo.commit_series(
             work,
@@ -234,11 +241,14 @@ class EmbeddingWorker:
             max_attempts=cfg.worker.max_attempts,
             series_vector=series_vec,
             study_vector=study_vec,
+            replaced=sorted(stale),
         )
         stats.stage_seconds["db"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if labels:
             self._index.add(np.asarray(labels, dtype=np.int64), vectors)
+        if stale:
+            self._index.remove(np.asarray(sorted(stale), dtype=np.int64))
         stats.stage_seconds["index"] += time.perf_counter() - t0
         stats.slices_embedded += len(labels)
         for pk, msg in failures.items():
@@ -247,14 +257,20 @@ class EmbeddingWorker:
         return len(done), len([pk for pk in failures if pk in work.due])
 
     def _mean_vector(
-        self, new: np.ndarray, *, series_pk: int | None = None, study_pk: int | None = None
+        self,
+        new: np.ndarray,
+        stale: set[int],
+        *,
+        series_pk: int | None = None,
+        study_pk: int | None = None,
     ) -> tuple[bytes, int] | None:
         stored = [
             from_blob(blob, self._embedder.dim)
             for batch in self._repo.slice_vectors(
                 self.model_id, series_pk=series_pk, study_pk=study_pk
             )
-            for _, blob in batch
+            for label, blob in batch
+            if label not in stale
         ]
         parts = [np.stack(stored)] if stored else []
         if len(new):
