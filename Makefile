@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run test setup setup-test lint typecheck bench bench-ingest clean
+.PHONY: run test setup setup-test lint typecheck bench bench-ingest bench-embed clean
 
 setup:
 	@scripts/setup.sh
@@ -28,10 +28,13 @@ typecheck: setup-test
 	$(BIN)/mypy
 
 ## Benchmarks (not part of the tests).
-bench: bench-ingest
+bench: bench-ingest bench-embed
 
 bench-ingest: setup-test
 	$(BIN)/python bench/ingest.py
+
+bench-embed: setup-test
+	$(BIN)/python bench/embed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -43,6 +44,19 @@ def open_catalogue(config: Config, *, migrate: bool = True) -> tuple[Engine, Rep
     if migrate:
         upgrade(engine)
     return engine, Repository(make_session_factory(engine))
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Make the calling thread nicer (Linux schedules threads as tasks)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as exc:  # pragma: no cover - not permitted on some systems
+        logger.debug("cannot lower the embedding thread's priority: %s", exc)
 
 
 class Embedding:
@@ -133,6 +147,7 @@ class Embedding:
 
         Returns what was done; a run that did nothing means nothing is due now.
         """
+        _lower_thread_priority(self.config.worker.nice)
         stats = self.worker.run_once(progress=progress)
         if self.reembedding:
             again = self.worker.reembed_once()

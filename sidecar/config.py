@@ -309,6 +309,13 @@ class WorkerConfig(_Section):
     retry_backoff: float = Field(
         60.0, ge=0, description="Seconds before the first retry; doubles per attempt."
     )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the embedding thread (Linux): the CNN uses "
+        "idle CPU first and yields to the DICOM receivers.",
+    )
 
 
 class LoggingConfig(_Section):
