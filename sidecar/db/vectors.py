@@ -216,21 +216,26 @@ class VectorRepository:
                     .where(_SLICE.c.id.in_(list(replaced)))
                     .values(frame=-1 - _SLICE.c.frame)
                 )
-            for v in vectors:
-                pk = conn.execute(
-                    insert(_SLICE).values(
-                        instance_pk=v.instance_pk,
-                        frame=v.frame,
-                        series_pk=work.series_pk,
-                        study_pk=work.study_pk,
-                        model_id=model_id,
-                        position_mm=v.position_mm,
-                        vector=v.blob,
-                        created_at=now,
-                    )
-                ).inserted_primary_key
-                assert pk is not None
-                labels.append(int(pk[0]))
+            if vectors:
+                # One multi-row INSERT ... RETURNING, keys in the order of ``vectors``:
+                # the write lock is held for a few ms, not one round trip per row.
+                result = conn.execute(
+                    insert(_SLICE).returning(_SLICE.c.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "instance_pk": v.instance_pk,
+                            "frame": v.frame,
+                            "series_pk": work.series_pk,
+                            "study_pk": work.study_pk,
+                            "model_id": model_id,
+                            "position_mm": v.position_mm,
+                            "vector": v.blob,
+                            "created_at": now,
+                        }
+                        for v in vectors
+                    ],
+                )
+                labels = [int(pk) for pk in result.scalars()]
             if replaced:
                 conn.execute(delete(_SLICE).where(_SLICE.c.id.in_(list(replaced))))
             if done:
