@@ -11,8 +11,22 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from sidecar.db.engine import write_transaction
 from sidecar.db.models import (
@@ -123,42 +137,13 @@ class VectorRepository:
                 .group_by(_SERIES.c.id, _SERIES.c.study_pk)
                 .order_by(func.min(_INSTANCE.c.received_at))
             ).all()
-            work: list[SeriesWork] = []
-            covered = 0
-            for series_pk, study_pk, n_due in series_rows:
-                if work and covered + n_due > max_instances:
-                    break
-                item = SeriesWork(series_pk=series_pk, study_pk=study_pk)
-                for row in conn.execute(
-                    select(
-                        _INSTANCE.c.id,
-                        _INSTANCE.c.sop_instance_uid,
-                        _INSTANCE.c.file_path,
-                        _INSTANCE.c.state,
-                        _INSTANCE.c.attempts,
-                        _INSTANCE.c.number_of_frames,
-                        due_cond.label("due"),
-                    )
-                    .where(
-                        _INSTANCE.c.series_pk == series_pk,
-                        _INSTANCE.c.state != InstanceState.SKIPPED,
-                    )
-                    .order_by(_INSTANCE.c.id)
-                ):
-                    ref = InstanceRef(
-                        pk=row[0],
-                        sop_instance_uid=row[1],
-                        file_path=row[2],
-                        state=InstanceState(row[3]),
-                        attempts=row[4],
-                        number_of_frames=row[5],
-                    )
-                    item.instances.append(ref)
-                    if row[6]:
-                        item.due.add(ref.pk)
-                work.append(item)
-                covered += n_due
-        return work
+            return _collect_work(
+                conn,
+                series_rows,
+                max_instances,
+                _INSTANCE.c.state != InstanceState.SKIPPED,
+                due_cond,
+            )
 
     def vector_keys(self, series_pk: int, model_id: str) -> set[tuple[int, int]]:
         """(instance pk, frame) pairs of a series that already have a vector."""
@@ -342,30 +327,9 @@ class VectorRepository:
                 .group_by(_SERIES.c.id, _SERIES.c.study_pk)
                 .order_by(_SERIES.c.id)
             ).all()
-            work: list[SeriesWork] = []
-            covered = 0
-            for series_pk, study_pk, n in rows:
-                if work and covered + n > max_instances:
-                    break
-                item = SeriesWork(series_pk=series_pk, study_pk=study_pk)
-                for row in conn.execute(
-                    select(
-                        _INSTANCE.c.id, _INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
-                        _INSTANCE.c.state, _INSTANCE.c.attempts, _INSTANCE.c.number_of_frames,
-                    )
-                    .where(
-                        _INSTANCE.c.series_pk == series_pk,
-                        _INSTANCE.c.state == InstanceState.EMBEDDED,
-                    )
-                    .order_by(_INSTANCE.c.id)
-                ):
-                    item.instances.append(InstanceRef(
-                        pk=row[0], sop_instance_uid=row[1], file_path=row[2],
-                        state=InstanceState(row[3]), attempts=row[4], number_of_frames=row[5],
-                    ))
-                work.append(item)
-                covered += n
-        return work
+            return _collect_work(
+                conn, rows, max_instances, _INSTANCE.c.state == InstanceState.EMBEDDED, None
+            )
 
     def failed_breakdown(self, max_attempts: int) -> tuple[int, int]:
         """Failed instances: (will be retried, given up)."""
@@ -388,6 +352,46 @@ class VectorRepository:
                             next_attempt_at=None, embedded_at=None)
                 ).rowcount
             )
+
+
+def _collect_work(
+    conn: Connection,
+    series_rows: Sequence[Any],
+    max_instances: int,
+    instance_filter: ColumnElement[bool],
+    due_cond: ColumnElement[bool] | None,
+) -> list[SeriesWork]:
+    """Whole series, in the given order, until about ``max_instances`` are covered.
+
+    ``series_rows`` are (series pk, study pk, instances counted); the series'
+    instances matching ``instance_filter`` are loaded, those matching
+    ``due_cond`` (if any) marked due.
+    """
+    due_col = (due_cond if due_cond is not None else literal(False)).label("due")
+    work: list[SeriesWork] = []
+    covered = 0
+    for series_pk, study_pk, n in series_rows:
+        if work and covered + n > max_instances:
+            break
+        item = SeriesWork(series_pk=series_pk, study_pk=study_pk)
+        for row in conn.execute(
+            select(
+                _INSTANCE.c.id, _INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
+                _INSTANCE.c.state, _INSTANCE.c.attempts, _INSTANCE.c.number_of_frames, due_col,
+            )
+            .where(_INSTANCE.c.series_pk == series_pk, instance_filter)
+            .order_by(_INSTANCE.c.id)
+        ):
+            ref = InstanceRef(
+                pk=row[0], sop_instance_uid=row[1], file_path=row[2],
+                state=InstanceState(row[3]), attempts=row[4], number_of_frames=row[5],
+            )
+            item.instances.append(ref)
+            if row[6]:
+                item.due.add(ref.pk)
+        work.append(item)
+        covered += n
+    return work
 
 
 def _upsert_mean(
