@@ -23,6 +23,39 @@ DCMTK_BIN = Path("/usr/bin")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
+_NAMED_LOGGERS = ("sidecar", "pynetdicom", "pydicom", "apscheduler", "alembic")
+
+
+@pytest.fixture
+def cli_isolation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """For CLI tests: no SIDECAR_* from the outside, no ./config/sidecar.yaml (cwd is
+    tmp_path), and logging put back afterwards (the CLI configures logging with the
+    runner's soon closed stderr)."""
+    import logging
+
+    from pynetdicom import _config as pnd_config
+
+    for name in list(os.environ):
+        if name.startswith("SIDECAR"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {n: logging.getLogger(n).level for n in _NAMED_LOGGERS}
+    flags = (pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS)
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+    for n, lvl in levels.items():
+        logging.getLogger(n).setLevel(lvl)
+    pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS = flags
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
     with socket.socket() as s:

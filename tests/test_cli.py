@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +19,9 @@ from tests.conftest import make_ct
 
 STATES = ("pending", "embedded", "failed", "skipped")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-_NAMED_LOGGERS = ("sidecar", "pynetdicom", "pydicom", "apscheduler", "alembic")
 
 
-@pytest.fixture(autouse=True)
-def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No SIDECAR_* from the outside, no ./config/sidecar.yaml, and logging put back.
-
-    The CLI calls logging.basicConfig(force=True) with the runner's (soon closed)
-    stderr; undo that so later tests do not log into a closed stream.
-    """
-    import os
-
-    from pynetdicom import _config as pnd_config
-
-    for name in list(os.environ):
-        if name.startswith("SIDECAR"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {n: logging.getLogger(n).level for n in _NAMED_LOGGERS}
-    flags = (pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS)
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
-    for n, lvl in levels.items():
-        logging.getLogger(n).setLevel(lvl)
-    pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS = flags
+pytestmark = pytest.mark.usefixtures("cli_isolation")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -18,7 +19,8 @@ from sidecar.db.models import Instance, Patient, SliceVector, Study
 from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings.model import TinyEmbedder
 from tests.conftest import make_ct
-from tests.test_cli import _isolate  # noqa: F401 - autouse: env, cwd and logging restored
+
+pytestmark = pytest.mark.usefixtures("cli_isolation")
 
 
 def _store(cfg: Config, n: int, patient: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -56,7 +55,6 @@ from tests.conftest import make_ct
 
 REPO = Path(__file__).resolve().parent.parent
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-_NAMED_LOGGERS = ("sidecar", "pynetdicom", "pydicom", "apscheduler", "alembic")
 
 
 # --------------------------------------------------------------------- helpers
@@ -562,31 +560,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-@pytest.fixture
-def cli_isolation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No SIDECAR_* from the outside, no ./config/sidecar.yaml, and logging put back
-    (the CLI configures logging with the runner's soon closed stderr)."""
-    from pynetdicom import _config as pnd_config
-
-    for name in list(os.environ):
-        if name.startswith("SIDECAR"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {n: logging.getLogger(n).level for n in _NAMED_LOGGERS}
-    flags = (pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS)
-    yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
-    for n, lvl in levels.items():
-        logging.getLogger(n).setLevel(lvl)
-    pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS = flags
 
 
 def cli(config_path: Path, *args: str) -> Result:
