@@ -92,7 +92,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -125,6 +124,7 @@ from ingest import (  # noqa: E402  (bench/ is not a package)
     machine_busy,
     machine_facts,
     partition,
+    run_benchmark,
     send,
     sidecar_env,
     tail,
@@ -944,30 +944,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    for tool in (STORESCU, ECHOSCU):
-        if not tool.is_file():
-            log(f"error: {tool} not found (install DCMTK: apt-get install dcmtk)")
-            return 1
-
-    def _on_sigterm(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    parent = args.workdir.resolve() if args.workdir else Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-embed-", dir=parent))
-    try:
-        return _main(args, work)
-    except BenchError as exc:
-        log(f"\nBENCHMARK FAILED: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("\ninterrupted; stopping processes and removing temporary files")
-        return 130
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return run_benchmark(parse_args(argv), (STORESCU, ECHOSCU), "bench-embed-", _main)
 
 
 def _main(args: argparse.Namespace, work: Path) -> int:

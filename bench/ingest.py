@@ -82,7 +82,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -846,9 +846,16 @@ def summarise(runs: Sequence[RunResult], assoc_counts: Sequence[int],
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    for tool in (STORESCU, STORESCP, ECHOSCU):
+def run_benchmark(
+    args: argparse.Namespace,
+    tools: Sequence[Path],
+    prefix: str,
+    body: Callable[[argparse.Namespace, Path], int],
+) -> int:
+    """Check the DCMTK tools, run ``body(args, workdir)`` in a fresh temporary
+    directory, turn SIGTERM/Ctrl-C and BenchError into clean exits, and always
+    remove the directory (shared by every benchmark script)."""
+    for tool in tools:
         if not tool.is_file():
             log(f"error: {tool} not found (install DCMTK: apt-get install dcmtk)")
             return 1
@@ -861,9 +868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parent = args.workdir.resolve() if args.workdir else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=parent))
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        return _main(args, work)
+        return body(args, work)
     except BenchError as exc:
         log(f"\nBENCHMARK FAILED: {exc}")
         return 1
@@ -872,6 +879,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_benchmark(
+        parse_args(argv), (STORESCU, STORESCP, ECHOSCU), "bench-ingest-", _main
+    )
 
 
 def _main(args: argparse.Namespace, work: Path) -> int:
