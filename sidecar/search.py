@@ -1,0 +1,1163 @@
+"""Similarity search: "which studies look like this one?", for C-FIND, the CLI and HTTP.
+
+One :class:`SearchService` answers every front door. A query names a
+*reference* (exactly one of a SOP Instance UID, a Series Instance UID, a Study
+Instance UID, or DICOM datasets that are not in the archive) and a *level*
+(``study``, ``series`` or ``image``); it returns up to ``k`` ranked hits,
+best first, with a score (cosine similarity, higher is more similar), the
+UIDs of the hit's best-matching slice and the catalogue attributes a viewer
+shows. Every vector involved belongs to the **serving** model (the model whose
+index answers queries: ``embedding.serving.model_id``; during re-embedding
+after a model change, the previous model).
+
+Query vectors
+-------------
+* Archived references: the stored slice vectors (float16 in the database) of
+  the reference under the serving model: every embedded slice of the study or
+  series, the instance's own slices (frames). The CNN is never run for them.
+  Slice sampling embeds about one slice every ``preprocess.slice_spacing_mm``,
+  so most instances of a thin-slice series have no vector of their own: an
+  instance reference whose instance is ``embedded`` but was not sampled uses
+  the sampled slice of its series nearest to it (by position along the slice
+  normal, read from its stored header; else by Instance Number), and the
+  result's ``reference.note`` says so.
+* Datasets: sampled per series exactly as the embedding worker does
+  (``preprocess.frame_infos`` + ``preprocess.sample``), prepared
+  (``preprocess.prepare``) and embedded with the process's embedder, which
+  must be the serving model (it is not while a model change is re-embedding
+  the archive: :class:`IndexUnavailable`).
+* At most :data:`MAX_QUERY_SLICES` query slices are used, evenly spread.
+
+Ranking (study and series levels)
+---------------------------------
+1. **Candidates.** (a) The ``C = max(RERANK_FACTOR * k, MIN_CANDIDATES)``
+   studies (series) whose stored *mean* vector (``StudyVector`` /
+   ``SeriesVector``: the normalised mean of their slice vectors) is nearest, by
+   exact cosine, to the normalised mean of the query slices. The means of the
+   serving model are held in memory as one float32 matrix per level (512 bytes
+   per row at 128-d: 51 MB for 100 000 studies; a product costs a few ms),
+   reloaded when the number of means or the highest slice key changes (checked
+   at most every ``refresh_interval`` seconds). Exact search over the means
+   makes filters and exclusions exact (a row mask) with no over-fetch. (b)
+   Because a mean can hide a single matching slice among many unrelated ones,
+   the studies (series) of each query slice's nearest slices in the serving
+   hnswlib index (``max(2k, 20)`` neighbours per query slice) are added, at most
+   ``C`` of them, best slice first. This also finds studies embedded since
+   the means were last loaded.
+2. **Re-ranking** with slice vectors (read from the database, the source of
+   truth): for each candidate ``s`` with slices ``V_s``,
+   ``score(s) = mean_i max_j cos(q_i, v_j)``, ``q_i`` the query slices: every
+   query slice is matched with its best counterpart in the candidate, and the
+   matches are averaged. A candidate that holds one slice identical to a
+   one-slice query scores 1.0 whatever else it holds, while ranking by the
+   means alone would push it down (see ``tests/test_search.py``). The hit's
+   best series and instance are those of the best (query slice, slice) pair.
+3. Hits are sorted by score (ties: by UID) and cut to ``k``.
+
+Ranking (image level)
+---------------------
+Approximate nearest neighbours of every query slice in the serving index
+(hnswlib), post-filtered (exclusions and filters), over-fetched (``max(4k,
+32)`` neighbours per query slice, doubled until ``k`` instances remain or the
+index is exhausted; a filtered query whose over-fetch passes
+:data:`EXACT_LIMIT` neighbours per query slice, or ``16 * EXACT_LIMIT`` in
+all, is answered by exact search over the allowed slices instead). An
+instance scores the best cosine between any query slice and any of its frames.
+
+Exclusions and filters
+----------------------
+The reference's own study is never a hit. Studies of the same patient (the
+same PatientID and Issuer of Patient ID, when the PatientID is not empty)
+are excluded unless ``include_same_patient``. :class:`SearchFilters`
+(Modality / ModalitiesInStudy any-of, a StudyDate range, BodyPartExamined
+with ``*``/``?`` wildcards) restrict the candidates before ranking; at study
+level a study passes when one of its series has the modality or body part.
+
+Errors
+------
+:class:`BadQuery` (arguments), :class:`UnknownReference`, :class:`NotEmbedded`
+(known, no vectors under the serving model; names the state: pending,
+failed, skipped, or embedded under another model only) and
+:class:`IndexUnavailable`. Front doors translate them (C-FIND status, CLI
+exit code, HTTP status).
+
+Concurrency
+-----------
+:meth:`SearchService.search` is thread-safe: the index has its own
+readers-writer lock, the mean matrices are immutable snapshots swapped under
+a lock, and each query reads with its own connections. The service never
+writes to the database.
+
+Read-only opening
+-----------------
+A running ``sidecar serve`` owns the index (a file lock). One-shot readers
+(``sidecar search``) use :class:`ReadOnlyEmbedding`: it loads the saved index
+files of the serving model with ``VectorIndex.load`` without the lock (saves
+are atomic, a load racing a save is retried), reconciles the copy with the
+database in memory (adds stored vectors it lacks, hides deleted ones) and
+never saves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine
+
+from sidecar.config import Config
+from sidecar.db.search_queries import (
+    CatalogueFilter,
+    CatalogueRow,
+    ReferenceRow,
+    SearchQueries,
+    SliceRow,
+    StateSummary,
+    like_pattern,
+)
+from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.embeddings.index import (
+    IndexMismatch,
+    VectorIndex,
+    from_blob,
+    from_blobs,
+    read_saved_facts,
+)
+from sidecar.errors import SidecarError
+
+if TYPE_CHECKING:
+    from sidecar.embeddings.model import Embedder
+
+logger = logging.getLogger(__name__)
+
+Level = Literal["study", "series", "image"]
+LEVELS: Final[tuple[str, ...]] = get_args(Level)
+RERANK_FACTOR: Final = 10
+"""Candidates re-ranked per requested hit (``C = max(RERANK_FACTOR * k, MIN_CANDIDATES)``)."""
+MIN_CANDIDATES: Final = 50
+MAX_K: Final = 1000
+"""Most hits one query may ask for."""
+MAX_QUERY_SLICES: Final = 128
+"""Most query slices used (evenly spread over the reference's slices)."""
+IMAGE_OVERFETCH: Final = 4
+EXACT_LIMIT: Final = 4096
+"""Image level: neighbours per query slice beyond which a filtered query goes exact."""
+_UID_RE: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE_RE: Final = re.compile(r"^\d{8}$")
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+# ---------------------------------------------------------------------- errors
+class SearchError(SidecarError):
+    """Base of the errors of a similarity query."""
+
+
+class BadQuery(SearchError):
+    """The query's arguments are invalid (k, level, references, filters, images)."""
+
+
+class UnknownReference(SearchError):
+    """The reference UID is not in the catalogue."""
+
+
+class NotEmbedded(SearchError):
+    """The reference is known but has no vectors under the serving model.
+
+    Parameters
+    ----------
+    message
+        What happened, for the user.
+    state
+        ``"pending"``, ``"failed"``, ``"skipped"`` or ``"embedded"`` (under
+        another model only, during re-embedding).
+    counts
+        Instances of the reference by state.
+    """
+
+    def __init__(self, message: str, state: str, counts: dict[str, int]) -> None:
+        self.state = state
+        self.counts = counts
+        super().__init__(message)
+
+
+class IndexUnavailable(SearchError):
+    """No index or embedding model can answer the query in this process."""
+
+
+# ------------------------------------------------------------------ query parts
+def _clean_uid(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    uid = str(value).strip(" \x00")
+    if not uid:
+        return None
+    if len(uid) > 64 or not _UID_RE.match(uid):
+        raise BadQuery(f"{name} {uid!r} is not a valid UID")
+    return uid
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the query looks like: exactly one UID, or datasets.
+
+    Build one with :meth:`instance`, :meth:`series`, :meth:`study` or
+    :meth:`images`.
+
+    Raises
+    ------
+    BadQuery
+        None or several of the four are given, or a UID is malformed.
+    """
+
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    datasets: tuple[Dataset, ...] = ()
+
+    def __post_init__(self) -> None:
+        sop = _clean_uid(self.sop_instance_uid, "SOP Instance UID")
+        series = _clean_uid(self.series_instance_uid, "Series Instance UID")
+        study = _clean_uid(self.study_instance_uid, "Study Instance UID")
+        object.__setattr__(self, "sop_instance_uid", sop)
+        object.__setattr__(self, "series_instance_uid", series)
+        object.__setattr__(self, "study_instance_uid", study)
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        given = [x for x in (sop, series, study) if x] + ([1] if self.datasets else [])
+        if len(given) != 1:
+            raise BadQuery(
+                "give exactly one reference (a SOP Instance UID, a Series Instance UID, "
+                f"a Study Instance UID or images), got {len(given)}"
+            )
+
+    @classmethod
+    def instance(cls, uid: str) -> Reference:
+        """An archived instance (its slices, or the nearest sampled slice)."""
+        return cls(sop_instance_uid=uid)
+
+    @classmethod
+    def series(cls, uid: str) -> Reference:
+        """An archived series (its sampled slices)."""
+        return cls(series_instance_uid=uid)
+
+    @classmethod
+    def study(cls, uid: str) -> Reference:
+        """An archived study (its sampled slices)."""
+        return cls(study_instance_uid=uid)
+
+    @classmethod
+    def images(cls, datasets: Iterable[Dataset]) -> Reference:
+        """DICOM datasets with pixel data, embedded on the fly (not archived)."""
+        return cls(datasets=tuple(datasets))
+
+    @property
+    def kind(self) -> Literal["instance", "series", "study", "dataset"]:
+        """Which kind of reference this is."""
+        if self.sop_instance_uid:
+            return "instance"
+        if self.series_instance_uid:
+            return "series"
+        if self.study_instance_uid:
+            return "study"
+        return "dataset"
+
+    @property
+    def uid(self) -> str:
+        """The reference UID (for datasets: the first one's SOP Instance UID, or "")."""
+        if self.datasets:
+            return str(self.datasets[0].get("SOPInstanceUID", "") or "")
+        return self.sop_instance_uid or self.series_instance_uid or self.study_instance_uid or ""
+
+
+def _parse_date_range(value: str) -> tuple[str | None, str | None]:
+    """A DICOM DA value or range (``A``, ``A-B``, ``A-``, ``-B``) as inclusive bounds."""
+    text = value.strip()
+    if not text:
+        return None, None
+    if "-" in text:
+        if text.count("-") != 1:
+            raise BadQuery(f"StudyDate range {value!r}: expected YYYYMMDD-YYYYMMDD")
+        low, high = (part.strip() for part in text.split("-"))
+    else:
+        low = high = text
+    for part in (low, high):
+        if part and not _valid_date(part):
+            raise BadQuery(f"StudyDate {value!r}: {part!r} is not a date YYYYMMDD")
+    if not low and not high:
+        raise BadQuery(f"StudyDate range {value!r} has no bound")
+    if low and high and low > high:
+        raise BadQuery(f"StudyDate range {value!r} ends before it starts")
+    return low or None, high or None
+
+
+def _valid_date(text: str) -> bool:
+    import datetime as dt
+
+    if not _DATE_RE.match(text):
+        return False
+    try:
+        dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Conditions on the hits (empty: none).
+
+    Attributes
+    ----------
+    modalities
+        Any of these modalities: the hit series' Modality (series and image
+        levels), or one of the study's series (ModalitiesInStudy, study level).
+        A string is read as a DICOM multi-value (``"CT\\MR"``); ``*`` matches all.
+    study_date
+        A DICOM date or range: ``20240101``, ``20240101-20241231``,
+        ``20240101-`` (from), ``-20241231`` (until).
+    body_part
+        BodyPartExamined of the hit series (study level: of one of its
+        series), case-insensitive, with ``*`` and ``?`` wildcards.
+    """
+
+    modalities: tuple[str, ...] = ()
+    study_date: str = ""
+    body_part: str = ""
+
+    def catalogue(self) -> CatalogueFilter:
+        """The filter in catalogue terms.
+
+        Raises
+        ------
+        BadQuery
+            A malformed date or range, or a modality that is not a code string.
+        """
+        given = (self.modalities,) if isinstance(self.modalities, str) else self.modalities
+        mods: list[str] = []
+        for m in (part for value in given for part in str(value).split("\\")):
+            code = m.strip().upper()
+            if code in ("", "*"):  # universal matching
+                continue
+            if len(code) > 16 or not re.match(r"^[A-Z0-9_ ]+$", code):
+                raise BadQuery(f"Modality {m!r} is not a DICOM code string")
+            mods.append(code)
+        low, high = _parse_date_range(self.study_date)
+        body = self.body_part.strip()
+        if body in ("*", ""):
+            body_like = None
+        else:
+            body_like = like_pattern(body)
+        return CatalogueFilter(tuple(sorted(set(mods))), low, high, body_like)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked answer.
+
+    ``series_instance_uid`` and ``sop_instance_uid`` are the best-matching
+    series and instance of the hit (the hit series itself at series level,
+    the hit instance at image level). ``modality`` and ``body_part_examined``
+    are those of that series; ``modalities_in_study`` the study's.
+    """
+
+    rank: int
+    score: float
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    study_date: str
+    study_description: str
+    accession_number: str
+    modalities_in_study: tuple[str, ...]
+    modality: str
+    body_part_examined: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+
+
+@dataclass(frozen=True)
+class ReferenceInfo:
+    """What the query was compared with.
+
+    Attributes
+    ----------
+    kind, uid
+        The reference (``uid`` of the first dataset for images).
+    study_instance_uid
+        The reference's own study, excluded from the hits ("" when the
+        images' study is not in the archive).
+    slices
+        Query vectors used.
+    excluded_studies
+        Studies left out: the own study and, unless asked, the patient's others.
+    note
+        A remark for the user (e.g. the nearest sampled slice was used).
+    """
+
+    kind: str
+    uid: str
+    study_instance_uid: str
+    slices: int
+    excluded_studies: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The answer to one query: model, reference and hits in rank order."""
+
+    model_id: str
+    level: Level
+    k: int
+    reference: ReferenceInfo
+    hits: tuple[Hit, ...]
+    candidates: int = 0  # re-ranked candidates (study and series levels)
+    elapsed_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary (for ``--json`` and HTTP)."""
+        data = asdict(self)
+        for hit in data["hits"]:
+            hit["modalities_in_study"] = list(hit["modalities_in_study"])
+        data["hits"] = list(data["hits"])
+        return data
+
+
+# ------------------------------------------------------------- embedding parts
+class ServingIndex(Protocol):
+    """The index that answers queries (``IndexService`` or a read-only copy)."""
+
+    @property
+    def model_id(self) -> str:
+        """The model of the vectors it holds."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """The vectors' length."""
+        ...
+
+    @property
+    def index(self) -> VectorIndex:
+        """The live index."""
+        ...
+
+
+class EmbeddingParts(Protocol):
+    """What the service needs of ``sidecar.app.Embedding`` (or :class:`ReadOnlyEmbedding`)."""
+
+    @property
+    def serving(self) -> ServingIndex:
+        """The index answering queries (read once per query)."""
+        ...
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The process's embedder, for queries by image."""
+        ...
+
+
+@dataclass(frozen=True)
+class _ReadOnlyServing:
+    model_id: str
+    dim: int
+    index: VectorIndex
+
+
+class ReadOnlyEmbedding:
+    """The serving index opened read-only, for one-shot readers beside ``sidecar serve``.
+
+    The serving model is the one a service starting now would serve: the
+    active model recorded in the database when it has vectors, else the
+    configured model. Its saved index files are loaded with
+    ``VectorIndex.load`` without taking the index lock (a load racing a save
+    is retried; an index that cannot be loaded is built in memory from the
+    stored vectors), the copy is reconciled with the database in memory
+    only, and it is never saved.
+
+    Parameters
+    ----------
+    config
+        The configuration.
+    engine
+        The process's engine.
+    embedder_factory
+        Loads the configured embedder; called only when needed (to embed
+        query images, or to learn the configured model's id when no active
+        model has vectors).
+
+    Raises
+    ------
+    IndexUnavailable
+        Nothing has been embedded yet.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        embedder_factory: Callable[[], Embedder] | None = None,
+    ) -> None:
+        self._factory = embedder_factory
+        self._embedder: Embedder | None = None
+        self._lock = threading.Lock()
+        repo = VectorRepository(engine)
+        counts = repo.count_vectors()
+        if not counts:
+            raise IndexUnavailable(
+                "no vectors yet: nothing has been embedded (run `sidecar serve` or "
+                "`sidecar embed`)"
+            )
+        active = repo.get_setting(ACTIVE_MODEL_KEY)
+        if active and counts.get(active):
+            model_id, dim = active, _stored_dim(config, repo, active)
+        else:
+            embedder = self.embedder
+            if embedder is None:
+                raise IndexUnavailable("no active model with vectors and no embedding model")
+            model_id, dim = embedder.model_id, embedder.dim
+        self._serving = _ReadOnlyServing(model_id, dim, _load_read_only(config, repo, model_id,
+                                                                        dim))
+
+    @property
+    def serving(self) -> ServingIndex:
+        """The read-only copy of the serving index."""
+        return self._serving
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The configured embedder, loaded on first use (``None`` without a factory)."""
+        with self._lock:
+            if self._embedder is None and self._factory is not None:
+                self._embedder = self._factory()
+            return self._embedder
+
+
+def _stored_dim(config: Config, repo: VectorRepository, model_id: str) -> int:
+    try:
+        return int(read_saved_facts(config.index_dir / model_id)["dim"])
+    except IndexMismatch:
+        for batch in repo.slice_vectors(model_id, batch=1):
+            return len(batch[0][1]) // 2  # float16
+    raise IndexUnavailable(f"no vectors of model {model_id}")
+
+
+def _load_read_only(
+    config: Config, repo: VectorRepository, model_id: str, dim: int, attempts: int = 3
+) -> VectorIndex:
+    directory = config.index_dir / model_id
+    threads = max(1, os.cpu_count() or 1)
+    index: VectorIndex | None = None
+    reason = ""
+    for _ in range(attempts):  # a save may replace the graph file between two reads
+        try:
+            index = VectorIndex.load(
+                directory, expected_model_id=model_id, expected_dim=dim, cfg=config.index,
+                num_threads=threads,
+            )
+            break
+        except IndexMismatch as exc:
+            reason = exc.reason
+    if index is None:
+        logger.warning("saved index of model %s not usable (%s): building a read-only copy "
+                       "from the stored vectors", model_id, reason)
+        index = VectorIndex(dim, config.index, num_threads=threads)
+    missing, extra = index.verify_against(repo.labels(model_id))
+    if missing:
+        for batch in repo.slice_vectors(model_id):
+            rows = [(label, blob) for label, blob in batch if label in missing]
+            if rows:
+                index.add(
+                    np.asarray([r[0] for r in rows], dtype=np.int64),
+                    np.stack([from_blob(r[1], dim) for r in rows]),
+                )
+    if extra:
+        index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
+    if missing or extra:
+        logger.info("read-only index of model %s: %d vectors added from the database, %d "
+                    "hidden (not saved)", model_id, len(missing), len(extra))
+    return index
+
+
+# ------------------------------------------------------------------- internals
+@dataclass(frozen=True)
+class _Means:
+    model_id: str
+    signature: tuple[int, int]
+    checked_at: float
+    keys: IntArray
+    study_keys: IntArray
+    matrix: FloatArray
+
+
+@dataclass
+class _Query:
+    vectors: FloatArray  # (n, dim), unit rows
+    info_kind: str
+    info_uid: str
+    own_study_pk: int | None
+    own_study_uid: str
+    patient_pk: int | None
+    note: str = ""
+    excluded: set[int] = field(default_factory=set)
+
+
+def _unit_rows(arr: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    out: FloatArray = (arr / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+def _spread(n: int, m: int) -> list[int]:
+    """``m`` indices evenly spread over ``range(n)`` (all when ``n <= m``)."""
+    if n <= m:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (m - 1)) for i in range(m)})
+
+
+class SearchService:
+    """Similarity search over the archive (see the module notes for the method).
+
+    Parameters
+    ----------
+    config
+        The configuration (storage directory, preprocessing for query images).
+    engine
+        The process's engine (read only).
+    embedding
+        The embedding parts (``sidecar.app.Embedding`` in a service,
+        :class:`ReadOnlyEmbedding` in a one-shot command); ``None`` when
+        embedding is off: every query raises :class:`IndexUnavailable`.
+    refresh_interval
+        Seconds during which the in-memory mean vectors are used without
+        checking the database for changes.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        embedding: EmbeddingParts | None,
+        *,
+        refresh_interval: float = 2.0,
+    ) -> None:
+        self._cfg = config
+        self._queries = SearchQueries(engine)
+        self._embedding = embedding
+        self._refresh = refresh_interval
+        self._means: dict[str, _Means] = {}
+        self._means_lock = threading.Lock()
+
+    # -------------------------------------------------------------- public
+    def search(
+        self,
+        reference: Reference,
+        *,
+        k: int,
+        level: Level = "study",
+        include_same_patient: bool = False,
+        filters: SearchFilters | None = None,
+    ) -> SearchResult:
+        """Rank the studies, series or images most similar to ``reference``.
+
+        Parameters
+        ----------
+        reference
+            What to compare with.
+        k
+            Most hits returned (1 to :data:`MAX_K`); fewer when fewer qualify.
+        level
+            ``"study"``, ``"series"`` or ``"image"``.
+        include_same_patient
+            Keep the studies of the reference's patient (never its own study).
+        filters
+            Conditions on the hits.
+
+        Returns
+        -------
+        SearchResult
+            Hits in rank order (rank 1 first).
+
+        Raises
+        ------
+        BadQuery
+            ``k`` out of range, unknown level, malformed filters or reference,
+            or query images that cannot be embedded.
+        UnknownReference
+            The reference UID is not in the catalogue.
+        NotEmbedded
+            The reference has no vectors under the serving model.
+        IndexUnavailable
+            Embedding is off, or query images cannot be embedded by the
+            serving model in this process.
+        """
+        start = time.perf_counter()
+        if not isinstance(reference, Reference):
+            raise BadQuery("the reference must be a Reference")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+            raise BadQuery(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        if level not in LEVELS:
+            raise BadQuery(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+        flt = (filters or SearchFilters()).catalogue()
+        if self._embedding is None:
+            raise IndexUnavailable("similarity search is unavailable: embedding is turned off "
+                                   "(worker.enabled: false)")
+        serving = self._embedding.serving  # one snapshot: a model swap may happen meanwhile
+        model_id, dim, index = serving.model_id, serving.dim, serving.index
+
+        query = self._query(reference, model_id, dim)
+        excluded: set[int] = set()
+        if query.own_study_pk is not None:
+            excluded.add(query.own_study_pk)
+        if query.patient_pk is not None and not include_same_patient:
+            excluded |= self._queries.studies_of_patient(query.patient_pk)
+
+        candidates = 0
+        allowed: set[int] | None = None
+        if not flt.empty:
+            allowed = (self._queries.allowed_studies(flt) if level == "study"
+                       else self._queries.allowed_series(flt))
+        ranked: list[tuple[float, tuple[int, int, int]]] = []
+        if allowed is not None and not allowed:
+            pass  # nothing passes the filters
+        elif level == "image":
+            ranked = self._rank_images(query.vectors, index, model_id, k, excluded, allowed)
+        else:
+            ranked, candidates = self._rank_groups(
+                level, query.vectors, index, model_id, dim, k, excluded, allowed
+            )
+        hits = self._describe(ranked, level, k)
+        info = ReferenceInfo(
+            kind=query.info_kind,
+            uid=query.info_uid,
+            study_instance_uid=query.own_study_uid,
+            slices=int(query.vectors.shape[0]),
+            excluded_studies=len(excluded),
+            note=query.note,
+        )
+        elapsed = (time.perf_counter() - start) * 1000.0
+        logger.debug(
+            "similarity query: %s reference, level %s, k %d, %d query slices, %d candidates, "
+            "%d hits, model %s, %.1f ms",
+            query.info_kind, level, k, info.slices, candidates, len(hits), model_id, elapsed,
+        )
+        return SearchResult(model_id, level, k, info, tuple(hits), candidates, elapsed)
+
+    # ---------------------------------------------------------- reference
+    def _query(self, ref: Reference, model_id: str, dim: int) -> _Query:
+        if ref.kind == "dataset":
+            return self._query_images(ref.datasets, model_id, dim)
+        kind = ref.kind
+        uid = ref.uid
+        row = self._queries.reference(kind, uid)
+        if row is None:
+            raise UnknownReference(f"no {kind} with UID {uid} in the catalogue")
+        note = ""
+        if kind == "study":
+            rows = self._queries.slices(model_id, study_pks=[row.study_pk])
+        elif kind == "series":
+            rows = self._queries.slices(model_id, series_pks=[row.series_pk or 0])
+        else:
+            rows = self._queries.slices(model_id, instance_pk=row.instance_pk or 0)
+            if not rows:
+                rows, note = self._nearest_sampled(row, model_id)
+        if not rows:
+            raise self._not_embedded(kind, uid, row, model_id)
+        chosen = [rows[i] for i in _spread(len(rows), MAX_QUERY_SLICES)]
+        vectors = _unit_rows(from_blobs([r.blob for r in chosen], dim))
+        return _Query(
+            vectors=vectors,
+            info_kind=kind,
+            info_uid=uid,
+            own_study_pk=row.study_pk,
+            own_study_uid=row.study_instance_uid,
+            patient_pk=row.patient_pk if row.patient_id else None,
+            note=note,
+        )
+
+    def _nearest_sampled(self, row: ReferenceRow, model_id: str) -> tuple[list[SliceRow], str]:
+        """An embedded instance that was not sampled: the nearest sampled slice of its series."""
+        if row.instance_pk is None or row.series_pk is None:
+            return [], ""
+        summary = self._queries.states(instance_pk=row.instance_pk)
+        if summary.counts.get("embedded", 0) == 0:
+            return [], ""
+        series = self._queries.slices(model_id, series_pks=[row.series_pk])
+        if not series:
+            return [], ""
+        position = self._position(row.file_path)
+        placed = [r for r in series if r.position_mm is not None]
+        if position is not None and placed:
+            best = min(placed, key=lambda r: (abs(float(r.position_mm or 0.0) - position),
+                                              r.label))
+            gap = abs(float(best.position_mm or 0.0) - position)
+            how = f"{gap:.1f} mm away"
+        else:
+            number = row.instance_number or 0
+            best = min(series, key=lambda r: (abs((r.instance_number or 0) - number), r.label))
+            how = f"instance number {best.instance_number}"
+        note = ("the instance was not sampled for embedding; the nearest sampled slice of its "
+                f"series was used ({how})")
+        return [best], note
+
+    def _position(self, file_path: str) -> float | None:
+        from pydicom import dcmread
+
+        from sidecar.embeddings import preprocess
+
+        if not file_path:
+            return None
+        try:
+            header = dcmread(self._cfg.storage_dir / file_path, stop_before_pixels=True)
+            infos = preprocess.frame_infos(header, 0)
+        except Exception as exc:  # noqa: BLE001 - fall back to the instance number
+            logger.debug("cannot read the position of %s: %s", file_path, exc)
+            return None
+        return infos[0].position_mm if infos else None
+
+    def _not_embedded(
+        self, kind: str, uid: str, row: ReferenceRow, model_id: str
+    ) -> NotEmbedded:
+        scope: dict[str, int | None]
+        if kind == "instance":
+            scope = {"instance_pk": row.instance_pk}
+        elif kind == "series":
+            scope = {"series_pk": row.series_pk}
+        else:
+            scope = {"study_pk": row.study_pk}
+        summary: StateSummary = self._queries.states(**scope)
+        counts = dict(summary.counts)
+        what = f"{kind} {uid}"
+        if counts.get("pending"):
+            n = counts["pending"]
+            why = ("its study is still receiving (not stable yet)" if not row.study_stable
+                   else "waiting for the embedding worker")
+            return NotEmbedded(
+                f"{what} is not embedded yet: {n} instance{'s' if n != 1 else ''} pending "
+                f"({why})", "pending", counts,
+            )
+        if counts.get("failed"):
+            n = counts["failed"]
+            return NotEmbedded(
+                f"{what} is not embedded: embedding failed for {n} instance"
+                f"{'s' if n != 1 else ''} ({summary.error or 'no detail'})", "failed", counts,
+            )
+        if counts.get("embedded"):
+            others = sorted(self._queries.models_with_vectors(**scope) - {model_id})
+            if others:
+                detail = (f"it has vectors of model {', '.join(others)} only; re-embedding "
+                          "with the serving model is in progress")
+            else:
+                detail = "none of its slices has a vector"
+            return NotEmbedded(
+                f"{what} has no vectors of the serving model {model_id}: {detail}",
+                "embedded", counts,
+            )
+        if counts.get("skipped"):
+            return NotEmbedded(
+                f"{what} is not embedded: not an image for embedding (skipped: "
+                f"{summary.skip_reason or 'no reason recorded'})", "skipped", counts,
+            )
+        return NotEmbedded(f"{what} has no instances to embed", "pending", counts)
+
+    def _query_images(self, datasets: Sequence[Dataset], model_id: str, dim: int) -> _Query:
+        from sidecar.embeddings import preprocess
+
+        embedder = self._embedding.embedder if self._embedding is not None else None
+        if embedder is None:
+            raise IndexUnavailable("query by image is unavailable: no embedding model here")
+        if embedder.model_id != model_id:
+            raise IndexUnavailable(
+                f"query by image is unavailable: the index serving queries holds vectors of "
+                f"model {model_id}, the configured model is {embedder.model_id} (a model change "
+                "is being re-embedded, or the configuration names another model); query by an "
+                "archived UID instead"
+            )
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, ds in enumerate(datasets):
+            if not isinstance(ds, Dataset):
+                raise BadQuery(f"query image {i + 1} is not a DICOM dataset")
+            groups[str(ds.get("SeriesInstanceUID", "") or "")].append(i)
+        arrays: list[FloatArray] = []
+        for members in groups.values():
+            infos: list[preprocess.FrameInfo[tuple[int, int]]] = []
+            for i in members:
+                try:
+                    infos.extend(preprocess.frame_infos(datasets[i], i))
+                except Exception as exc:  # noqa: BLE001 - any unusable header is the query's fault
+                    raise BadQuery(f"query image {_sop(datasets[i])}: {exc}") from exc
+            frames: dict[int, list[int]] = defaultdict(list)
+            for i, frame in preprocess.sample(infos, self._cfg.preprocess):
+                frames[i].append(frame)
+            for i, chosen in frames.items():
+                try:
+                    arrays.append(preprocess.prepare(
+                        datasets[i], self._cfg.preprocess, embedder.input_size,
+                        frames=sorted(chosen),
+                    ))
+                except Exception as exc:  # noqa: BLE001 - as the worker: the image is unusable
+                    raise BadQuery(
+                        f"query image {_sop(datasets[i])} cannot be embedded: {exc}"
+                    ) from exc
+        if not arrays:
+            raise BadQuery("the query images hold no slice to embed")
+        batch = np.concatenate(arrays).astype(np.float32)
+        keep = _spread(batch.shape[0], MAX_QUERY_SLICES)
+        vectors = embedder.embed(batch[keep])
+        if vectors.shape[1] != dim:
+            raise IndexUnavailable(f"the embedder gives {vectors.shape[1]}-d vectors, the index "
+                                   f"holds {dim}-d")
+        first = datasets[0]
+        study_uid = str(first.get("StudyInstanceUID", "") or "")
+        study_pk = self._queries.study_by_uid(study_uid) if study_uid else None
+        patient_id = str(first.get("PatientID", "") or "")
+        patient_pk = (
+            self._queries.patient_by_id(patient_id, str(first.get("IssuerOfPatientID", "") or ""))
+            if patient_id else None
+        )
+        return _Query(
+            vectors=_unit_rows(vectors.astype(np.float32)),
+            info_kind="dataset",
+            info_uid=_sop(first),
+            own_study_pk=study_pk,
+            own_study_uid=study_uid if study_pk is not None else "",
+            patient_pk=patient_pk,
+        )
+
+    # ------------------------------------------------------------ ranking
+    def _mean_matrix(self, level: Literal["study", "series"], model_id: str, dim: int) -> _Means:
+        now = time.monotonic()
+        cached = self._means.get(level)
+        if cached is not None and cached.model_id == model_id and (
+            now - cached.checked_at < self._refresh
+        ):
+            return cached
+        with self._means_lock:
+            cached = self._means.get(level)
+            signature = self._queries.mean_signature(level, model_id)
+            if cached is not None and cached.model_id == model_id and (
+                cached.signature == signature
+            ):
+                fresh = _Means(model_id, signature, now, cached.keys, cached.study_keys,
+                               cached.matrix)
+            else:
+                rows = self._queries.mean_vectors(level, model_id)
+                rows = [r for r in rows if len(r[2]) == 2 * dim]
+                matrix = (
+                    _unit_rows(from_blobs([r[2] for r in rows], dim)) if rows
+                    else np.zeros((0, dim), dtype=np.float32)
+                )
+                fresh = _Means(
+                    model_id, signature, now,
+                    np.asarray([r[0] for r in rows], dtype=np.int64),
+                    np.asarray([r[1] for r in rows], dtype=np.int64),
+                    matrix,
+                )
+                logger.debug("loaded %d %s mean vectors of model %s", len(rows), level, model_id)
+            self._means[level] = fresh
+            return fresh
+
+    def _rank_groups(
+        self,
+        level: Literal["study", "series"],
+        queries: FloatArray,
+        index: VectorIndex,
+        model_id: str,
+        dim: int,
+        k: int,
+        excluded: set[int],
+        allowed: set[int] | None,
+    ) -> tuple[list[tuple[float, tuple[int, int, int]]], int]:
+        """Candidates by mean vectors and slice ANN, re-ranked by slice vectors.
+
+        Returns ``(score, (study, series, instance) keys of the best slice)``
+        per candidate, best first, and the number of candidates.
+        """
+        c = max(RERANK_FACTOR * k, MIN_CANDIDATES)
+
+        def ok(key: int, study: int) -> bool:
+            return study not in excluded and (allowed is None or key in allowed)
+
+        # (a) exact cosine against the mean vectors
+        means = self._mean_matrix(level, model_id, dim)
+        chosen: list[int] = []
+        if means.keys.size:
+            mask = ~np.isin(means.study_keys, np.fromiter(excluded, dtype=np.int64))
+            if allowed is not None:
+                mask &= np.isin(means.keys, np.fromiter(allowed, dtype=np.int64))
+            rows = np.flatnonzero(mask)
+            if rows.size:
+                centre = _unit_rows(queries.mean(axis=0, keepdims=True))[0]
+                sims = means.matrix[rows] @ centre
+                take = min(c, rows.size)
+                top = np.argpartition(-sims, take - 1)[:take] if take < rows.size else \
+                    np.arange(rows.size)
+                top = top[np.lexsort((means.keys[rows[top]], -sims[top]))]
+                chosen = [int(means.keys[rows[i]]) for i in top]
+        # (b) the groups of each query slice's nearest slices
+        live = len(index)
+        if live:
+            labels, scores = index.search(queries, min(live, max(2 * k, 20)))
+            owners = self._queries.slice_owners(int(x) for x in np.unique(labels))
+            best: dict[int, float] = {}
+            for label, score in zip(labels.reshape(-1), scores.reshape(-1), strict=True):
+                owner = owners.get(int(label))
+                if owner is None:
+                    continue
+                key = owner[0] if level == "study" else owner[1]
+                if ok(key, owner[0]) and float(score) > best.get(key, -2.0):
+                    best[key] = float(score)
+            extra = sorted(best, key=lambda g: (-best[g], g))[:c]
+            seen = set(chosen)
+            chosen.extend(g for g in extra if g not in seen)
+        if not chosen:
+            return [], 0
+        # re-rank with the candidates' slice vectors
+        if level == "study":
+            slices = self._queries.slices(model_id, study_pks=chosen)
+        else:
+            slices = self._queries.slices(model_id, series_pks=chosen)
+        slices = [s for s in slices if len(s.blob) == 2 * dim]
+        if not slices:
+            return [], len(chosen)
+        slices.sort(key=lambda s: ((s.study_pk if level == "study" else s.series_pk), s.label))
+        matrix = _unit_rows(from_blobs([s.blob for s in slices], dim))
+        sims_all = queries @ matrix.T  # (n query slices, M candidate slices)
+        group_of = np.asarray(
+            [s.study_pk if level == "study" else s.series_pk for s in slices], dtype=np.int64
+        )
+        starts = np.flatnonzero(np.r_[True, group_of[1:] != group_of[:-1]])
+        per_group_max = np.maximum.reduceat(sims_all, starts, axis=1)  # (n, G)
+        group_scores = per_group_max.mean(axis=0)
+        ranked: list[tuple[float, tuple[int, int, int]]] = []
+        ends = np.r_[starts[1:], len(slices)]
+        for g, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+            block = sims_all[:, lo:hi]
+            j = lo + int(np.argmax(block.max(axis=0)))
+            s = slices[j]
+            ranked.append((float(group_scores[g]), (s.study_pk, s.series_pk, s.instance_pk)))
+        ranked.sort(key=lambda item: -item[0])
+        return ranked, len(chosen)
+
+    def _rank_images(
+        self,
+        queries: FloatArray,
+        index: VectorIndex,
+        model_id: str,
+        k: int,
+        excluded: set[int],
+        allowed_series: set[int] | None,
+    ) -> list[tuple[float, tuple[int, int, int]]]:
+        """ANN over slices, post-filtered and over-fetched; one entry per instance."""
+        live = len(index)
+        if live == 0:
+            return []
+        fetch = min(live, max(IMAGE_OVERFETCH * k, 32))
+        while True:
+            if allowed_series is not None and (
+                fetch > EXACT_LIMIT or fetch * queries.shape[0] > 16 * EXACT_LIMIT
+            ):
+                # A selective filter: rank the allowed slices exactly, once.
+                labels_ok = self._queries.slice_labels(model_id, series_pks=allowed_series)
+                if not labels_ok:
+                    return []
+                labels, scores = index.exact_search(queries, min(fetch, live), allowed=labels_ok)
+                final = True
+            else:
+                labels, scores = index.search(queries, fetch)
+                final = fetch >= live
+            owners = self._queries.slice_owners(int(x) for x in np.unique(labels))
+            best: dict[int, tuple[float, tuple[int, int, int]]] = {}
+            for label, score in zip(labels.reshape(-1), scores.reshape(-1), strict=True):
+                owner = owners.get(int(label))
+                if owner is None or owner[0] in excluded:
+                    continue
+                if allowed_series is not None and owner[1] not in allowed_series:
+                    continue
+                key = owner[2]
+                if key not in best or float(score) > best[key][0]:
+                    best[key] = (float(score), (owner[0], owner[1], owner[2]))
+            if len(best) >= k or final:
+                return sorted(best.values(), key=lambda item: -item[0])
+            fetch = min(live, fetch * 2)
+
+    def _describe(
+        self, ranked: list[tuple[float, tuple[int, int, int]]], level: str, k: int
+    ) -> list[Hit]:
+        ranked = sorted(ranked, key=lambda item: -item[0])
+        if len(ranked) > k:  # keep ties with the k-th: they are ordered by UID below
+            last = round(ranked[k - 1][0], 6)
+            ranked = [item for i, item in enumerate(ranked) if i < k or round(item[0], 6) == last]
+        rows = self._queries.describe([keys for _, keys in ranked])
+        described: list[tuple[float, CatalogueRow]] = [
+            (score, rows[keys]) for score, keys in ranked if keys in rows
+        ]
+
+        def uid(row: CatalogueRow) -> str:
+            if level == "study":
+                return row.study_instance_uid
+            if level == "series":
+                return row.series_instance_uid
+            return row.sop_instance_uid
+
+        described.sort(key=lambda item: (-round(item[0], 6), uid(item[1])))
+        hits: list[Hit] = []
+        for rank, (score, row) in enumerate(described[:k], start=1):
+            hits.append(Hit(
+                rank=rank,
+                score=round(float(score), 6),
+                study_instance_uid=row.study_instance_uid,
+                series_instance_uid=row.series_instance_uid,
+                sop_instance_uid=row.sop_instance_uid,
+                patient_id=row.patient_id,
+                issuer_of_patient_id=row.issuer_of_patient_id,
+                study_date=row.study_date,
+                study_description=row.study_description,
+                accession_number=row.accession_number,
+                modalities_in_study=tuple(m for m in row.modalities_in_study.split("\\") if m),
+                modality=row.modality,
+                body_part_examined=row.body_part_examined,
+                series_description=row.series_description,
+                series_number=row.series_number,
+                instance_number=row.instance_number,
+            ))
+        return hits
+
+
+def _sop(ds: Dataset) -> str:
+    return str(ds.get("SOPInstanceUID", "") or "(no SOP Instance UID)")
+
+
+__all__ = [
+    "BadQuery",
+    "EmbeddingParts",
+    "Hit",
+    "IndexUnavailable",
+    "LEVELS",
+    "Level",
+    "MAX_K",
+    "NotEmbedded",
+    "ReadOnlyEmbedding",
+    "Reference",
+    "ReferenceInfo",
+    "SearchError",
+    "SearchFilters",
+    "SearchResult",
+    "SearchService",
+    "ServingIndex",
+    "UnknownReference",
+]
