@@ -130,11 +130,35 @@ class DicomConfig(_Section):
         "keeps the stored file (the new copy is acknowledged and dropped), replace stores "
         "the new copy instead. Identical copies are always a no-op.",
     )
+    retrieve_ae_title: str = Field(
+        "",
+        description="RetrieveAETitle put in every C-FIND response: the AE title of the PACS "
+        "(its query/retrieve SCP) that holds the studies, so tools retrieve from the system "
+        "of record. Empty: our own ae_title (the sidecar serves no C-MOVE/C-GET yet, so set "
+        "this when tools honour RetrieveAETitle).",
+    )
+    max_find_results: int = Field(
+        1000,
+        ge=0,
+        description="Most matches one C-FIND answers; a query matching more is refused "
+        "(status 0xA700 with an Error Comment asking to narrow it) rather than silently "
+        "truncated. 0 means no limit.",
+    )
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("retrieve_ae_title")
+    @classmethod
+    def _retrieve_ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v.strip() else ""
+
+    @property
+    def effective_retrieve_ae_title(self) -> str:
+        """RetrieveAETitle of C-FIND responses: ``retrieve_ae_title``, else ``ae_title``."""
+        return self.retrieve_ae_title or self.ae_title
 
     @field_validator("bind_address")
     @classmethod

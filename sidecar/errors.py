@@ -53,3 +53,34 @@ class OutOfResources(StoreError):
 
 class StorageFailure(StoreError):
     """Writing the file or committing its row failed; nothing was kept."""
+
+
+class QueryError(SidecarError):
+    """A query (C-FIND, search) that cannot be answered; the message is for the requester.
+
+    A C-FIND handler answers subclasses it does not know with 0xC000 (unable
+    to process) and the message as Error Comment.
+    """
+
+
+class InvalidQuery(QueryError):
+    """The query identifier does not fit its information model (C-FIND 0xA900).
+
+    Parameters
+    ----------
+    message
+        What is wrong, short enough for an Error Comment (64 characters).
+    tag
+        The offending attribute, when one is to blame (Offending Element).
+    """
+
+    def __init__(self, message: str, tag: int | None = None) -> None:
+        self.tag = tag
+        super().__init__(message)
+
+
+class QueryRefused(QueryError):
+    """A valid query that cannot be answered now (C-FIND 0xA700, out of resources).
+
+    The catalogue cannot be read, or more entities match than the configured limit.
+    """

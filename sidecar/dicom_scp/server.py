@@ -1,7 +1,8 @@
-"""The DICOM node: a pynetdicom AE with C-ECHO and C-STORE.
+"""The DICOM node: a pynetdicom AE with C-ECHO, C-STORE and C-FIND.
 
-Handlers are thin: they translate between DIMSE and :class:`InstanceStore`,
-which does the work. Each handler lists the statuses it can return.
+Handlers are thin: they translate between DIMSE and the services that do the
+work (:class:`InstanceStore` for storage, the C-FIND branches of
+:mod:`sidecar.dicom_scp.find`). Each handler lists the statuses it can return.
 """
 
 from __future__ import annotations
@@ -10,26 +11,60 @@ import logging
 import socket
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, evt
 from pynetdicom import _config as pnd_config
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sidecar.config import Config
 from sidecar.dicom_scp.access import AccessPolicy
+from sidecar.dicom_scp.find import (
+    PATIENT_ROOT_FIND,
+    STUDY_ROOT_FIND,
+    CatalogueFind,
+    FindBranch,
+    FindRequest,
+    is_similarity_query,
+    model_name,
+)
 from sidecar.dicom_scp.statuses import Status, error_comment
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
-from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+from sidecar.errors import (
+    InvalidDataset,
+    InvalidQuery,
+    OutOfResources,
+    QueryError,
+    QueryRefused,
+    StorageFailure,
+)
 
 logger = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
+#: C-FIND identifiers: Explicit VR Little Endian first, so that it is chosen
+#: whenever the requester offers it (pynetdicom takes the acceptor's order):
+#: private attributes then travel with their VR (see FIELD_NOTES).
+FIND_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+FIND_MODELS = (STUDY_ROOT_FIND, PATIENT_ROOT_FIND)
+SIMILARITY_NOT_AVAILABLE = "similarity queries not available yet"
 
 _INVALID_STATUS = {
     "unparseable": Status.CANNOT_DECODE_DATASET,
@@ -59,12 +94,23 @@ class _ReusePortServer(ThreadedAssociationServer):
         super().server_bind()
 
 
-def _status(code: Status, comment: str | None = None) -> Dataset:
+def _status(code: Status, comment: str | None = None, offending: int | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = int(code)
     if comment:
         ds.ErrorComment = error_comment(comment)
+    if offending is not None:
+        ds.OffendingElement = [offending]
     return ds
+
+
+def _query_failure(exc: QueryError) -> Dataset:
+    """The final C-FIND status for a query error."""
+    if isinstance(exc, InvalidQuery):
+        return _status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc), exc.tag)
+    if isinstance(exc, QueryRefused):
+        return _status(Status.OUT_OF_RESOURCES, str(exc))
+    return _status(Status.UNABLE_TO_PROCESS, str(exc))
 
 
 class DicomNode:
@@ -81,6 +127,14 @@ class DicomNode:
         port and the kernel spreads associations over them.
     max_associations
         This process's share of ``dicom.max_associations``.
+    finder
+        The ordinary C-FIND branch; ``None`` builds :class:`CatalogueFind` on
+        the store's catalogue with ``dicom.max_find_results`` and
+        ``dicom.retrieve_ae_title``.
+    similarity
+        The C-FIND branch for identifiers carrying the ``PACS SIDECAR
+        SIMILARITY`` private block; it is asked first. ``None``: such queries
+        are answered 0xA900 "similarity queries not available yet".
     """
 
     def __init__(
@@ -90,9 +144,17 @@ class DicomNode:
         *,
         reuse_port: bool = False,
         max_associations: int | None = None,
+        finder: FindBranch | None = None,
+        similarity: FindBranch | None = None,
     ) -> None:
         self._cfg = config.dicom
         self._store = store
+        self._finder: FindBranch = finder or CatalogueFind(
+            store.repository.engine,
+            max_results=self._cfg.max_find_results,
+            retrieve_ae_title=self._cfg.effective_retrieve_ae_title,
+        )
+        self._similarity = similarity
         self._reuse_port = reuse_port
         self._max_associations = max_associations or self._cfg.max_associations
         self._policy = AccessPolicy(self._cfg.allowed_peers, self._cfg.allow_loopback)
@@ -107,11 +169,16 @@ class DicomNode:
             # pynetdicom's standard per-PDU/per-message log handlers cost ~10 %
             # of a store; we log per association ourselves.
             pnd_config.LOG_HANDLER_LEVEL = "none"
+            # pynetdicom logs C-FIND identifiers (patient names and IDs) at INFO.
+            pnd_config.LOG_REQUEST_IDENTIFIERS = False
+            pnd_config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title=self._cfg.ae_title)
         ts = list(AllTransferSyntaxes)
         ae.add_supported_context(VERIFICATION, ts)
         for uid in _STORAGE_CLASSES.values():
             ae.add_supported_context(uid, ts)
+        for uid in FIND_MODELS:
+            ae.add_supported_context(uid, FIND_TRANSFER_SYNTAXES)
         ae.maximum_associations = self._max_associations
         ae.maximum_pdu_size = self._cfg.max_pdu_size
         ae.acse_timeout = self._cfg.acse_timeout
@@ -130,6 +197,7 @@ class DicomNode:
             (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_FIND, self.handle_find),
         ]
 
     def start(self) -> tuple[str, int]:
@@ -268,3 +336,75 @@ class DicomNode:
         else:
             st.stored += 1
         return _status(Status.SUCCESS)
+
+    def handle_find(self, event: evt.Event) -> Iterator[tuple[Dataset | int, Dataset | None]]:
+        """C-FIND, Study Root and Patient Root: ordinary queries, or the similarity branch.
+
+        An identifier carrying the ``PACS SIDECAR SIMILARITY`` private block
+        goes to the similarity branch, any other to the ordinary one (matching
+        rules in :mod:`sidecar.dicom_scp.find`). C-CANCEL is checked before
+        every match is sent.
+
+        Yields
+        ------
+        tuple of (pydicom.dataset.Dataset or int, pydicom.dataset.Dataset or None)
+            Status and identifier; failures carry an Error Comment:
+
+            * ``0xFF00`` Pending, a match follows
+            * ``0xFF01`` Pending, a match follows; an optional key was not supported
+            * ``0x0000`` Success, matching complete (sent by pynetdicom)
+            * ``0xFE00`` Cancel, matching stopped by a C-CANCEL request
+            * ``0xA700`` Out of resources (catalogue unavailable, more matches
+              than ``dicom.max_find_results``)
+            * ``0xA900`` Identifier does not match SOP Class (QueryRetrieveLevel
+              missing or invalid, a required unique key missing, a bad value;
+              Offending Element names it), or a similarity query while no
+              similarity branch is installed
+            * ``0xC000`` Unable to process (another query error of a branch)
+            * ``0xC210`` Cannot decode the identifier
+            * ``0xC211`` Unexpected error in the handler
+        """
+        assoc = event.assoc
+        peer_ae, peer_host = str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)
+        request = event.request
+        if not isinstance(request, C_FIND):  # pragma: no cover - bound to EVT_C_FIND
+            raise TypeError("not a C-FIND request")
+        model = str(request.AffectedSOPClassUID)
+        try:
+            identifier = event.identifier
+        except Exception as exc:  # noqa: BLE001 - undecodable bytes from the peer
+            logger.warning("C-FIND from %s@%s: cannot decode identifier", peer_ae, peer_host)
+            yield _status(Status.CANNOT_DECODE_DATASET, f"cannot decode identifier: {exc}"), None
+            return
+        what = f"C-FIND {model_name(model)}"
+        sent = 0
+        try:
+            req = FindRequest(identifier, model, peer_ae, peer_host)
+            if is_similarity_query(identifier):
+                what += " similarity"
+                if self._similarity is None:
+                    raise InvalidQuery(SIMILARITY_NOT_AVAILABLE)
+                answer = self._similarity(req)
+            else:
+                answer = self._finder(req)
+            what += f" {answer.level.value}"
+            for match in answer.identifiers:
+                if event.is_cancelled:
+                    logger.info(
+                        "%s from %s@%s cancelled after %d match(es)", what, peer_ae, peer_host, sent
+                    )
+                    yield int(Status.CANCEL), None
+                    return
+                yield int(answer.pending), match
+                sent += 1
+        except QueryError as exc:
+            logger.info("%s from %s@%s refused: %s", what, peer_ae, peer_host, exc)
+            yield _query_failure(exc), None
+            return
+        except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
+            logger.exception("unexpected error in %s from %s@%s", what, peer_ae, peer_host)
+            yield _status(
+                Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}"
+            ), None
+            return
+        logger.info("%s from %s@%s: %d match(es)", what, peer_ae, peer_host, sent)

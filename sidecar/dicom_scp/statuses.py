@@ -1,6 +1,7 @@
 """Named DIMSE statuses: the only place status numbers appear.
 
-References: DICOM PS3.4 Annex B.2.3 (Storage), PS3.7 Annex C (general codes).
+References: DICOM PS3.4 Annex B.2.3 (Storage), C.4.1.1.4 (C-FIND), PS3.7 Annex C
+(general codes).
 pynetdicom's own applications use 0xC210/0xC211 for "cannot decode" and
 "unhandled exception"; we keep those meanings.
 """
@@ -25,6 +26,18 @@ class Status(IntEnum):
     # General failures (PS3.7 C)
     PROCESSING_FAILURE = 0x0110
     INVALID_SOP_INSTANCE = 0x0117
+
+    # C-FIND (PS3.4 C.4.1.1.4). Same numbers as above, C-FIND meanings:
+    # 0xA700 refused, out of resources (catalogue unavailable, too many matches);
+    # 0xA900 identifier does not match SOP class (bad level, missing unique key);
+    # 0xC000-0xCFFF unable to process.
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    UNABLE_TO_PROCESS = 0xC000
+    # Cancel: matching terminated by a C-CANCEL request
+    CANCEL = 0xFE00
+    # Pending: a match follows; with a warning when an optional key was not supported
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
 
 
 def error_comment(text: str) -> str:

@@ -102,6 +102,11 @@ class InstanceStore:
         """The storage directory (absolute)."""
         return self._root
 
+    @property
+    def repository(self) -> Repository:
+        """The catalogue this store records into."""
+        return self._repo
+
     # ---------------------------------------------------------------- public
     def check_free_space(self) -> None:
         """Raise :class:`OutOfResources` when free disk is below the watermark."""
