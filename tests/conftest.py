@@ -185,6 +185,28 @@ def make_ct(
     return ds
 
 
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def make_sr() -> Dataset:
+    """A minimal Basic Text SR (a non-image object) with file meta."""
+    ds = Dataset()
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "PID-SR"
+    ds.Modality = "SR"
+    ds.ValueType = "CONTAINER"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data, or skip when this machine does not have it."""

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from sidecar.cli import main
-from tests.conftest import make_ct
+from tests.conftest import make_ct, make_sr
 
 STATES = ("pending", "embedded", "failed", "skipped")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -59,22 +59,6 @@ def save(ds: Dataset, path: Path) -> bytes:
     return path.read_bytes()
 
 
-def make_sr() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "PID-SR"
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
 
 
 @pytest.fixture

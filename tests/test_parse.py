@@ -6,9 +6,8 @@ import io
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -18,7 +17,7 @@ from pydicom.uid import (
 from sidecar.db.repository import InstanceMeta
 from sidecar.dicom_scp.parse import IMAGE_SOP_CLASSES, extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset
-from tests.conftest import CT_IMAGE_STORAGE, make_ct
+from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr
 
 EVRLE = str(ExplicitVRLittleEndian)
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -45,22 +44,6 @@ def kind_of(ds: Dataset, **expected: str) -> str:
     return info.value.kind
 
 
-def make_sr() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "PID-SR"
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
 
 
 # ---------------------------------------------------------------- happy path

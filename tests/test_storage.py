@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
@@ -28,7 +27,7 @@ from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from tests.conftest import CT_IMAGE_STORAGE, make_ct
+from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -59,21 +58,6 @@ def all_paths(root: Path) -> set[Path]:
     return out
 
 
-def make_sr() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
 
 
 @dataclass
