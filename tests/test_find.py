@@ -621,6 +621,14 @@ def test_logs_level_and_count_never_patient_data(
                for m in messages), messages
     text = "\n".join(r.getMessage() for r in caplog.records)  # DEBUG included
     assert "PAT-A" not in text and "Doe" not in text
+    bad_date = query("STUDY", PatientBirthDate="1970011X")  # pydicom warns here, client side
+    caplog.clear()
+    bad = c_find(cat.app.address, bad_date)
+    assert bad.status == DOES_NOT_MATCH and "1970011X" in bad.final.ErrorComment
+    info = [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.INFO and r.name.startswith(("sidecar", "pynetdicom"))]
+    assert any("refused: InvalidQuery (PatientBirthDate)" in m for m in info), info
+    assert not any("1970011X" in m for m in info)
 
 
 # ------------------------------------------------------------------ DCMTK

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     AllTransferSyntaxes,
@@ -398,7 +399,13 @@ class DicomNode:
                 yield int(answer.pending), match
                 sent += 1
         except QueryError as exc:
-            logger.info("%s from %s@%s refused: %s", what, peer_ae, peer_host, exc)
+            # The message may quote a value of the query (a birth date): DEBUG only.
+            tag = getattr(exc, "tag", None)
+            logger.info(
+                "%s from %s@%s refused: %s%s", what, peer_ae, peer_host, exc.__class__.__name__,
+                f" ({keyword_for_tag(tag) or f'{tag:08X}'})" if tag is not None else "",
+            )
+            logger.debug("%s refused: %s", what, exc)
             yield _query_failure(exc), None
             return
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
