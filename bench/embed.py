@@ -124,6 +124,7 @@ from ingest import (  # noqa: E402  (bench/ is not a package)
     machine_busy,
     machine_facts,
     partition,
+    print_header,
     run_benchmark,
     send,
     sidecar_env,
@@ -955,25 +956,12 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     for dist in ("torch", "hnswlib", "SimpleITK", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             facts["packages"][dist] = metadata.version(dist)
-    log("pacs-sidecar embedding benchmark")
-    log(f"  machine: {facts['nproc']} CPUs ({facts['cpu_model']}, avx2={facts['avx2']}), "
-        f"{facts['mem_total_gib']} GiB, kernel {facts['kernel']}")
-    log(f"  software: Python {facts['python']}, {facts['dcmtk']}, "
-        + ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
-        + f", git {facts['git_commit']}")
-    log(f"  sidecar code: sha256 {facts['sidecar_source_sha256']} of sidecar/**/*.py; "
-        f"{facts['sidecar_changed_files']} file(s) differ from git {facts['git_commit']}")
-    log(f"  disk: {facts['workdir_filesystem']}, workdir {work}")
-    log("  load average at start: " + " ".join(f"{x:.2f}" for x in facts["loadavg_start"]))
-    log(f"  plan: part A {args.slices} slices x {args.repeats} pass(es); part B {args.count} "
+    print_header(
+        "embedding", facts, work, args,
+        f"part A {args.slices} slices x {args.repeats} pass(es); part B {args.count} "
         f"instances, associations {args.assoc_counts}, {args.repeats} repeat(s) of idle then "
-        f"busy; embedding.threads {args.threads}; busy worker.interval {args.worker_interval} s")
-    if args.sidecar_overrides:
-        log("  sidecar overrides: " + ", ".join(f"{k}={v}" for k, v in
-                                                 args.sidecar_overrides.items()))
-    ignored = sorted(k for k in os.environ if k.startswith("SIDECAR__") or k == "SIDECAR_CONFIG")
-    if ignored:
-        log(f"  ignored from the environment: {', '.join(ignored)}")
+        f"busy; embedding.threads {args.threads}; busy worker.interval {args.worker_interval} s",
+    )
 
     result: dict[str, Any] = {"benchmark": "embed",
                               "date": dt.datetime.now(dt.UTC).isoformat(),

@@ -846,6 +846,29 @@ def summarise(runs: Sequence[RunResult], assoc_counts: Sequence[int],
     return summary
 
 
+def print_header(
+    name: str, facts: dict[str, Any], work: Path, args: argparse.Namespace, plan: str
+) -> None:
+    """The facts every benchmark prints first, so its figures can be reproduced."""
+    log(f"pacs-sidecar {name} benchmark")
+    log(f"  machine: {facts['nproc']} CPUs ({facts['cpu_model']}, avx2={facts['avx2']}), "
+        f"{facts['mem_total_gib']} GiB, kernel {facts['kernel']}")
+    log(f"  software: Python {facts['python']}, {facts['dcmtk']}, "
+        + ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
+        + f", git {facts['git_commit']}")
+    log(f"  sidecar code: sha256 {facts['sidecar_source_sha256']} of sidecar/**/*.py; "
+        f"{facts['sidecar_changed_files']} file(s) differ from git {facts['git_commit']}")
+    log(f"  disk: {facts['workdir_filesystem']}, workdir {work}")
+    log("  load average at start: " + " ".join(f"{x:.2f}" for x in facts["loadavg_start"]))
+    log(f"  plan: {plan}")
+    if args.sidecar_overrides:
+        log("  sidecar overrides: " + ", ".join(f"{k}={v}" for k, v in
+                                                 args.sidecar_overrides.items()))
+    ignored = sorted(k for k in os.environ if k.startswith("SIDECAR__") or k == "SIDECAR_CONFIG")
+    if ignored:
+        log(f"  ignored from the environment: {', '.join(ignored)}")
+
+
 def run_benchmark(
     args: argparse.Namespace,
     tools: Sequence[Path],
@@ -898,25 +921,12 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         raise BenchError(f"not enough free disk in {work}: {free / 2**30:.1f} GiB free, "
                          f"~{need / 2**30:.1f} GiB needed")
 
-    log("pacs-sidecar ingest benchmark")
-    log(f"  machine: {facts['nproc']} CPUs ({facts['cpu_model']}, avx2={facts['avx2']}), "
-        f"{facts['mem_total_gib']} GiB, kernel {facts['kernel']}")
-    log(f"  software: Python {facts['python']}, {facts['dcmtk']}, "
-        + ", ".join(f"{k} {v}" for k, v in facts["packages"].items())
-        + f", git {facts['git_commit']}")
-    log(f"  sidecar code: sha256 {facts['sidecar_source_sha256']} of sidecar/**/*.py; "
-        f"{facts['sidecar_changed_files']} file(s) differ from git {facts['git_commit']}")
-    log(f"  disk: {facts['workdir_filesystem']}, workdir {work}")
-    log("  load average at start: " + " ".join(f"{x:.2f}" for x in facts["loadavg_start"]))
-    log(f"  plan: {args.count} instances, associations {args.assoc_counts}, "
+    print_header(
+        "ingest", facts, work, args,
+        f"{args.count} instances, associations {args.assoc_counts}, "
         f"{args.repeats} repeat(s); storescp (no fsync) then sidecar "
-        f"(fsync {'on' if fsync_on else 'OFF'}) alternately")
-    if args.sidecar_overrides:
-        log("  sidecar overrides: " + ", ".join(f"{k}={v}" for k, v in
-                                                 args.sidecar_overrides.items()))
-    ignored = sorted(k for k in os.environ if k.startswith("SIDECAR__") or k == "SIDECAR_CONFIG")
-    if ignored:
-        log(f"  ignored from the environment: {', '.join(ignored)}")
+        f"(fsync {'on' if fsync_on else 'OFF'}) alternately",
+    )
 
     t0 = time.perf_counter()
     src = work / "src"
