@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -205,3 +206,15 @@ class Setting(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+
+
+# Core tables of the models, for the modules whose hot paths use SQLAlchemy Core
+# statements (no ORM unit of work): one typed name per table, defined once.
+PATIENT: Table = Patient.__table__  # type: ignore[assignment]
+STUDY: Table = Study.__table__  # type: ignore[assignment]
+SERIES: Table = Series.__table__  # type: ignore[assignment]
+INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
+SLICE_VECTOR: Table = SliceVector.__table__  # type: ignore[assignment]
+SERIES_VECTOR: Table = SeriesVector.__table__  # type: ignore[assignment]
+STUDY_VECTOR: Table = StudyVector.__table__  # type: ignore[assignment]
+SETTING: Table = Setting.__table__  # type: ignore[assignment]

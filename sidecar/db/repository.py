@@ -10,19 +10,28 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.db.engine import write_transaction
-from sidecar.db.models import Instance, InstanceState, Patient, Series, Study
+from sidecar.db.models import INSTANCE as _INSTANCE
+from sidecar.db.models import PATIENT as _PATIENT
+from sidecar.db.models import SERIES as _SERIES
+from sidecar.db.models import (
+    SERIES_VECTOR,
+    SLICE_VECTOR,
+    STUDY_VECTOR,
+    Instance,
+    InstanceState,
+    Patient,
+    Series,
+    Study,
+)
+from sidecar.db.models import STUDY as _STUDY
 from sidecar.errors import InvalidDataset
 
 # The hot write path uses Core statements on these tables (no ORM unit of work).
-_PATIENT: Table = Patient.__table__  # type: ignore[assignment]
-_STUDY: Table = Study.__table__  # type: ignore[assignment]
-_SERIES: Table = Series.__table__  # type: ignore[assignment]
-_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
 _RACE_RETRIES = 3
 
 
@@ -198,8 +207,6 @@ class Repository:
         the caller to remove after the commit, or ``None`` for an unknown study.
         The index drops the study's vectors when it is next reconciled.
         """
-        from sidecar.db.models import SeriesVector, SliceVector, StudyVector
-
         with write_transaction(self._engine) as conn:
             row = conn.execute(
                 select(_STUDY.c.id, _STUDY.c.patient_pk).where(
@@ -215,8 +222,7 @@ class Repository:
                     select(_INSTANCE.c.file_path).where(_INSTANCE.c.series_pk.in_(series_pks))
                 ).scalars()
             ]
-            for model in (SliceVector, SeriesVector, StudyVector):
-                table: Table = model.__table__  # type: ignore[assignment]
+            for table in (SLICE_VECTOR, SERIES_VECTOR, STUDY_VECTOR):
                 conn.execute(delete(table).where(table.c.study_pk == study_pk))
             conn.execute(delete(_INSTANCE).where(_INSTANCE.c.series_pk.in_(series_pks)))
             conn.execute(delete(_SERIES).where(_SERIES.c.study_pk == study_pk))

@@ -13,26 +13,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import ColumnElement, Engine, Table, exists, func, select
+from sqlalchemy import ColumnElement, Engine, exists, func, select
 
+from sidecar.db.models import INSTANCE as _INSTANCE
+from sidecar.db.models import PATIENT as _PATIENT
+from sidecar.db.models import SERIES as _SERIES
+from sidecar.db.models import SERIES_VECTOR as _SERIES_VEC
+from sidecar.db.models import SLICE_VECTOR as _SLICE
+from sidecar.db.models import STUDY as _STUDY
+from sidecar.db.models import STUDY_VECTOR as _STUDY_VEC
 from sidecar.db.models import (
-    Instance,
     InstanceState,
-    Patient,
-    Series,
-    SeriesVector,
-    SliceVector,
-    Study,
-    StudyVector,
 )
-
-_PATIENT: Table = Patient.__table__  # type: ignore[assignment]
-_STUDY: Table = Study.__table__  # type: ignore[assignment]
-_SERIES: Table = Series.__table__  # type: ignore[assignment]
-_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
-_SLICE: Table = SliceVector.__table__  # type: ignore[assignment]
-_SERIES_VEC: Table = SeriesVector.__table__  # type: ignore[assignment]
-_STUDY_VEC: Table = StudyVector.__table__  # type: ignore[assignment]
 
 _CHUNK = 900  # bound parameters per IN list (SQLite allows 32766, older builds 999)
 

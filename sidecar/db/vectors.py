@@ -29,25 +29,17 @@ from sqlalchemy import (
 )
 
 from sidecar.db.engine import write_transaction
+from sidecar.db.models import INSTANCE as _INSTANCE
+from sidecar.db.models import SERIES as _SERIES
+from sidecar.db.models import SERIES_VECTOR as _SERIES_VEC
+from sidecar.db.models import SETTING as _SETTING
+from sidecar.db.models import SLICE_VECTOR as _SLICE
+from sidecar.db.models import STUDY as _STUDY
+from sidecar.db.models import STUDY_VECTOR as _STUDY_VEC
 from sidecar.db.models import (
-    Instance,
     InstanceState,
-    Series,
-    SeriesVector,
-    Setting,
-    SliceVector,
-    Study,
-    StudyVector,
 )
 from sidecar.db.repository import utcnow
-
-_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
-_SERIES: Table = Series.__table__  # type: ignore[assignment]
-_STUDY: Table = Study.__table__  # type: ignore[assignment]
-_SLICE: Table = SliceVector.__table__  # type: ignore[assignment]
-_SERIES_VEC: Table = SeriesVector.__table__  # type: ignore[assignment]
-_STUDY_VEC: Table = StudyVector.__table__  # type: ignore[assignment]
-_SETTING: Table = Setting.__table__  # type: ignore[assignment]
 
 ACTIVE_MODEL_KEY = "active_model_id"
 

@@ -95,7 +95,10 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from sidecar.db.models import Instance, Patient, Series, Study
+from sidecar.db.models import INSTANCE as _INSTANCE
+from sidecar.db.models import PATIENT as _PATIENT
+from sidecar.db.models import SERIES as _SERIES
+from sidecar.db.models import STUDY as _STUDY
 from sidecar.dicom_scp.statuses import Status
 from sidecar.errors import InvalidQuery, QueryRefused
 
@@ -108,10 +111,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 SIMILARITY_CREATOR = "PACS SIDECAR SIMILARITY"
 SIMILARITY_GROUP = 0x0099
 
-_PATIENT: Table = Patient.__table__  # type: ignore[assignment]
-_STUDY: Table = Study.__table__  # type: ignore[assignment]
-_SERIES: Table = Series.__table__  # type: ignore[assignment]
-_INSTANCE: Table = Instance.__table__  # type: ignore[assignment]
 
 _TAG_SPECIFIC_CHARACTER_SET = 0x00080005
 _TAG_QUERY_RETRIEVE_LEVEL = 0x00080052
