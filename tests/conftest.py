@@ -188,14 +188,16 @@ def make_ct(
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
-def make_sr() -> Dataset:
-    """A minimal Basic Text SR (a non-image object) with file meta."""
+def make_sr(
+    study: str | None = None, series: str | None = None, patient_id: str = "PID-SR"
+) -> Dataset:
+    """A minimal Basic Text SR (a non-image object: stored, never embedded) with file meta."""
     ds = Dataset()
     ds.SOPClassUID = BASIC_TEXT_SR
     ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "PID-SR"
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.PatientID = patient_id
     ds.Modality = "SR"
     ds.ValueType = "CONTAINER"
     meta = FileMetaDataset()

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -52,6 +52,7 @@ from sidecar.embeddings.index import from_blob, read_saved_facts, to_blob
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
 from tests.conftest import make_ct
+from tests.conftest import make_sr as make_sr_base
 
 REPO = Path(__file__).resolve().parent.parent
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -87,23 +88,10 @@ def ct_series(n: int, *, seed0: int = 0, first: int = 1) -> list[Dataset]:
     ]
 
 
+
 def make_sr(study: str, series: str) -> Dataset:
-    """A Basic Text SR: stored, but not for embedding (skipped)."""
-    ds = Dataset()
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.PatientID = "PID-SECRET-123"
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
+    """A Basic Text SR of the given study and series (skipped by the worker)."""
+    return make_sr_base(study, series, patient_id="PID-SECRET-123")
 
 
 @dataclass(frozen=True)
