@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
@@ -22,12 +22,18 @@ from sidecar.dicom_scp.receivers import (
     share_of_associations,
 )
 from sidecar.dicom_scp.server import DicomNode
+from sidecar.dicom_scp.similarity import SimilarityFind
 from sidecar.dicom_scp.storage import InstanceStore
+from sidecar.metrics import CatalogueFigures, Metrics
+from sidecar.query import QueryService
+from sidecar.query_ipc import QueryServer
+from sidecar.search import SearchService
 
 if TYPE_CHECKING:  # torch is imported only when embedding is on
     from collections.abc import Callable
 
     from sidecar.embeddings.model import Embedder
+    from sidecar.http_api import HttpServer
     from sidecar.embeddings.service import IndexService
     from sidecar.embeddings.worker import EmbeddingWorker, WorkStats
 
@@ -188,11 +194,16 @@ class Embedding:
 
 
 class Sidecar:
-    """The running service: catalogue, storage, DICOM node, embedding and scheduled jobs.
+    """The running service: catalogue, storage, DICOM node, embedding, queries and jobs.
 
     Start order: database (migrated) → storage → index (loaded and repaired)
-    → scheduler → DICOM receivers. Stop order is the reverse, so no
-    association is served without storage and the index is saved last.
+    → scheduler → query server (for receiver processes) → DICOM receivers →
+    HTTP API. Stop order is the reverse, so no association is served without
+    storage and the index is saved last.
+
+    Every similarity query (C-FIND, HTTP) is answered by this process's
+    :class:`~sidecar.query.QueryService`; receiver processes forward theirs
+    through :class:`~sidecar.query_ipc.QueryServer`.
 
     Parameters
     ----------
@@ -221,15 +232,34 @@ class Sidecar:
         self.store = InstanceStore(config, self.repository)
         n = effective_receivers(config) if receiver_processes is None else receiver_processes
         share = share_of_associations(config, n)
-        # One receiver: in this process. Several: all in child processes sharing
-        # the port, so the CNN in this process never competes with them for the GIL.
-        self.node = DicomNode(config, self.store, max_associations=share) if n == 1 else None
-        self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
         self.embedding = (
             Embedding(config, self.engine, embedder)
             if config.worker.enabled or embedder is not None
             else None
         )
+        self.metrics = Metrics(catalogue=self.catalogue_figures)
+        self.search = SearchService(config, self.engine, self.embedding)
+        self.query = QueryService(config, self.search, metrics=self.metrics)
+        self.query_server: QueryServer | None = None
+        # One receiver: in this process. Several: all in child processes sharing
+        # the port, so the CNN in this process never competes with them for the GIL.
+        self.node = (
+            DicomNode(
+                config, self.store, max_associations=share,
+                similarity=SimilarityFind(
+                    self.query, self.engine, config.query,
+                    retrieve_ae_title=config.dicom.effective_retrieve_ae_title,
+                ),
+                examples=self.query,
+            )
+            if n == 1 else None
+        )
+        self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
+        self.http: HttpServer | None = None
+        if config.http.enabled:
+            from sidecar.http_api import HttpServer, create_app
+
+            self.http = HttpServer(config.http, create_app(self.query, self.metrics, self.health))
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.mark_stable,
@@ -258,6 +288,53 @@ class Sidecar:
             )
         self.address: tuple[str, int] | None = None
 
+    def catalogue_figures(self) -> CatalogueFigures:
+        """Catalogue, index and example counts for the metrics (read at scrape time)."""
+        rep = self.repository.status()
+        vectors = None
+        if self.embedding is not None:
+            vectors = len(self.embedding.serving.index)
+        return CatalogueFigures(
+            instances_by_state=dict(rep.instances_by_state),
+            studies=rep.studies,
+            studies_stable=rep.studies_stable,
+            stored_bytes=rep.stored_bytes,
+            index_vectors=vectors,
+            examples=len(self.query.examples),
+        )
+
+    def health(self) -> dict[str, Any]:
+        """Whether the service can do its job now, part by part (for ``/healthz``).
+
+        Returns ``{"ok": bool, "checks": {name: {"ok": bool, "detail": str}}}``:
+        the database answers, the DICOM receivers listen, the scheduler runs,
+        and (when embedding is on) the serving index is loaded.
+        """
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            checks["database"] = {"ok": True, "detail": "reachable"}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            checks["database"] = {"ok": False, "detail": exc.__class__.__name__}
+        if self.pool is not None:
+            alive = len(self.pool.pids)
+            checks["dicom"] = {"ok": alive == self.pool.count,
+                               "detail": f"{alive} of {self.pool.count} receiver processes"}
+        else:
+            listening = self.node is not None and self.node.listening
+            checks["dicom"] = {"ok": listening,
+                               "detail": "listening" if listening else "not listening"}
+        checks["scheduler"] = {"ok": bool(self.scheduler.running),
+                               "detail": "running" if self.scheduler.running else "stopped"}
+        if self.embedding is not None:
+            serving = self.embedding.serving
+            checks["index"] = {"ok": True, "detail": f"model {serving.model_id}, "
+                               f"{len(serving.index)} vectors"}
+        else:
+            checks["index"] = {"ok": True, "detail": "embedding off (worker.enabled: false)"}
+        return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
+
     def mark_stable(self) -> int:
         """Mark studies quiet for ``stability.stable_age`` seconds as stable."""
         n = self.repository.mark_stable_studies(self.config.stability.stable_age)
@@ -274,20 +351,31 @@ class Sidecar:
             self.address = self.node.start()
         else:
             assert self.pool is not None
-            self.pool.start()
+            self.query_server = QueryServer(self.query)
+            self.query_server.start()
+            self.pool.start((self.query_server.address, self.query_server.authkey))
             self.address = (self.config.dicom.bind_address, self.config.dicom.port)
+        if self.http is not None:
+            host, port = self.http.start()
+            logger.info("HTTP API listening on http://%s:%s", host, port)
         return self.address
 
     def stop(self) -> None:
-        """Stop receivers, then the scheduler (waiting for a running job), then save."""
+        """Stop the HTTP API and receivers, then the scheduler (waiting for a job), then save."""
+        if self.http is not None:
+            self.http.stop()
         if self.pool is not None:
             self.pool.stop()
         if self.node is not None:
             self.node.stop()
+        if self.query_server is not None:
+            self.query_server.close()
+            self.query_server = None
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.embedding is not None:
             self.embedding.close()
+        self.query.close()
         self.engine.dispose()
 
     def __enter__(self) -> Sidecar:

@@ -342,6 +342,92 @@ class WorkerConfig(_Section):
     )
 
 
+class QueryConfig(_Section):
+    """Similarity queries: result sizes, query by example and the audit log."""
+
+    default_k: int = Field(
+        10, ge=1, le=1000,
+        description="Hits returned when a query gives no top-K ((0099,1004), -k, k=).",
+    )
+    max_k: int = Field(
+        100, ge=1, le=1000,
+        description="Most hits one query may return; a larger top-K is lowered to this.",
+    )
+    example_ae_title: str = Field(
+        "SIDECAR_QUERY",
+        description="Called AE title for query by example: an image sent by C-STORE to this "
+        "AE title is embedded at once, kept in memory only (never archived) for "
+        "example_ttl seconds, and can be referenced by its SOP Instance UID in a similarity "
+        "C-FIND. Empty: query by example is off and only ae_title is accepted.",
+    )
+    example_ttl: float = Field(
+        3600.0, gt=0, description="Seconds an example image stays queryable after it arrives."
+    )
+    max_examples: int = Field(
+        1000, ge=1,
+        description="Most example images held at once; the oldest expire first when full.",
+    )
+    audit_log: Path | None = Field(
+        None,
+        description="Append-only audit file of similarity queries (JSON lines: who, when, "
+        "reference, hits); created with mode 0600. Empty: audit/similarity-queries.jsonl "
+        "in the data directory.",
+    )
+
+    @field_validator("example_ae_title")
+    @classmethod
+    def _example_ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v.strip() else ""
+
+    @field_validator("audit_log", mode="before")
+    @classmethod
+    def _audit_empty(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @model_validator(mode="after")
+    def _k_order(self) -> QueryConfig:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) is larger than max_k ({self.max_k})")
+        return self
+
+
+class HttpConfig(_Section):
+    """The HTTP API (similarity search, health, Prometheus metrics)."""
+
+    enabled: bool = Field(False, description="Serve the HTTP API in `sidecar serve`.")
+    bind_address: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. The API has no authentication: a non-loopback "
+        "address needs allow_remote: true (put a reverse proxy with TLS and authentication "
+        "in front).",
+    )
+    port: int = Field(8042, ge=1, le=65535, description="TCP port of the HTTP API.")
+    allow_remote: bool = Field(
+        False, description="Allow a bind_address other than loopback (no authentication!)."
+    )
+    max_upload_mb: int = Field(
+        64, ge=1, le=4096, description="Largest DICOM file accepted by POST /v1/search, in MB."
+    )
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError as exc:
+            raise ValueError("must be an IP address such as 127.0.0.1") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _loopback(self) -> HttpConfig:
+        if not self.allow_remote and not ipaddress.ip_address(self.bind_address).is_loopback:
+            raise ValueError(
+                f"bind_address {self.bind_address} is not loopback: the HTTP API has no "
+                "authentication; set allow_remote: true to serve it anyway"
+            )
+        return self
+
+
 class LoggingConfig(_Section):
     """Logging of the service."""
 
@@ -362,7 +448,18 @@ class Config(_Section):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)  # type: ignore[arg-type]
     index: IndexConfig = Field(default_factory=IndexConfig)  # type: ignore[arg-type]
     worker: WorkerConfig = Field(default_factory=WorkerConfig)  # type: ignore[arg-type]
+    query: QueryConfig = Field(default_factory=QueryConfig)  # type: ignore[arg-type]
+    http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _distinct_ae_titles(self) -> Config:
+        if self.query.example_ae_title and self.query.example_ae_title == self.dicom.ae_title:
+            raise ValueError(
+                f"query.example_ae_title must differ from dicom.ae_title ({self.dicom.ae_title}): "
+                "images sent to it are examples, never archived"
+            )
+        return self
 
     # ------------------------------------------------------------------ derived
     @property
@@ -384,6 +481,11 @@ class Config(_Section):
     def quarantine_dir(self) -> Path:
         """Where refused datasets are kept for the administrator."""
         return self.storage.data_dir / "quarantine"
+
+    @property
+    def audit_log_path(self) -> Path:
+        """The similarity query audit file."""
+        return self.query.audit_log or self.storage.data_dir / "audit" / "similarity-queries.jsonl"
 
     @property
     def database_url(self) -> str:
@@ -448,6 +550,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         update["embedding"] = cfg.embedding.model_copy(
             update={"model_path": (base / model_path).resolve()}
         )
+    audit = cfg.query.audit_log
+    if audit is not None and not audit.is_absolute():
+        update["query"] = cfg.query.model_copy(update={"audit_log": (base / audit).resolve()})
     return cfg.model_copy(update=update)
 
 

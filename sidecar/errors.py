@@ -84,3 +84,20 @@ class QueryRefused(QueryError):
 
     The catalogue cannot be read, or more entities match than the configured limit.
     """
+
+
+class ReferenceNotUsable(QueryError):
+    """A similarity query's reference cannot be used (C-FIND 0xC001 / 0xC002).
+
+    Parameters
+    ----------
+    kind
+        ``"unknown"`` (not in the archive, no such example image) or
+        ``"not_embedded"`` (known, no vectors of the serving model yet).
+    message
+        What happened, short enough for an Error Comment.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)

@@ -208,6 +208,31 @@ def _clean_uid(value: str | None, name: str) -> str | None:
     return uid
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddedImages:
+    """Query images embedded once, to be used as a reference later (query by example).
+
+    Attributes
+    ----------
+    model_id
+        The model that embedded them; a query needs it to be the serving model.
+    vectors
+        Unit query vectors, one row per sampled slice.
+    sop_instance_uid, series_instance_uid, study_instance_uid
+        UIDs of the first image (``""`` when absent).
+    patient_id, issuer_of_patient_id
+        The images' patient, for the same-patient exclusion.
+    """
+
+    model_id: str
+    vectors: FloatArray
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+
+
 @dataclass(frozen=True)
 class Reference:
     """What the query looks like: exactly one UID, or datasets.
@@ -225,6 +250,7 @@ class Reference:
     series_instance_uid: str | None = None
     study_instance_uid: str | None = None
     datasets: tuple[Dataset, ...] = ()
+    embedded: EmbeddedImages | None = None
 
     def __post_init__(self) -> None:
         sop = _clean_uid(self.sop_instance_uid, "SOP Instance UID")
@@ -234,7 +260,9 @@ class Reference:
         object.__setattr__(self, "series_instance_uid", series)
         object.__setattr__(self, "study_instance_uid", study)
         object.__setattr__(self, "datasets", tuple(self.datasets))
-        given = [x for x in (sop, series, study) if x] + ([1] if self.datasets else [])
+        given = [x for x in (sop, series, study) if x] + ([1] if self.datasets else []) + (
+            [1] if self.embedded is not None else []
+        )
         if len(given) != 1:
             raise BadQuery(
                 "give exactly one reference (a SOP Instance UID, a Series Instance UID, "
@@ -261,9 +289,16 @@ class Reference:
         """DICOM datasets with pixel data, embedded on the fly (not archived)."""
         return cls(datasets=tuple(datasets))
 
+    @classmethod
+    def example(cls, embedded: EmbeddedImages) -> Reference:
+        """Images embedded beforehand (query by example, :meth:`SearchService.embed_images`)."""
+        return cls(embedded=embedded)
+
     @property
-    def kind(self) -> Literal["instance", "series", "study", "dataset"]:
+    def kind(self) -> Literal["instance", "series", "study", "dataset", "example"]:
         """Which kind of reference this is."""
+        if self.embedded is not None:
+            return "example"
         if self.sop_instance_uid:
             return "instance"
         if self.series_instance_uid:
@@ -275,6 +310,8 @@ class Reference:
     @property
     def uid(self) -> str:
         """The reference UID (for datasets: the first one's SOP Instance UID, or "")."""
+        if self.embedded is not None:
+            return self.embedded.sop_instance_uid
         if self.datasets:
             return str(self.datasets[0].get("SOPInstanceUID", "") or "")
         return self.sop_instance_uid or self.series_instance_uid or self.study_instance_uid or ""
@@ -759,9 +796,12 @@ class SearchService:
 
     # ---------------------------------------------------------- reference
     def _query(self, ref: Reference, model_id: str, dim: int) -> _Query:
-        if ref.kind == "dataset":
-            return self._query_images(ref.datasets, model_id, dim)
         kind = ref.kind
+        if kind == "dataset":
+            return self._query_embedded(self.embed_images(ref.datasets), model_id, dim, kind)
+        if kind == "example":
+            assert ref.embedded is not None  # the kind says so
+            return self._query_embedded(ref.embedded, model_id, dim, kind)
         uid = ref.uid
         row = self._queries.reference(kind, uid)
         if row is None:
@@ -874,10 +914,27 @@ class SearchService:
             )
         return NotEmbedded(f"{what} has no instances to embed", "pending", counts)
 
-    def _query_images(self, datasets: Sequence[Dataset], model_id: str, dim: int) -> _Query:
+    def embed_images(self, datasets: Sequence[Dataset]) -> EmbeddedImages:
+        """Embed query images with the serving model (sampled as the worker samples).
+
+        Raises
+        ------
+        BadQuery
+            No dataset, or one that cannot be embedded (no pixel data, bad header).
+        IndexUnavailable
+            Embedding is off, or the process's model is not the serving model
+            (a model change is being re-embedded).
+        """
         from sidecar.embeddings import preprocess
 
-        embedder = self._embedding.embedder if self._embedding is not None else None
+        if not datasets:
+            raise BadQuery("no query image")
+        if self._embedding is None:
+            raise IndexUnavailable("query by image is unavailable: embedding is turned off "
+                                   "(worker.enabled: false)")
+        embedder = self._embedding.embedder
+        serving = self._embedding.serving
+        model_id, dim = serving.model_id, serving.dim
         if embedder is None:
             raise IndexUnavailable("query by image is unavailable: no embedding model here")
         if embedder.model_id != model_id:
@@ -922,17 +979,38 @@ class SearchService:
             raise IndexUnavailable(f"the embedder gives {vectors.shape[1]}-d vectors, the index "
                                    f"holds {dim}-d")
         first = datasets[0]
-        study_uid = str(first.get("StudyInstanceUID", "") or "")
+
+        def text(keyword: str) -> str:
+            return str(first.get(keyword, "") or "").strip()
+
+        return EmbeddedImages(
+            model_id=model_id,
+            vectors=_unit_rows(vectors.astype(np.float32)),
+            sop_instance_uid=text("SOPInstanceUID"),
+            series_instance_uid=text("SeriesInstanceUID"),
+            study_instance_uid=text("StudyInstanceUID"),
+            patient_id=text("PatientID"),
+            issuer_of_patient_id=text("IssuerOfPatientID"),
+        )
+
+    def _query_embedded(
+        self, images: EmbeddedImages, model_id: str, dim: int, kind: str
+    ) -> _Query:
+        if images.model_id != model_id or images.vectors.shape[1] != dim:
+            raise IndexUnavailable(
+                f"the example images were embedded with model {images.model_id}, queries are "
+                f"served by model {model_id} now: send them again"
+            )
+        study_uid = images.study_instance_uid
         study_pk = self._queries.study_by_uid(study_uid) if study_uid else None
-        patient_id = str(first.get("PatientID", "") or "")
         patient_pk = (
-            self._queries.patient_by_id(patient_id, str(first.get("IssuerOfPatientID", "") or ""))
-            if patient_id else None
+            self._queries.patient_by_id(images.patient_id, images.issuer_of_patient_id)
+            if images.patient_id else None
         )
         return _Query(
-            vectors=_unit_rows(vectors.astype(np.float32)),
-            info_kind="dataset",
-            info_uid=_sop(first),
+            vectors=images.vectors,
+            info_kind=kind,
+            info_uid=images.sop_instance_uid or "(no SOP Instance UID)",
             own_study_pk=study_pk,
             own_study_uid=study_uid if study_pk is not None else "",
             patient_pk=patient_pk,
@@ -1144,6 +1222,7 @@ def _sop(ds: Dataset) -> str:
 
 __all__ = [
     "BadQuery",
+    "EmbeddedImages",
     "EmbeddingParts",
     "Hit",
     "IndexUnavailable",

@@ -571,10 +571,19 @@ def similarity_identifier(block: int = 0x10) -> Dataset:
     return ds
 
 
-def test_similarity_identifier_is_refused_until_the_branch_exists(cat: Catalogue) -> None:
+def test_similarity_identifier_without_embedding_is_out_of_resources(cat: Catalogue) -> None:
+    # This catalogue's sidecar runs with the worker off: no index to search.
     res = c_find(cat.app.address, similarity_identifier())
+    assert res.identifiers == [] and res.status == OUT_OF_RESOURCES
+    assert "embedding is turned off" in res.final.ErrorComment
+
+
+def test_similarity_identifier_without_a_branch_is_refused(
+    cat: Catalogue, extra_node: Callable[..., tuple[str, int]]
+) -> None:
+    res = c_find(extra_node(), similarity_identifier())
     assert res.identifiers == [] and res.status == DOES_NOT_MATCH
-    assert res.final.ErrorComment == "similarity queries not available yet"
+    assert res.final.ErrorComment.startswith("similarity queries not available")
 
 
 class UnknownReference(QueryError):

@@ -44,18 +44,29 @@ def _receiver_main(
     log_level: str,
     ready: mp.synchronize.Event,
     stop: mp.synchronize.Event,
+    query_endpoint: tuple[str, bytes] | None,
 ) -> None:  # pragma: no cover - runs in a child process (exercised by tests via serve)
     from sidecar.app import open_catalogue
     from sidecar.dicom_scp.server import DicomNode
+    from sidecar.dicom_scp.similarity import SimilarityFind
     from sidecar.dicom_scp.storage import InstanceStore
     from sidecar.logsetup import configure_logging
+    from sidecar.query_ipc import QueryClient
 
     configure_logging(log_level)
     terminated = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     engine, repo = open_catalogue(config, migrate=False)
-    node = DicomNode(config, InstanceStore(config, repo), reuse_port=True, max_associations=share)
+    client = QueryClient(*query_endpoint) if query_endpoint is not None else None
+    node = DicomNode(
+        config, InstanceStore(config, repo), reuse_port=True, max_associations=share,
+        similarity=SimilarityFind(
+            client, engine, config.query,
+            retrieve_ae_title=config.dicom.effective_retrieve_ae_title,
+        ) if client is not None else None,
+        examples=client,
+    )
     node.start()
     ready.set()
     try:
@@ -93,12 +104,19 @@ class ReceiverPool:
         self._procs: list[BaseProcess] = []
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._query_endpoint: tuple[str, bytes] | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of receiver processes the pool keeps running."""
+        return self._count
 
     def _spawn(self, index: int) -> BaseProcess:
         ready = self._ctx.Event()
         proc = self._ctx.Process(
             target=_receiver_main,
-            args=(self._config, self._share, self._log_level, ready, self._stop),
+            args=(self._config, self._share, self._log_level, ready, self._stop,
+                  self._query_endpoint),
             name=f"receiver-{index}",
             daemon=True,
         )
@@ -108,8 +126,14 @@ class ReceiverPool:
             raise RuntimeError(f"receiver process {index} did not start")
         return proc
 
-    def start(self) -> None:
-        """Start the children and wait until each one listens."""
+    def start(self, query_endpoint: tuple[str, bytes] | None = None) -> None:
+        """Start the children and wait until each one listens.
+
+        ``query_endpoint`` (address, key) of the main process's query server:
+        the children forward similarity queries and example images there.
+        ``None``: they answer similarity queries 0xA900 (not available).
+        """
+        self._query_endpoint = query_endpoint
         for i in range(self._count):
             self._procs.append(self._spawn(i + 1))
         logger.info("%d receiver processes listening", self._count)

@@ -41,6 +41,7 @@ from sidecar.dicom_scp.find import (
     is_similarity_query,
     model_name,
 )
+from sidecar.dicom_scp.similarity import status_for
 from sidecar.dicom_scp.statuses import Status, error_comment
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
 from sidecar.errors import (
@@ -51,6 +52,8 @@ from sidecar.errors import (
     QueryRefused,
     StorageFailure,
 )
+from sidecar.query import Requester, SimilarityBackend
+from sidecar.search import BadQuery, IndexUnavailable, SearchError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ FIND_TRANSFER_SYNTAXES = [
     ExplicitVRBigEndian,
 ]
 FIND_MODELS = (STUDY_ROOT_FIND, PATIENT_ROOT_FIND)
-SIMILARITY_NOT_AVAILABLE = "similarity queries not available yet"
+SIMILARITY_NOT_AVAILABLE = "similarity queries not available (embedding is off)"
 
 _INVALID_STATUS = {
     "unparseable": Status.CANNOT_DECODE_DATASET,
@@ -111,7 +114,7 @@ def _query_failure(exc: QueryError) -> Dataset:
         return _status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc), exc.tag)
     if isinstance(exc, QueryRefused):
         return _status(Status.OUT_OF_RESOURCES, str(exc))
-    return _status(Status.UNABLE_TO_PROCESS, str(exc))
+    return _status(status_for(exc) or Status.UNABLE_TO_PROCESS, str(exc))
 
 
 class DicomNode:
@@ -135,7 +138,11 @@ class DicomNode:
     similarity
         The C-FIND branch for identifiers carrying the ``PACS SIDECAR
         SIMILARITY`` private block; it is asked first. ``None``: such queries
-        are answered 0xA900 "similarity queries not available yet".
+        are answered 0xA900 "similarity queries not available".
+    examples
+        Takes the images sent by C-STORE to ``query.example_ae_title`` (query
+        by example). ``None`` (or an empty ``example_ae_title``): that AE
+        title is not served.
     """
 
     def __init__(
@@ -147,8 +154,11 @@ class DicomNode:
         max_associations: int | None = None,
         finder: FindBranch | None = None,
         similarity: FindBranch | None = None,
+        examples: SimilarityBackend | None = None,
     ) -> None:
         self._cfg = config.dicom
+        self._example_ae = config.query.example_ae_title if examples is not None else ""
+        self._examples = examples
         self._store = store
         self._finder: FindBranch = finder or CatalogueFind(
             store.repository.engine,
@@ -185,7 +195,9 @@ class DicomNode:
         ae.acse_timeout = self._cfg.acse_timeout
         ae.dimse_timeout = self._cfg.dimse_timeout
         ae.network_timeout = self._cfg.network_timeout
-        ae.require_called_aet = self._cfg.require_called_ae_title
+        # Called AE titles are checked in _on_requested: ae_title and the
+        # example AE title are both ours.
+        ae.require_called_aet = False
         return ae
 
     def handlers(self) -> list[tuple[Any, ...]]:
@@ -218,6 +230,11 @@ class DicomNode:
         logger.info("DICOM node %s listening on %s:%s", self._cfg.ae_title, host, port)
         return str(host), int(port)
 
+    @property
+    def listening(self) -> bool:
+        """True while the node accepts associations."""
+        return self._server is not None
+
     def stop(self) -> None:
         """Stop accepting associations and wait for running ones to end."""
         server, self._server = self._server, None
@@ -241,14 +258,29 @@ class DicomNode:
             logger.debug("could not set TCP_NODELAY: %s", exc)
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Refuse callers that are not allowed (A-ASSOCIATE-RJ, calling AE not recognised)."""
+        """Refuse callers that are not allowed (A-ASSOCIATE-RJ).
+
+        Calling AE title or host not allowed: rejected-permanent, "calling AE
+        title not recognised"; called AE title neither ``dicom.ae_title`` nor
+        the example AE title (when ``dicom.require_called_ae_title``):
+        rejected-permanent, "called AE title not recognised".
+        """
         assoc = event.assoc
         primitive = assoc.requestor.primitive
         calling = str(primitive.calling_ae_title if primitive else "").strip()
+        called = str(primitive.called_ae_title if primitive else "").strip()
         host = str(assoc.requestor.address)
         if not self._policy.allows(calling, host):
             logger.warning("association from %s@%s refused: peer not allowed", calling, host)
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+            return
+        if called == self._example_ae:
+            assoc.acceptor.ae_title = called  # answer with the title that was called
+        elif self._cfg.require_called_ae_title and called != self._cfg.ae_title:
+            logger.warning("association from %s@%s refused: called AE title %r is not ours",
+                           calling, host, called)
+            assoc.acse.send_reject(0x01, 0x01, 0x07)
             assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
@@ -301,6 +333,12 @@ class DicomNode:
             * ``0xC211`` Unexpected error in the handler
         """
         assoc = event.assoc
+        if self._example_ae and self._examples is not None:
+            primitive = assoc.requestor.primitive
+            if primitive is not None and str(primitive.called_ae_title).strip() == (
+                self._example_ae
+            ):
+                return self._store_example(event)
         origin = Origin(
             ae_title=str(assoc.requestor.ae_title).strip(), host=str(assoc.requestor.address)
         )
@@ -338,6 +376,39 @@ class DicomNode:
             st.stored += 1
         return _status(Status.SUCCESS)
 
+    def _store_example(self, event: evt.Event) -> Dataset:
+        """C-STORE to the example AE title: embed now, keep in memory, never archive.
+
+        Returns
+        -------
+        pydicom.dataset.Dataset
+            Status with Error Comment on failure:
+
+            * ``0x0000`` Success: embedded, usable as a reference until it expires
+            * ``0xA700`` Out of resources: no model can embed it for the
+              serving index now (embedding off, model change in progress)
+            * ``0xC000`` Cannot understand: not an image that can be embedded
+            * ``0xC211`` Unexpected error
+        """
+        assoc = event.assoc
+        who = Requester("dicom", str(assoc.requestor.ae_title).strip(),
+                        str(assoc.requestor.address))
+        assert self._examples is not None  # checked by the caller
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            self._examples.add_example(data, who)
+        except (BadQuery, SearchError) as exc:
+            code = (Status.OUT_OF_RESOURCES if isinstance(exc, IndexUnavailable)
+                    else Status.CANNOT_UNDERSTAND)
+            logger.info("example image from %s@%s refused: %s", who.name, who.address,
+                        exc.__class__.__name__)
+            logger.debug("example image refused: %s", exc)
+            return _status(code, f"example not usable: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
+            logger.exception("unexpected error embedding an example from %s", who.name)
+            return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")
+        return _status(Status.SUCCESS)
+
     def handle_find(self, event: evt.Event) -> Iterator[tuple[Dataset | int, Dataset | None]]:
         """C-FIND, Study Root and Patient Root: ordinary queries, or the similarity branch.
 
@@ -357,11 +428,18 @@ class DicomNode:
             * ``0xFE00`` Cancel, matching stopped by a C-CANCEL request
             * ``0xA700`` Out of resources (catalogue unavailable, more matches
               than ``dicom.max_find_results``)
+            * ``0xA700`` also: similarity search unavailable (no index, embedding
+              off, model change in progress for examples)
             * ``0xA900`` Identifier does not match SOP Class (QueryRetrieveLevel
               missing or invalid, a required unique key missing, a bad value;
-              Offending Element names it), or a similarity query while no
-              similarity branch is installed
+              Offending Element names it; a similarity block without exactly one
+              valid reference, a bad top-K or filter), or a similarity query
+              while no similarity branch is installed
             * ``0xC000`` Unable to process (another query error of a branch)
+            * ``0xC001`` Similarity: the reference is not in the archive (nor an
+              example image)
+            * ``0xC002`` Similarity: the reference is not embedded yet (pending,
+              failed, not an image, or not by the serving model)
             * ``0xC210`` Cannot decode the identifier
             * ``0xC211`` Unexpected error in the handler
         """

@@ -33,6 +33,11 @@ class Status(IntEnum):
     # 0xC000-0xCFFF unable to process.
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     UNABLE_TO_PROCESS = 0xC000
+    # Similarity C-FIND, unable to process (docs/conformance.md): the reference
+    # is not in the archive (nor an example image); the reference is known but
+    # has no vectors of the serving model yet (pending, failed or skipped).
+    UNKNOWN_REFERENCE = 0xC001
+    REFERENCE_NOT_EMBEDDED = 0xC002
     # Cancel: matching terminated by a C-CANCEL request
     CANCEL = 0xFE00
     # Pending: a match follows; with a warning when an optional key was not supported

@@ -1,0 +1,438 @@
+"""The similarity C-FIND branch: the private block ``PACS SIDECAR SIMILARITY`` → ranked hits.
+
+Contract (``docs/conformance.md`` is the user-facing statement; this module
+is its implementation and :data:`PRIVATE_TAGS` its single source):
+
+* Request: the private creator (0099,00xx) = ``PACS SIDECAR SIMILARITY`` and
+  exactly one reference key: (0099,xx01) SOP Instance UID (an archived
+  instance or an example image sent to ``query.example_ae_title``),
+  (0099,xx02) Study Instance UID or (0099,xx03) Series Instance UID;
+  optional (0099,xx04) US top-K (0 or absent: ``query.default_k``; above
+  ``query.max_k``: lowered to it) and (0099,xx05) CS ``YES``/``NO`` (include
+  studies of the reference's patient; default ``NO``). ``xx`` is the block
+  the creator reserved (normally ``10``).
+* QueryRetrieveLevel ``STUDY`` ranks studies, ``SERIES`` series, ``IMAGE``
+  instances (``PATIENT`` is refused).
+* Filters: Modality or ModalitiesInStudy (any of; a study passes when one of
+  its series has one), StudyDate (date or range) and BodyPartExamined
+  (wildcards) restrict the candidates *before* ranking, so K hits come back
+  when K qualify. Any other standard key with a value is matched like an
+  ordinary C-FIND key against the ``query.max_k`` best-ranked hits; fewer
+  than K may then remain.
+* Responses: one Pending response per hit in rank order, with the requested
+  standard keys (values from the catalogue), QueryRetrieveLevel,
+  RetrieveAETitle (``dicom.retrieve_ae_title``: the PACS), and the private
+  block (0099,0010) with (0099,1010) FD score, (0099,1011) UL rank,
+  (0099,1012) UI best-matching SOP Instance UID, (0099,1013) UI best-matching
+  Series Instance UID and (0099,1014) LO model id.
+* Failures: see :func:`search_error_to_query_error` and
+  ``DicomNode.handle_find``.
+
+:func:`register_private_dictionary` teaches pydicom the block's VRs, so an
+identifier sent in Implicit VR decodes with the right types; a block that
+still arrives as ``UN`` is decoded here by its known VR.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pydicom.datadict import add_private_dict_entries, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, PrivateBlock
+from sqlalchemy import Engine, Row
+from sqlalchemy.exc import SQLAlchemyError
+
+from sidecar.dicom_scp.find import (
+    KEYS,
+    PK_LABEL,
+    SIMILARITY_CREATOR,
+    SIMILARITY_GROUP,
+    FindAnswer,
+    FindQuery,
+    FindRequest,
+    Level,
+    build_select,
+    parse_query,
+    response_identifier,
+)
+from sidecar.dicom_scp.statuses import Status
+from sidecar.errors import InvalidQuery, QueryError, QueryRefused, ReferenceNotUsable
+from sidecar.config import QueryConfig
+from sidecar.query import Requester, SimilarityBackend, SimilarityRequest, effective_k
+from sidecar.search import (
+    BadQuery,
+    Hit,
+    IndexUnavailable,
+    NotEmbedded,
+    Reference,
+    SearchError,
+    SearchFilters,
+    SearchResult,
+    UnknownReference,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrivateTag:
+    """One element of the similarity block (element byte within the block)."""
+
+    offset: int
+    vr: str
+    keyword: str
+    name: str
+    direction: str  # "request" or "response"
+
+    def tag(self, slot: int = 0x10) -> int:
+        """The full tag when the creator holds ``slot`` (0x10 → (0099,10xx))."""
+        return (SIMILARITY_GROUP << 16) | (slot << 8) | self.offset
+
+
+#: The block, in one place: pydicom's dictionary, the DCMTK dictionary file
+#: (``docs/dcmtk/pacs-sidecar.dic``) and the conformance statement follow it.
+PRIVATE_TAGS: Final[tuple[PrivateTag, ...]] = (
+    PrivateTag(0x01, "UI", "SidecarReferenceSOPInstanceUID", "Reference SOP Instance UID",
+               "request"),
+    PrivateTag(0x02, "UI", "SidecarReferenceStudyInstanceUID", "Reference Study Instance UID",
+               "request"),
+    PrivateTag(0x03, "UI", "SidecarReferenceSeriesInstanceUID", "Reference Series Instance UID",
+               "request"),
+    PrivateTag(0x04, "US", "SidecarTopK", "Top K", "request"),
+    PrivateTag(0x05, "CS", "SidecarIncludeSamePatient", "Include Same Patient", "request"),
+    PrivateTag(0x10, "FD", "SidecarSimilarityScore", "Similarity Score", "response"),
+    PrivateTag(0x11, "UL", "SidecarRank", "Rank", "response"),
+    PrivateTag(0x12, "UI", "SidecarBestSOPInstanceUID", "Best Matching SOP Instance UID",
+               "response"),
+    PrivateTag(0x13, "UI", "SidecarBestSeriesInstanceUID", "Best Matching Series Instance UID",
+               "response"),
+    PrivateTag(0x14, "LO", "SidecarModelID", "Model ID", "response"),
+)
+_BY_OFFSET = {t.offset: t for t in PRIVATE_TAGS}
+REF_SOP, REF_STUDY, REF_SERIES, TOP_K, SAME_PATIENT = 0x01, 0x02, 0x03, 0x04, 0x05
+SCORE, RANK, BEST_SOP, BEST_SERIES, MODEL_ID = 0x10, 0x11, 0x12, 0x13, 0x14
+#: Standard keys that become search filters (applied before ranking).
+_FILTER_KEYWORDS: Final = ("Modality", "ModalitiesInStudy", "StudyDate", "BodyPartExamined")
+#: Keys filled from the hit itself (the best-matching series) rather than the catalogue row.
+_FROM_HIT: Final = ("Modality", "BodyPartExamined")
+_LEVELS = {Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "image"}
+_HIT_UID = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
+            Level.IMAGE: "SOPInstanceUID"}
+
+
+def register_private_dictionary() -> None:
+    """Add the block's elements to pydicom's private dictionary (idempotent)."""
+    add_private_dict_entries(
+        SIMILARITY_CREATOR,
+        {t.tag(0x10): (t.vr, "1", t.name, "") for t in PRIVATE_TAGS},
+    )
+
+
+register_private_dictionary()
+
+
+def dcmtk_dictionary() -> str:
+    """The block as a DCMTK data dictionary (for ``DCMDICTPATH``; see docs/conformance.md)."""
+    lines = [
+        "# pacs-sidecar similarity C-FIND private block, for DCMTK tools (findscu, dcmdump).",
+        "# Generated from sidecar/dicom_scp/similarity.py (PRIVATE_TAGS); do not edit.",
+        "# Use: DCMDICTPATH=/usr/share/libdcmtk17/dicom.dic:/usr/share/libdcmtk17/private.dic:"
+        "THIS_FILE",
+    ]
+    for t in PRIVATE_TAGS:
+        lines.append(
+            f'(0099,"{SIMILARITY_CREATOR}",{t.offset:02X})\t{t.vr}\t{t.keyword}\t1\tPrivateTag'
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ parsing
+def _block(identifier: Dataset) -> PrivateBlock:
+    try:
+        return identifier.private_block(SIMILARITY_GROUP, SIMILARITY_CREATOR)
+    except KeyError:
+        raise InvalidQuery(f"private creator {SIMILARITY_CREATOR!r} missing") from None
+
+
+def _value(block: PrivateBlock, offset: int, little_endian: bool) -> Any:
+    """The block element's value by its known VR (``None`` when absent or empty)."""
+    tag = block.get_tag(offset)
+    if tag not in block.dataset:
+        return None
+    elem = block.dataset[tag]
+    spec = _BY_OFFSET[offset]
+    value = elem.value
+    if value is None or value == b"" or value == "":
+        return None
+    if elem.VR in ("UN", "OB") and isinstance(value, bytes):
+        if spec.vr == "US":
+            if len(value) != 2:
+                raise InvalidQuery(f"{spec.name}: {len(value)} bytes, US needs 2", tag)
+            return int.from_bytes(value, "little" if little_endian else "big")
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidQuery(f"{spec.name}: not ASCII text", tag) from None
+    if spec.vr == "US":
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise InvalidQuery(f"{spec.name}: {value[:16]!r} is not a number", tag) from None
+        return int(value) if value is not None else None
+    text = str(value).strip(" \x00")
+    return text or None
+
+
+@dataclass(frozen=True)
+class ParsedSimilarity:
+    """A similarity identifier, understood.
+
+    ``standard`` is the identifier's standard part parsed as an ordinary
+    C-FIND at the same level (return keys, and the conditions of keys that
+    are not search filters).
+    """
+
+    request: SimilarityRequest
+    level: Level
+    standard: FindQuery
+    post_filter: bool
+    keys_from_hit: tuple[str, ...]
+
+
+def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
+    """Parse a similarity C-FIND identifier.
+
+    Raises
+    ------
+    InvalidQuery
+        Missing creator, no reference or more than one, a malformed UID, top-K
+        or include-same-patient value, a PATIENT level, or a bad standard key.
+    """
+    block = _block(identifier)
+    little = bool(getattr(identifier, "original_encoding", (True, True))[1] is not False)
+    refs = {off: _value(block, off, little) for off in (REF_SOP, REF_STUDY, REF_SERIES)}
+    given = {off: v for off, v in refs.items() if v}
+    if len(given) != 1:
+        raise InvalidQuery(
+            "give exactly one reference: (0099,xx01), (0099,xx02) or (0099,xx03)"
+            if given else "no reference UID in (0099,xx01), (0099,xx02) or (0099,xx03)",
+            block.get_tag(REF_SOP),
+        )
+    ((offset, uid),) = given.items()
+    try:
+        if offset == REF_SOP:
+            reference = Reference.instance(uid)
+        elif offset == REF_STUDY:
+            reference = Reference.study(uid)
+        else:
+            reference = Reference.series(uid)
+    except BadQuery:
+        raise InvalidQuery(f"{_BY_OFFSET[offset].name} is not a valid UID",
+                           block.get_tag(offset)) from None
+    k = _value(block, TOP_K, little)
+    if k is not None and not 0 <= k <= 0xFFFF:
+        raise InvalidQuery("top-K out of range", block.get_tag(TOP_K))
+    same = _value(block, SAME_PATIENT, little)
+    if same is not None and str(same).upper() not in ("YES", "NO"):
+        raise InvalidQuery("include same patient must be YES or NO", block.get_tag(SAME_PATIENT))
+
+    # The standard part: no private elements; the filter keys become return keys.
+    standard = Dataset()
+    filters: dict[str, str] = {}
+    for elem in identifier:
+        if elem.tag.group == SIMILARITY_GROUP:
+            continue
+        keyword = keyword_for_tag(int(elem.tag))
+        if keyword in _FILTER_KEYWORDS:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            text = "\\".join(str(v).strip() for v in values if v not in (None, ""))
+            if text:
+                filters[keyword] = text
+            standard.add(DataElement(elem.tag, elem.VR, None))
+            continue
+        standard.add(elem)
+    std = parse_query(standard, model, hierarchical=False)
+    if std.level is Level.PATIENT:
+        raise InvalidQuery("similarity queries rank STUDY, SERIES or IMAGE level",
+                           0x00080052)
+    modalities = "\\".join(x for x in (filters.get("Modality"), filters.get("ModalitiesInStudy"))
+                           if x)
+    search_filters = SearchFilters(
+        modalities=tuple(m for m in modalities.split("\\") if m),
+        study_date=filters.get("StudyDate", ""),
+        body_part=filters.get("BodyPartExamined", ""),
+    )
+    try:
+        search_filters.catalogue()  # validate now: a bad filter is the identifier's fault
+    except BadQuery as exc:
+        raise InvalidQuery(str(exc)) from None
+    from_hit = tuple(kw for kw in _FROM_HIT if kw in standard)
+    unsupported = tuple(u for u in std.unsupported if u not in from_hit)
+    std = FindQuery(std.model, std.level, std.conditions, std.returns, unsupported,
+                    std.character_set)
+    return ParsedSimilarity(
+        request=SimilarityRequest(
+            reference=reference,
+            k=k,
+            level=_LEVELS[std.level],  # type: ignore[arg-type]
+            include_same_patient=str(same or "NO").upper() == "YES",
+            filters=search_filters,
+        ),
+        level=std.level,
+        standard=std,
+        post_filter=bool(std.conditions),
+        keys_from_hit=from_hit,
+    )
+
+
+# ------------------------------------------------------------------- errors
+def search_error_to_query_error(exc: SearchError, reference: Reference) -> QueryError:
+    """The C-FIND failure for a search error, with an Error Comment that fits 64 characters.
+
+    * :class:`BadQuery` → :class:`InvalidQuery` (0xA900)
+    * :class:`UnknownReference` → ``ReferenceNotUsable("unknown")`` (0xC001)
+    * :class:`NotEmbedded` → ``ReferenceNotUsable("not_embedded")`` (0xC002)
+    * :class:`IndexUnavailable` → :class:`QueryRefused` (0xA700)
+    """
+    kind = reference.kind
+    if isinstance(exc, BadQuery):
+        return InvalidQuery(str(exc))
+    if isinstance(exc, UnknownReference):
+        return ReferenceNotUsable("unknown", f"unknown reference {kind}: not in the archive")
+    if isinstance(exc, NotEmbedded):
+        state = exc.state
+        if state == "failed":
+            text = f"reference {kind} not embedded: embedding failed"
+        elif state == "skipped":
+            text = f"reference {kind} is not an image (not embedded)"
+        elif state == "embedded":
+            text = f"reference {kind} not embedded by the serving model yet"
+        else:
+            text = f"reference {kind} not embedded yet (pending)"
+        return ReferenceNotUsable("not_embedded", text)
+    if isinstance(exc, IndexUnavailable):
+        return QueryRefused(str(exc))
+    return QueryRefused(str(exc))
+
+
+# ----------------------------------------------------------------- responses
+class SimilarityFind:
+    """The similarity C-FIND branch of a :class:`~sidecar.dicom_scp.server.DicomNode`.
+
+    Parameters
+    ----------
+    backend
+        Answers the search (:class:`sidecar.query.QueryService` in the main
+        process, :class:`sidecar.query_ipc.QueryClient` in a receiver process).
+    engine
+        The process's engine, to read the requested standard keys of the hits.
+    query_config
+        The ``query`` section (top-K default and cap).
+    retrieve_ae_title
+        RetrieveAETitle of every response.
+    """
+
+    def __init__(self, backend: SimilarityBackend, engine: Engine, query_config: QueryConfig, *,
+                 retrieve_ae_title: str) -> None:
+        self._backend = backend
+        self._engine = engine
+        self._query_cfg = query_config
+        self.retrieve_ae_title = retrieve_ae_title
+
+    def __call__(self, request: FindRequest) -> FindAnswer:
+        """Answer a similarity identifier (see the module documentation)."""
+        parsed = parse_similarity(request.identifier, request.model)
+        req = parsed.request
+        wanted = effective_k(self._query_cfg, req.k)
+        if parsed.post_filter:  # rank as many as allowed, then match the other keys
+            req = SimilarityRequest(req.reference, self._query_cfg.max_k, req.level,
+                                    req.include_same_patient, req.filters)
+        requester = Requester("dicom", request.calling_ae_title, request.calling_host)
+        try:
+            result = self._backend.search(req, requester)
+        except SearchError as exc:
+            logger.debug("similarity query refused: %s", exc)
+            raise search_error_to_query_error(exc, req.reference) from exc
+        hits: Sequence[Hit] = result.hits
+        rows = self._rows(parsed, hits)
+        if parsed.post_filter:
+            hits = [h for h in hits if self._hit_uid(parsed.level, h) in rows][:wanted]
+        return FindAnswer(
+            level=parsed.level,
+            identifiers=self._responses(parsed, result, hits, rows),
+            count=len(hits),
+            pending=parsed.standard.pending_status,
+        )
+
+    @staticmethod
+    def _hit_uid(level: Level, hit: Hit) -> str:
+        if level is Level.STUDY:
+            return hit.study_instance_uid
+        if level is Level.SERIES:
+            return hit.series_instance_uid
+        return hit.sop_instance_uid
+
+    def _rows(self, parsed: ParsedSimilarity, hits: Sequence[Hit]) -> dict[str, Row[Any]]:
+        """Catalogue rows of the hits with the requested keys (and the standard conditions)."""
+        if not hits:
+            return {}
+        level = parsed.level
+        uid_key = KEYS[_HIT_UID[level]]
+        uids = [self._hit_uid(level, h) for h in hits]
+        stmt = build_select(parsed.standard).where(uid_key.column.in_(uids))
+        stmt = stmt.add_columns(uid_key.column.label("_hit_uid"))
+        try:
+            with self._engine.connect() as conn:
+                found = conn.execute(stmt).all()
+        except SQLAlchemyError as exc:
+            logger.error("similarity C-FIND catalogue read failed: %s", exc.__class__.__name__)
+            raise QueryRefused(f"catalogue unavailable ({exc.__class__.__name__})") from exc
+        return {str(r._mapping["_hit_uid"]): r for r in found}
+
+    def _responses(
+        self, parsed: ParsedSimilarity, result: SearchResult, hits: Sequence[Hit],
+        rows: dict[str, Row[Any]],
+    ) -> Iterator[Dataset]:
+        for rank, hit in enumerate(hits, start=1):
+            row = rows.get(self._hit_uid(parsed.level, hit))
+            if row is None:  # deleted between ranking and now
+                continue
+            ds = response_identifier(parsed.standard, row, self.retrieve_ae_title)
+            for keyword in parsed.keys_from_hit:
+                value = hit.modality if keyword == "Modality" else hit.body_part_examined
+                ds[keyword].value = value or None
+            block = ds.private_block(SIMILARITY_GROUP, SIMILARITY_CREATOR, create=True)
+            block.add_new(SCORE, "FD", float(hit.score))
+            block.add_new(RANK, "UL", rank)
+            block.add_new(BEST_SOP, "UI", hit.sop_instance_uid)
+            block.add_new(BEST_SERIES, "UI", hit.series_instance_uid)
+            block.add_new(MODEL_ID, "LO", result.model_id)
+            yield ds
+
+
+def status_for(exc: QueryError) -> Status | None:
+    """The specific status of a :class:`ReferenceNotUsable` (``None`` for other errors)."""
+    if isinstance(exc, ReferenceNotUsable):
+        return Status.UNKNOWN_REFERENCE if exc.kind == "unknown" else Status.REFERENCE_NOT_EMBEDDED
+    return None
+
+
+__all__ = [
+    "PK_LABEL",
+    "PRIVATE_TAGS",
+    "ParsedSimilarity",
+    "PrivateTag",
+    "SimilarityFind",
+    "dcmtk_dictionary",
+    "parse_similarity",
+    "register_private_dictionary",
+    "search_error_to_query_error",
+    "status_for",
+]
