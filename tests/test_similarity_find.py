@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,7 @@ def test_series_and_image_levels(served: Served) -> None:
     assert top.InstanceNumber == 2
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
 def test_filters_restrict_the_candidates_before_ranking(served: Served) -> None:
     r = served.archive.studies["R"]
     mr = c_find(served.address, similarity(study=r.uid, k=5, StudyInstanceUID="",
@@ -330,12 +332,18 @@ def test_other_keys_filter_the_ranked_hits(served: Served) -> None:
 
 
 # ------------------------------------------------------------------ statuses
+def quiet(build: Callable[[], Dataset]) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid values on purpose
+        return build()
+
+
 @pytest.mark.parametrize("identifier, needle", [
     (similarity(StudyInstanceUID=""), "no reference"),
     (similarity(study="1.2.3", series="1.2.4"), "exactly one"),
-    (similarity(study="1.2.x"), "not a valid UID"),
+    (quiet(lambda: similarity(study="1.2.x")), "not a valid UID"),
     (similarity(study="1.2.3", same_patient="MAYBE"), "YES or NO"),
-    (similarity(study="1.2.3", StudyDate="2024-99"), "StudyDate"),
+    (quiet(lambda: similarity(study="1.2.3", StudyDate="2024-99")), "StudyDate"),
     (similarity(study="1.2.3", QueryRetrieveLevel="FRAME"), "QueryRetrieveLevel"),
 ])
 def test_bad_identifiers_are_refused(served: Served, identifier: Dataset, needle: str) -> None:
@@ -548,3 +556,59 @@ def test_storescu_sends_an_example_then_findscu_refers_to_it(
     found = [served.archive.name_of(dcmread(f).StudyInstanceUID)
              for f in sorted(tmp_path.glob("rsp*.dcm"))]
     assert set(found) == {"C", "E", "N"}
+
+
+# ------------------------------------------------- through receiver processes
+def test_receiver_processes_forward_queries_and_examples(
+    config_factory: Callable[..., Config],
+) -> None:
+    """With receivers in child processes, C-FIND and examples reach the main process's index."""
+    from sidecar.app import Sidecar
+    from sidecar.embeddings.model import TinyEmbedder
+
+    cfg = config_factory({
+        "dicom": {"retrieve_ae_title": PACS_AE},
+        "preprocess": {"slice_spacing_mm": 2.0,
+                       "modality_window": {"CT": "soft_tissue"}},
+        "logging": {"level": "WARNING"},
+    })
+    app = Sidecar(cfg, receiver_processes=2, embedder=TinyEmbedder(), log_level="WARNING")
+    app.start()
+    try:
+        assert app.node is None and app.query_server is not None
+        address = ("127.0.0.1", cfg.dicom.port)
+        layout = {"X": ("PX", [0, 1, 2]), "Y": ("PY", [0, 1, 5]), "Z": ("PZ", [6, 7, 4])}
+        uids: dict[str, str] = {}
+        for name, (patient, bases) in layout.items():
+            uids[name] = generate_uid()
+            series = generate_uid()
+            for i, spec in enumerate(bases):
+                ds = ct_slice(uids[name], series, i + 1, i * 10.0, spec, patient=patient,
+                              date="20240110")
+                assert c_store(address, ds, called="SIDECAR").Status == SUCCESS
+        # still pending: the children's answer comes from the main process
+        early = c_find(address, similarity(study=uids["X"]))
+        assert early.status == NOT_EMBEDDED and "pending" in early.comment
+        app.repository.mark_stable_studies(0.0)
+        assert app.embedding is not None
+        while app.embedding.run_job().series:
+            pass
+        res = c_find(address, similarity(study=uids["X"], k=2, StudyInstanceUID=""))
+        assert res.status == SUCCESS
+        assert [ds.StudyInstanceUID for ds in res.identifiers] == [uids["Y"], uids["Z"]]
+        assert res.identifiers[0].RetrieveAETitle == PACS_AE
+        unknown = c_find(address, similarity(sop="1.2.3.999"))
+        assert unknown.status == UNKNOWN_REFERENCE
+        # an example sent to a child is embedded by the main process
+        example = query_image(6, patient="PE")
+        assert c_store(address, example).Status == SUCCESS
+        by_example = c_find(address, similarity(sop=str(example.SOPInstanceUID), k=1,
+                                                StudyInstanceUID=""))
+        assert [ds.StudyInstanceUID for ds in by_example.identifiers] == [uids["Z"]]
+        audit = [json.loads(x) for x in cfg.audit_log_path.read_text().splitlines()]
+        assert [a["outcome"] for a in audit] == ["not_embedded", "ok", "unknown_reference",
+                                                 "ok"]
+        assert app.health()["ok"] is True
+    finally:
+        app.stop()
+    assert app.query_server is None
