@@ -444,8 +444,8 @@ def _print_result(result: Any) -> None:
 @click.option("--series", "series_uid", metavar="UID", help="Query by an archived series.")
 @click.option("--instance", "instance_uid", metavar="UID",
               help="Query by an archived instance (SOP Instance UID).")
-@click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True,
-              help="Most hits.")
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=None,
+              help="Most hits (default query.default_k; at most query.max_k).")
 @click.option("--level", type=click.Choice(["study", "series", "image"]), default="study",
               show_default=True, help="Rank studies, series or images.")
 @click.option("--same-patient", is_flag=True,
@@ -464,7 +464,7 @@ def search(
     study_uid: str | None,
     series_uid: str | None,
     instance_uid: str | None,
-    k: int,
+    k: int | None,
     level: str,
     same_patient: bool,
     modalities: tuple[str, ...],
@@ -480,10 +480,13 @@ def search(
 
     Works beside a running `sidecar serve`: the index is read from its saved
     files without taking the index lock, brought up to date with the database
-    in memory, and never written. Exit codes: 0 done (even with no hit), 1 the
-    query failed (unknown or not yet embedded reference, no index), 2 usage.
+    in memory, and never written. The query is recorded in the audit log
+    (query.audit_log) with the user's name. Exit codes: 0 done (even with no
+    hit), 1 the query failed (unknown or not yet embedded reference, no
+    index), 2 usage.
     """
     from sidecar.app import open_catalogue
+    from sidecar.query import QueryService, Requester, SimilarityRequest
     from sidecar.search import (
         Level,
         ReadOnlyEmbedding,
@@ -512,15 +515,23 @@ def search(
             study_instance_uid=study_uid, datasets=tuple(datasets),
         )
         parts = ReadOnlyEmbedding(cfg, engine, _embedder)
-        service = SearchService(cfg, engine, parts)
-        result = service.search(
-            reference, k=k, level=cast("Level", level),  # click.Choice checked it
-            include_same_patient=same_patient,
-            filters=SearchFilters(modalities=modalities, study_date=study_date,
-                                  body_part=body_part),
-        )
+        service = QueryService(cfg, SearchService(cfg, engine, parts))
+        try:
+            result = service.search(
+                SimilarityRequest(
+                    reference, k=k, level=cast("Level", level),  # click.Choice checked it
+                    include_same_patient=same_patient,
+                    filters=SearchFilters(modalities=modalities, study_date=study_date,
+                                          body_part=body_part),
+                ),
+                Requester.cli(),
+            )
+        finally:
+            service.close()
     except SidecarError as exc:
         raise click.ClickException(str(exc)) from exc
+    except OSError as exc:  # the audit log cannot be opened
+        raise click.ClickException(f"cannot open the audit log: {exc}") from exc
     finally:
         engine.dispose()
     if as_json:

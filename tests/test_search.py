@@ -628,6 +628,21 @@ def test_cli_json(archive: Archive) -> None:
             "accession_number", "study_description", "series_instance_uid"} <= set(data["hits"][0])
 
 
+def test_cli_uses_the_configured_default_k_and_is_audited(archive: Archive) -> None:
+    audit = archive.config.audit_log_path
+    before = audit.read_text().splitlines() if audit.exists() else []
+    res = cli(archive, "--study", archive.studies["R"].uid, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["k"] == archive.config.query.default_k
+    bad = cli(archive, "--series", "1.2.3.4.5")
+    assert bad.exit_code == 1 and "no series with UID 1.2.3.4.5" in bad.output
+    records = [json.loads(x) for x in audit.read_text().splitlines()[len(before):]]
+    assert [(r["interface"], r["outcome"]) for r in records] == [
+        ("cli", "ok"), ("cli", "unknown_reference")]
+    assert records[0]["requester"] and records[0]["hits"] == 7
+    assert records[0]["reference"] == {"kind": "study", "uid": archive.studies["R"].uid}
+
+
 def test_cli_filters_and_same_patient(archive: Archive) -> None:
     r = archive.studies["R"].uid
     res = cli(archive, "--study", r, "--same-patient", "--json")

@@ -346,6 +346,7 @@ def quiet(build: Callable[[], Dataset]) -> Dataset:
     (quiet(lambda: similarity(study="1.2.3", StudyDate="2024-99")), "StudyDate"),
     (similarity(study="1.2.3", QueryRetrieveLevel="FRAME"), "QueryRetrieveLevel"),
 ])
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
 def test_bad_identifiers_are_refused(served: Served, identifier: Dataset, needle: str) -> None:
     res = c_find(served.address, identifier)
     assert res.status == DOES_NOT_MATCH and res.identifiers == []
