@@ -33,9 +33,9 @@ if TYPE_CHECKING:  # torch is imported only when embedding is on
     from collections.abc import Callable
 
     from sidecar.embeddings.model import Embedder
-    from sidecar.http_api import HttpServer
     from sidecar.embeddings.service import IndexService
     from sidecar.embeddings.worker import EmbeddingWorker, WorkStats
+    from sidecar.http_api import HttpServer
 
 logger = logging.getLogger(__name__)
 

@@ -1007,8 +1007,11 @@ class SearchService:
             self._queries.patient_by_id(images.patient_id, images.issuer_of_patient_id)
             if images.patient_id else None
         )
+        vectors = images.vectors
+        if vectors.shape[0] > MAX_QUERY_SLICES:  # e.g. a whole example series
+            vectors = vectors[_spread(vectors.shape[0], MAX_QUERY_SLICES)]
         return _Query(
-            vectors=images.vectors,
+            vectors=vectors,
             info_kind=kind,
             info_uid=images.sop_instance_uid or "(no SOP Instance UID)",
             own_study_pk=study_pk,

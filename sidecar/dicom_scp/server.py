@@ -53,7 +53,7 @@ from sidecar.errors import (
     StorageFailure,
 )
 from sidecar.query import Requester, SimilarityBackend
-from sidecar.search import BadQuery, IndexUnavailable, SearchError
+from sidecar.search import IndexUnavailable, SearchError
 
 logger = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ class DicomNode:
         try:
             data = event.encoded_dataset(include_meta=True)
             self._examples.add_example(data, who)
-        except (BadQuery, SearchError) as exc:
+        except SearchError as exc:
             code = (Status.OUT_OF_RESOURCES if isinstance(exc, IndexUnavailable)
                     else Status.CANNOT_UNDERSTAND)
             logger.info("example image from %s@%s refused: %s", who.name, who.address,

@@ -46,6 +46,7 @@ from pydicom.dataset import Dataset, PrivateBlock
 from sqlalchemy import Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 
+from sidecar.config import QueryConfig
 from sidecar.dicom_scp.find import (
     KEYS,
     PK_LABEL,
@@ -61,7 +62,6 @@ from sidecar.dicom_scp.find import (
 )
 from sidecar.dicom_scp.statuses import Status
 from sidecar.errors import InvalidQuery, QueryError, QueryRefused, ReferenceNotUsable
-from sidecar.config import QueryConfig
 from sidecar.query import Requester, SimilarityBackend, SimilarityRequest, effective_k
 from sidecar.search import (
     BadQuery,
@@ -74,6 +74,7 @@ from sidecar.search import (
     SearchResult,
     UnknownReference,
 )
+from sidecar.search import Level as SearchLevel
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ SCORE, RANK, BEST_SOP, BEST_SERIES, MODEL_ID = 0x10, 0x11, 0x12, 0x13, 0x14
 _FILTER_KEYWORDS: Final = ("Modality", "ModalitiesInStudy", "StudyDate", "BodyPartExamined")
 #: Keys filled from the hit itself (the best-matching series) rather than the catalogue row.
 _FROM_HIT: Final = ("Modality", "BodyPartExamined")
-_LEVELS = {Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "image"}
+_LEVELS: dict[Level, SearchLevel] = {
+    Level.STUDY: "study", Level.SERIES: "series", Level.IMAGE: "image",
+}
 _HIT_UID = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
             Level.IMAGE: "SOPInstanceUID"}
 
@@ -281,7 +284,7 @@ def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
         request=SimilarityRequest(
             reference=reference,
             k=k,
-            level=_LEVELS[std.level],  # type: ignore[arg-type]
+            level=_LEVELS[std.level],
             include_same_patient=str(same or "NO").upper() == "YES",
             filters=search_filters,
         ),
