@@ -259,7 +259,9 @@ class Sidecar:
         if config.http.enabled:
             from sidecar.http_api import HttpServer, create_app
 
-            self.http = HttpServer(config.http, create_app(self.query, self.metrics, self.health))
+            self.http = HttpServer(config.http, create_app(
+                self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
+            ))
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.mark_stable,

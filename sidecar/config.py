@@ -82,7 +82,10 @@ class PeerConfig(_Section):
 class DicomConfig(_Section):
     """The DICOM node (pynetdicom)."""
 
-    ae_title: str = Field("SIDECAR", description="Our AE title; the called AE title must match.")
+    ae_title: str = Field(
+        "SIDECAR",
+        description="Our AE title; the called AE title must match it (or query.example_ae_title).",
+    )
     bind_address: str = Field(
         "127.0.0.1",
         description="Address to listen on. The default accepts local connections only; "
@@ -90,7 +93,9 @@ class DicomConfig(_Section):
     )
     port: int = Field(11112, ge=1, le=65535, description="TCP port to listen on.")
     require_called_ae_title: bool = Field(
-        True, description="Reject associations whose called AE title is not ae_title."
+        True,
+        description="Reject associations whose called AE title is neither ae_title nor "
+        "query.example_ae_title.",
     )
     allow_loopback: bool = Field(
         True, description="Accept any calling AE title from a loopback address (127.0.0.0/8, ::1)."

@@ -237,7 +237,10 @@ class AuditLog:
 
     One line per query, answered or refused: UTC time, interface, requester
     name and address, reference kind and UID, level, k, filters, outcome,
-    number of hits, the Study Instance UIDs returned, model id and latency.
+    number of hits, the Study Instance UIDs of the hits, model id and latency.
+    The hits are those the search disclosed to the front door; a similarity
+    C-FIND that matches other keys after ranking (see
+    :mod:`sidecar.dicom_scp.similarity`) may send fewer of them.
     The file is created with mode 0600; each record is written with one
     ``write`` on a descriptor opened with ``O_APPEND`` (whole lines, even
     with several writers), without fsync.

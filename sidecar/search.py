@@ -751,8 +751,8 @@ class SearchService:
             raise BadQuery(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
         flt = (filters or SearchFilters()).catalogue()
         if self._embedding is None:
-            raise IndexUnavailable("similarity search is unavailable: embedding is turned off "
-                                   "(worker.enabled: false)")
+            raise IndexUnavailable("similarity search off: embedding is turned off "
+                                   "(worker.enabled)")
         serving = self._embedding.serving  # one snapshot: a model swap may happen meanwhile
         model_id, dim, index = serving.model_id, serving.dim, serving.index
 
@@ -930,8 +930,8 @@ class SearchService:
         if not datasets:
             raise BadQuery("no query image")
         if self._embedding is None:
-            raise IndexUnavailable("query by image is unavailable: embedding is turned off "
-                                   "(worker.enabled: false)")
+            raise IndexUnavailable("query by image off: embedding is turned off "
+                                   "(worker.enabled)")
         embedder = self._embedding.embedder
         serving = self._embedding.serving
         model_id, dim = serving.model_id, serving.dim
@@ -956,7 +956,9 @@ class SearchService:
                 try:
                     infos.extend(preprocess.frame_infos(datasets[i], i))
                 except Exception as exc:  # noqa: BLE001 - any unusable header is the query's fault
-                    raise BadQuery(f"query image {_sop(datasets[i])}: {exc}") from exc
+                    raise BadQuery(
+                        f"query image cannot be read: {exc} (image {_sop(datasets[i])})"
+                    ) from exc
             frames: dict[int, list[int]] = defaultdict(list)
             for i, frame in preprocess.sample(infos, self._cfg.preprocess):
                 frames[i].append(frame)
@@ -968,7 +970,7 @@ class SearchService:
                     ))
                 except Exception as exc:  # noqa: BLE001 - as the worker: the image is unusable
                     raise BadQuery(
-                        f"query image {_sop(datasets[i])} cannot be embedded: {exc}"
+                        f"query image cannot be embedded: {exc} (image {_sop(datasets[i])})"
                     ) from exc
         if not arrays:
             raise BadQuery("the query images hold no slice to embed")

@@ -138,3 +138,75 @@ def test_ctrl_c_to_the_process_group_stops_everything(served: Served) -> None:
                  "zombie" in Path(f"/proc/{k}/status").read_text().lower(),
                  10, f"receiver {kid} to exit")
     assert "Traceback" not in served.log.read_text()
+
+
+def test_serve_answers_similarity_over_dicom_and_http(tmp_path: Path) -> None:
+    """`sidecar serve` end to end: receivers in child processes, the shipped model, HTTP on."""
+    import urllib.request
+
+    from tests.test_similarity_find import c_find, similarity
+
+    port, http_port = free_port(), free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "dicom": {"port": port, "receiver_processes": 2, "retrieve_ae_title": "PACS"},
+        "worker": {"enabled": True, "interval": 0.5},
+        "stability": {"stable_age": 0.5, "check_interval": 0.5},
+        "storage": {"data_dir": "data", "min_free_mb": 1},
+        "http": {"enabled": True, "port": http_port},
+        "logging": {"level": "INFO"},
+    }))
+    log = tmp_path / "serve.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([SIDECAR, "--config", str(cfg), "serve"], stdout=fh,
+                                stderr=subprocess.STDOUT, text=True, env=_env(),
+                                start_new_session=True)
+    served = Served(proc, port, cfg, log)
+    try:
+        wait_for(lambda: "sidecar ready" in log.read_text() or proc.poll() is not None,
+                 60, "sidecar ready")
+        assert proc.poll() is None, log.read_text()
+        studies = [generate_uid() for _ in range(3)]
+        series = [generate_uid() for _ in range(3)]
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CT_IMAGE_STORAGE)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SIDECAR")
+        for i, study in enumerate(studies):
+            for n in range(2):  # studies 0 and 1 hold the same pixels
+                ds = make_ct(study_uid=study, series_uid=series[i], instance_number=n + 1,
+                             seed=100 + (i // 2) * 10 + n, patient_id=f"P{i}")
+                assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        wait_for(lambda: served.status()["instances"]["embedded"] == 6, 90,  # type: ignore[index]
+                 "six embedded instances")
+
+        res = c_find(("127.0.0.1", port), similarity(study=studies[0], k=2,
+                                                     StudyInstanceUID=""))
+        assert res.status == 0
+        assert [str(ds.StudyInstanceUID) for ds in res.identifiers][0] == studies[1]
+        assert res.private(0x10)[0] > 0.999 and res.identifiers[0].RetrieveAETitle == "PACS"
+
+        base = f"http://127.0.0.1:{http_port}"
+        with urllib.request.urlopen(f"{base}/v1/similar?study={studies[0]}&k=2") as rsp:
+            body = json.loads(rsp.read())
+        assert [h["study_instance_uid"] for h in body["hits"]][0] == studies[1]
+        with urllib.request.urlopen(f"{base}/healthz") as rsp:
+            health = json.loads(rsp.read())
+        assert health["status"] == "ok", health
+        with urllib.request.urlopen(f"{base}/metrics") as rsp:
+            metrics = rsp.read().decode()
+        assert 'sidecar_instances{state="embedded"} 6.0' in metrics
+        assert 'sidecar_queries_total{interface="dicom",outcome="ok"} 1.0' in metrics
+        assert 'sidecar_queries_total{interface="http",outcome="ok"} 1.0' in metrics
+        audit = (tmp_path / "data" / "audit" / "similarity-queries.jsonl").read_text()
+        assert [json.loads(x)["interface"] for x in audit.splitlines()] == ["dicom", "http"]
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert studies[0] not in text and "P0" not in text.split()  # no UIDs/IDs at INFO
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -340,7 +340,7 @@ def quiet(build: Callable[[], Dataset]) -> Dataset:
 
 @pytest.mark.parametrize("identifier, needle", [
     (similarity(StudyInstanceUID=""), "no reference"),
-    (similarity(study="1.2.3", series="1.2.4"), "exactly one"),
+    (similarity(study="1.2.3", series="1.2.4"), "give one reference"),
     (quiet(lambda: similarity(study="1.2.x")), "not a valid UID"),
     (similarity(study="1.2.3", same_patient="MAYBE"), "YES or NO"),
     (quiet(lambda: similarity(study="1.2.3", StudyDate="2024-99")), "StudyDate"),
@@ -477,7 +477,7 @@ def test_example_series_can_be_the_reference(served: Served) -> None:
 def test_example_that_is_not_an_image_is_refused(served: Served) -> None:
     status = c_store(served.address, make_sr())
     assert status.Status == CANNOT_UNDERSTAND
-    assert "example not usable" in status.ErrorComment
+    assert status.ErrorComment.startswith("example: query image cannot be ")
 
 
 def test_only_our_two_ae_titles_are_accepted(served: Served) -> None:

@@ -403,7 +403,7 @@ class DicomNode:
             logger.info("example image from %s@%s refused: %s", who.name, who.address,
                         exc.__class__.__name__)
             logger.debug("example image refused: %s", exc)
-            return _status(code, f"example not usable: {exc}")
+            return _status(code, f"example: {exc}")
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
             logger.exception("unexpected error embedding an example from %s", who.name)
             return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")

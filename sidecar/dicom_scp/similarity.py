@@ -224,7 +224,7 @@ def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
     given = {off: v for off, v in refs.items() if v}
     if len(given) != 1:
         raise InvalidQuery(
-            "give exactly one reference: (0099,xx01), (0099,xx02) or (0099,xx03)"
+            "give one reference: (0099,xx01), (0099,xx02) or (0099,xx03)"
             if given else "no reference UID in (0099,xx01), (0099,xx02) or (0099,xx03)",
             block.get_tag(REF_SOP),
         )
@@ -403,10 +403,8 @@ class SimilarityFind:
         self, parsed: ParsedSimilarity, result: SearchResult, hits: Sequence[Hit],
         rows: dict[str, Row[Any]],
     ) -> Iterator[Dataset]:
-        for rank, hit in enumerate(hits, start=1):
-            row = rows.get(self._hit_uid(parsed.level, hit))
-            if row is None:  # deleted between ranking and now
-                continue
+        present = [(h, rows[u]) for h in hits if (u := self._hit_uid(parsed.level, h)) in rows]
+        for rank, (hit, row) in enumerate(present, start=1):  # a hit deleted meanwhile is skipped
             ds = response_identifier(parsed.standard, row, self.retrieve_ae_title)
             for keyword in parsed.keys_from_hit:
                 value = hit.modality if keyword == "Modality" else hit.body_part_examined
