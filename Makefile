@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run test setup setup-test lint typecheck bench bench-ingest bench-embed clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed clean
 
 setup:
 	@scripts/setup.sh
@@ -14,6 +14,10 @@ setup-test:
 ## Start the sidecar in the foreground with config/sidecar.yaml.
 run: setup
 	$(BIN)/sidecar --config $(CONFIG) serve
+
+## Demo: Orthanc as the PACS forwards sample studies; one similarity query, ranked.
+demo: setup-test
+	$(BIN)/python scripts/demo.py
 
 ## Run the whole test suite (lint and type checks first).
 test: setup-test

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything pacs-sidecar needs on a fresh Debian machine, idempotently.
 #   scripts/setup.sh            runtime: virtualenv + pinned Python dependencies
-#   scripts/setup.sh --test     also the test/benchmark tools (DCMTK) via apt when root
+#   scripts/setup.sh --test     also the test/benchmark/demo tools (DCMTK, Orthanc) via apt when root
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,14 +11,26 @@ want_test=0
 VENV=${VENV:-.venv}
 STAMP="$VENV/.installed"
 
-# ---- system packages (tests and benchmarks drive real DICOM clients) ----
-if [ "$want_test" = 1 ] && [ ! -x /usr/bin/storescu ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing DCMTK (apt)" >&2
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null
-    else
-        echo "setup: DCMTK not found and not root: tests that need it will be skipped" >&2
+# ---- system packages (tests, benchmarks and the demo drive real DICOM programs) ----
+if [ "$want_test" = 1 ]; then
+    missing=()
+    [ -x /usr/bin/storescu ] || missing+=(dcmtk)
+    [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "setup: installing ${missing[*]} (apt)" >&2
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+            # Only the binary is used (tests and demo run their own Orthanc on free
+            # ports); the package's service would hold 8042, the sidecar's HTTP port.
+            if [[ " ${missing[*]} " == *" orthanc "* ]] && command -v systemctl >/dev/null \
+                    && systemctl is-active --quiet orthanc 2>/dev/null; then
+                echo "setup: stopping and disabling the orthanc system service" >&2
+                systemctl disable --now orthanc >/dev/null 2>&1 || true
+            fi
+        else
+            echo "setup: ${missing[*]} not found and not root: tests that need them will be skipped" >&2
+        fi
     fi
 fi
 
