@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality clean
 
 setup:
 	@scripts/setup.sh
@@ -32,13 +32,24 @@ typecheck: setup-test
 	$(BIN)/mypy
 
 ## Benchmarks (not part of the tests).
-bench: bench-ingest bench-embed
+bench: bench-ingest bench-embed bench-query bench-quality
 
 bench-ingest: setup-test
 	$(BIN)/python bench/ingest.py
 
 bench-embed: setup-test
 	$(BIN)/python bench/embed.py
+
+## Retrieval quality on MedMNIST (../shared/data), paths (a) and (b), no limit: ~6 min on 2 cores.
+MEDMNIST ?= ../shared/data/medmnist
+bench-quality: setup-test
+	@for set in breastmnist pneumoniamnist; do \
+	  if [ ! -f $(MEDMNIST)/$$set.npz ]; then echo "bench-quality: $(MEDMNIST)/$$set.npz absent, skipped"; continue; fi; \
+	  $(BIN)/sidecar --log-level WARNING evaluate --path both $(MEDMNIST)/$$set.npz || exit 1; echo; \
+	done
+
+bench-query: setup-test
+	$(BIN)/python bench/query.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

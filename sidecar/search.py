@@ -30,22 +30,35 @@ Query vectors
 
 Ranking (study and series levels)
 ---------------------------------
-1. **Candidates.** (a) The ``C = max(RERANK_FACTOR * k, MIN_CANDIDATES)``
-   studies (series) whose stored *mean* vector (``StudyVector`` /
-   ``SeriesVector``: the normalised mean of their slice vectors) is nearest, by
-   exact cosine, to the normalised mean of the query slices. The means of the
-   serving model are held in memory as one float32 matrix per level (512 bytes
-   per row at 128-d: 51 MB for 100 000 studies; a product costs a few ms),
-   reloaded when the number of means or the highest slice key changes (checked
-   at most every ``refresh_interval`` seconds). Exact search over the means
-   makes filters and exclusions exact (a row mask) with no over-fetch. (b)
+1. **Candidates.** (a) By the series' stored *mean* vectors (``SeriesVector``:
+   the normalised mean of a series' slice vectors), exact cosine to the
+   normalised mean of the query slices: at series level the
+   ``C = max(RERANK_FACTOR * k, MIN_CANDIDATES)`` nearest series; at study
+   level the first ``C`` studies of the nearest ``SERIES_PER_STUDY_FETCH * C``
+   series (each study once, ranked by its best series; fewer when studies
+   have many series). Series rather than study means: a study holding one
+   matching series among unrelated ones has a diluted study mean (study-level
+   recall@10 against exact re-ranking of every study, ``bench/query.py``
+   data, 100 000 vectors: 0.987 with study means, 0.9995 with series means,
+   same latency). The series means of the serving model are held in memory as
+   one float32 matrix (512 bytes per row at 128-d: 51 MB for 100 000 series;
+   a product costs a few ms), reloaded when the number of means or the highest
+   slice key changes (checked at most every ``refresh_interval`` seconds).
+   Exact search over the means makes filters and exclusions exact (a row
+   mask) with no over-fetch. (b)
    Because a mean can hide a single matching slice among many unrelated ones,
    the studies (series) of each query slice's nearest slices in the serving
-   hnswlib index (``max(2k, 20)`` neighbours per query slice) are added, at most
-   ``C`` of them, best slice first. This also finds studies embedded since
-   the means were last loaded.
-2. **Re-ranking** with slice vectors (read from the database, the source of
-   truth): for each candidate ``s`` with slices ``V_s``,
+   hnswlib index are added, at most ``C`` of them, best slice first. The
+   index is asked for ``max(2k, 20)`` neighbours per query slice plus the
+   number of slices of the excluded studies (at most
+   :data:`MAX_EXCLUDED_FETCH` more): the reference's own slices are usually
+   the nearest, and without this they crowd out the others (study-level
+   recall@10 against exact re-ranking of every study rose from 0.959 to
+   0.987 on ``bench/query.py``'s 100 000 vectors). This also finds studies
+   embedded since the means were last loaded.
+2. **Re-ranking** with the stored slice vectors (the float16 values of the
+   database, the source of truth, normalised): for each candidate ``s`` with
+   slices ``V_s``,
    ``score(s) = mean_i max_j cos(q_i, v_j)``, ``q_i`` the query slices: every
    query slice is matched with its best counterpart in the candidate, and the
    matches are averaged. A candidate that holds one slice identical to a
@@ -53,6 +66,30 @@ Ranking (study and series levels)
    means alone would push it down (see ``tests/test_search.py``). The hit's
    best series and instance are those of the best (query slice, slice) pair.
 3. Hits are sorted by score (ties: by UID) and cut to ``k``.
+
+The slice cache
+---------------
+Reading a hundred candidates' slice vectors from the database costs tens of
+milliseconds per query (thousands of rows at 100 000 vectors), so a service
+holds the serving model's stored slice vectors in memory (``slice_cache``,
+on by default except for a :class:`ReadOnlyEmbedding`, where a one-shot
+query is cheaper than loading them all): one unit float32 row per slice
+(exactly the values the database path computes), with the study, series and
+instance keys of each label, grouped by study and by series (about 600 bytes
+per slice vector: 60 MB per 100 000; loading costs 0.5-1.5 s per 100 000 on
+a 2-core machine, done by :meth:`SearchService.warm` or the first query). It
+serves the query vectors of study and series references, the owners of ANN
+hits (both levels' candidates and image level) and the re-ranking. Like the means it is
+an immutable view, checked against the database with the means' signature
+(number of series means, highest slice key) at most every
+``refresh_interval`` seconds, and at once when the index returns a label
+above the highest key it has seen (the worker commits rows before it adds
+them to the index): new rows are appended (keys only grow); a deleted study
+(its series means gone) leaves the view; rows of an instance embedded again
+(a replaced file) give way to the new ones. A reference whose slices are not
+in the view yet (embedded within the last ``refresh_interval``) is read from
+the database. Without the cache the same code runs on the rows read from
+the database per query.
 
 Ranking (image level)
 ---------------------
@@ -84,9 +121,10 @@ exit code, HTTP status).
 Concurrency
 -----------
 :meth:`SearchService.search` is thread-safe: the index has its own
-readers-writer lock, the mean matrices are immutable snapshots swapped under
-a lock, and each query reads with its own connections. The service never
-writes to the database.
+readers-writer lock, the mean matrices and slice views are immutable
+snapshots swapped under a lock (a newer view only writes past the rows an
+older one uses), and each query reads with its own connections. The service
+never writes to the database.
 
 Read-only opening
 -----------------
@@ -107,7 +145,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
 import numpy as np
@@ -145,6 +183,10 @@ LEVELS: Final[tuple[str, ...]] = get_args(Level)
 RERANK_FACTOR: Final = 10
 """Candidates re-ranked per requested hit (``C = max(RERANK_FACTOR * k, MIN_CANDIDATES)``)."""
 MIN_CANDIDATES: Final = 50
+MAX_EXCLUDED_FETCH: Final = 256
+"""Most extra ANN neighbours per query slice fetched past the excluded studies' slices."""
+SERIES_PER_STUDY_FETCH: Final = 4
+"""Study level: series means ranked per candidate study wanted (several may share a study)."""
 MAX_K: Final = 1000
 """Most hits one query may ask for."""
 MAX_QUERY_SLICES: Final = 128
@@ -666,6 +708,211 @@ def _spread(n: int, m: int) -> list[int]:
     return sorted({round(i * (n - 1) / (m - 1)) for i in range(m)})
 
 
+def _grouped(keys: IntArray, offset: int) -> dict[int, IntArray]:
+    """key -> row indices (``offset`` + position, ascending) of every distinct key."""
+    if keys.size == 0:
+        return {}
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    starts = np.r_[0, cuts]
+    return {
+        int(ordered[start]): rows
+        for start, rows in zip(starts, np.split(order + offset, cuts), strict=True)
+    }
+
+
+def _merged(old: dict[int, IntArray], new: dict[int, IntArray]) -> dict[int, IntArray]:
+    out = dict(old)
+    for key, rows in new.items():
+        prev = out.get(key)
+        out[key] = rows if prev is None else np.concatenate([prev, rows])
+    return out
+
+
+@dataclass(frozen=True)
+class _Slices:
+    """Slice vectors in memory (unit float32 rows of the stored float16 values): one view.
+
+    Rows ``[:count]`` of the buffers are valid, in ascending label order; the
+    buffers may be longer (room to append) and shared with newer views, which
+    only ever write past this view's ``count``.
+    """
+
+    model_id: str
+    dim: int
+    count: int
+    signature: tuple[int, int]  # mean_signature("series") when last checked
+    seen_top: int  # highest slice key ever seen in the database (monotonic)
+    checked_at: float
+    labels: IntArray
+    study: IntArray
+    series: IntArray
+    instance: IntArray
+    vectors: FloatArray
+    by_study: dict[int, IntArray]
+    by_series: dict[int, IntArray]
+
+    @property
+    def top(self) -> int:
+        """The highest label held (0 when empty)."""
+        return int(self.labels[self.count - 1]) if self.count else 0
+
+    def rows(self, group: Literal["study", "series"], key: int) -> IntArray | None:
+        """Row indices of a study's or a series' slices (ascending label), or ``None``."""
+        return (self.by_study if group == "study" else self.by_series).get(key)
+
+    def unit_vectors(self, rows: IntArray) -> FloatArray:
+        """The rows' vectors (unit float32 rows, as ``_unit_rows(from_blobs(...))``)."""
+        out: FloatArray = self.vectors[rows]
+        return out
+
+    def owners(self, labels: IntArray) -> IntArray:
+        """Row index of each label (``-1`` for labels not held), same shape."""
+        flat = labels.reshape(-1)
+        held = self.labels[: self.count]
+        pos = np.searchsorted(held, flat)
+        pos_ok = np.minimum(pos, max(self.count - 1, 0))
+        found = (pos < self.count) & (held[pos_ok] == flat) if self.count else \
+            np.zeros(flat.shape, dtype=bool)
+        out: IntArray = np.where(found, pos_ok, -1).astype(np.int64).reshape(labels.shape)
+        return out
+
+
+def _empty_slices(model_id: str, dim: int) -> _Slices:
+    return _Slices(
+        model_id=model_id, dim=dim, count=0, signature=(0, 0), seen_top=0, checked_at=0.0,
+        labels=np.zeros(0, dtype=np.int64), study=np.zeros(0, dtype=np.int64),
+        series=np.zeros(0, dtype=np.int64), instance=np.zeros(0, dtype=np.int64),
+        vectors=np.zeros((0, dim), dtype=np.float32), by_study={}, by_series={},
+    )
+
+
+def _room(buf: npt.NDArray[Any], used: int, needed: int) -> npt.NDArray[Any]:
+    """``buf`` itself when it holds ``needed`` rows, else a larger copy of its first rows."""
+    if buf.shape[0] >= needed:
+        return buf
+    bigger = np.empty((max(needed, 2 * buf.shape[0], 1024), *buf.shape[1:]), dtype=buf.dtype)
+    bigger[:used] = buf[:used]
+    return bigger
+
+
+class _SliceCache:
+    """Keeps the serving model's stored slice vectors in memory (see the module notes).
+
+    The view is checked against the database at most every ``refresh``
+    seconds, and at once when a query meets a label above the highest key it
+    has seen (vectors the worker committed since: the index only ever holds
+    committed rows), with the mean matrix's cheap signature (number of the
+    model's series means, highest slice key; a count of the slice rows would
+    cost ~40 ms at a million). New rows are appended (keys only grow). The
+    worker commits a series' slice vectors and its mean in one transaction,
+    so fewer series means than the view expects means a deleted study: the
+    studies that lost their means leave the view. New rows for an instance
+    the view already holds are replaced vectors (a replaced file): the old
+    rows leave their series and study.
+    """
+
+    def __init__(self, queries: SearchQueries, refresh: float) -> None:
+        self._queries = queries
+        self._refresh = refresh
+        self._lock = threading.Lock()
+        self._view: _Slices | None = None
+
+    def view(self, model_id: str, dim: int, *, need: int = 0) -> _Slices:
+        """A view no older than ``refresh`` seconds that has seen key ``need``."""
+        now = time.monotonic()
+        view = self._view
+        if self._fresh(view, model_id, dim, need, now):
+            assert view is not None
+            return view
+        with self._lock:
+            view = self._view
+            if self._fresh(view, model_id, dim, need, now):
+                assert view is not None
+                return view
+            signature = self._queries.mean_signature("series", model_id)
+            if view is None or view.model_id != model_id or view.dim != dim:
+                view = self._load(model_id, dim, signature)
+            elif signature != view.signature:
+                view = self._update(view, signature)
+            view = replace(view, signature=signature, checked_at=now,
+                           seen_top=max(view.seen_top, signature[1], view.top))
+            self._view = view
+            return view
+
+    def _fresh(self, view: _Slices | None, model_id: str, dim: int, need: int,
+               now: float) -> bool:
+        return (
+            view is not None and view.model_id == model_id and view.dim == dim
+            and now - view.checked_at < self._refresh and need <= view.seen_top
+        )
+
+    def _load(self, model_id: str, dim: int, signature: tuple[int, int]) -> _Slices:
+        started = time.perf_counter()
+        view = _empty_slices(model_id, dim)
+        for batch in self._queries.slice_table(model_id):
+            view = self.append(view, batch)
+        logger.debug("loaded %d slice vectors of model %s in %.0f ms", view.count, model_id,
+                     1000 * (time.perf_counter() - started))
+        return replace(view, signature=signature)
+
+    def _update(self, view: _Slices, signature: tuple[int, int]) -> _Slices:
+        """Append the rows committed since ``view``; drop deleted studies and replaced rows."""
+        old_series = view.by_series
+        start = view.count
+        for batch in self._queries.slice_table(view.model_id, after=view.top):
+            view = self.append(view, batch)
+        new_series = 0
+        by_study, by_series = dict(view.by_study), dict(view.by_series)
+        if view.count > start:
+            series_of = view.series[start:view.count]
+            instance_of = view.instance[start:view.count]
+            for key in np.unique(series_of).tolist():
+                prev = old_series.get(key)
+                if prev is None:
+                    new_series += 1
+                    continue
+                stale = prev[np.isin(view.instance[prev], instance_of[series_of == key])]
+                if stale.size:  # replaced vectors: keep the new rows only
+                    by_series[key] = np.setdiff1d(by_series[key], stale)
+                    study = int(view.study[stale[0]])
+                    by_study[study] = np.setdiff1d(by_study[study], stale)
+        if signature[0] != view.signature[0] + new_series:
+            # series means were deleted (a deleted study), or rows were committed
+            # while this ran: keep the studies that still have means
+            live = self._queries.studies_with_means("series", view.model_id)
+            for study in [s for s in by_study if s not in live]:
+                rows = by_study.pop(study)
+                for key in np.unique(view.series[rows]).tolist():
+                    by_series.pop(key, None)
+        return replace(view, by_study=by_study, by_series=by_series)
+
+    @staticmethod
+    def append(view: _Slices, batch: Sequence[tuple[int, int, int, int, bytes]]) -> _Slices:
+        """``view`` with the rows of ``batch`` (ascending labels above its own) added."""
+        rows = [r for r in batch if len(r[4]) == 2 * view.dim]
+        if not rows:
+            return view
+        n, m = view.count, len(rows)
+        labels = _room(view.labels, n, n + m)
+        study = _room(view.study, n, n + m)
+        series = _room(view.series, n, n + m)
+        instance = _room(view.instance, n, n + m)
+        vectors = _room(view.vectors, n, n + m)
+        labels[n:n + m] = [r[0] for r in rows]
+        study[n:n + m] = [r[1] for r in rows]
+        series[n:n + m] = [r[2] for r in rows]
+        instance[n:n + m] = [r[3] for r in rows]
+        vectors[n:n + m] = _unit_rows(from_blobs([r[4] for r in rows], view.dim))
+        return replace(
+            view, count=n + m, labels=labels, study=study, series=series, instance=instance,
+            vectors=vectors,
+            by_study=_merged(view.by_study, _grouped(study[n:n + m], n)),
+            by_series=_merged(view.by_series, _grouped(series[n:n + m], n)),
+        )
+
+
 class SearchService:
     """Similarity search over the archive (see the module notes for the method).
 
@@ -680,8 +927,13 @@ class SearchService:
         :class:`ReadOnlyEmbedding` in a one-shot command); ``None`` when
         embedding is off: every query raises :class:`IndexUnavailable`.
     refresh_interval
-        Seconds during which the in-memory mean vectors are used without
-        checking the database for changes.
+        Seconds during which the in-memory mean and slice vectors are used
+        without checking the database for changes.
+    slice_cache
+        Hold the serving model's slice vectors in memory for re-ranking (see
+        the module notes). ``None`` (default): on, except with a
+        :class:`ReadOnlyEmbedding` (a one-shot reader is faster reading the
+        few candidates' vectors than loading them all).
     """
 
     def __init__(
@@ -691,6 +943,7 @@ class SearchService:
         embedding: EmbeddingParts | None,
         *,
         refresh_interval: float = 2.0,
+        slice_cache: bool | None = None,
     ) -> None:
         self._cfg = config
         self._queries = SearchQueries(engine)
@@ -698,6 +951,24 @@ class SearchService:
         self._refresh = refresh_interval
         self._means: dict[str, _Means] = {}
         self._means_lock = threading.Lock()
+        if slice_cache is None:
+            slice_cache = not isinstance(embedding, ReadOnlyEmbedding)
+        self._slices = _SliceCache(self._queries, refresh_interval) if slice_cache else None
+
+    def warm(self) -> None:
+        """Load the in-memory mean and slice vectors of the serving model now.
+
+        Optional: otherwise the first query loads them (0.5-1.5 s per
+        100 000 slice vectors on a 2-core machine). Does nothing when embedding is off or nothing
+        is embedded yet.
+        """
+        if self._embedding is None:
+            return
+        serving = self._embedding.serving
+        model_id, dim = serving.model_id, serving.dim
+        self._mean_matrix("series", model_id, dim)
+        if self._slices is not None:
+            self._slices.view(model_id, dim)
 
     # -------------------------------------------------------------- public
     def search(
@@ -807,6 +1078,19 @@ class SearchService:
         if row is None:
             raise UnknownReference(f"no {kind} with UID {uid} in the catalogue")
         note = ""
+        if kind in ("study", "series") and self._slices is not None:
+            view = self._slices.view(model_id, dim)
+            held = (view.rows("study", row.study_pk) if kind == "study"
+                    else view.rows("series", row.series_pk or 0))
+            if held is not None and held.size:
+                return _Query(
+                    vectors=view.unit_vectors(held[_spread(held.size, MAX_QUERY_SLICES)]),
+                    info_kind=kind,
+                    info_uid=uid,
+                    own_study_pk=row.study_pk,
+                    own_study_uid=row.study_instance_uid,
+                    patient_pk=row.patient_pk if row.patient_id else None,
+                )
         if kind == "study":
             rows = self._queries.slices(model_id, study_pks=[row.study_pk])
         elif kind == "series":
@@ -1075,27 +1359,38 @@ class SearchService:
         def ok(key: int, study: int) -> bool:
             return study not in excluded and (allowed is None or key in allowed)
 
-        # (a) exact cosine against the mean vectors
-        means = self._mean_matrix(level, model_id, dim)
+        # (a) exact cosine against the series means (a study: its best series)
+        means = self._mean_matrix("series", model_id, dim)
+        group_keys = means.keys if level == "series" else means.study_keys
         chosen: list[int] = []
         if means.keys.size:
             mask = ~np.isin(means.study_keys, np.fromiter(excluded, dtype=np.int64))
             if allowed is not None:
-                mask &= np.isin(means.keys, np.fromiter(allowed, dtype=np.int64))
+                mask &= np.isin(group_keys, np.fromiter(allowed, dtype=np.int64))
             rows = np.flatnonzero(mask)
             if rows.size:
                 centre = _unit_rows(queries.mean(axis=0, keepdims=True))[0]
-                sims = means.matrix[rows] @ centre
-                take = min(c, rows.size)
+                sims = (means.matrix @ centre)[rows]  # no copy of the matrix
+                take = min(c if level == "series" else SERIES_PER_STUDY_FETCH * c, rows.size)
                 top = np.argpartition(-sims, take - 1)[:take] if take < rows.size else \
                     np.arange(rows.size)
-                top = top[np.lexsort((means.keys[rows[top]], -sims[top]))]
-                chosen = [int(means.keys[rows[i]]) for i in top]
+                top = top[np.lexsort((group_keys[rows[top]], -sims[top]))]
+                seen_keys: set[int] = set()
+                for i in top:
+                    key = int(group_keys[rows[i]])
+                    if key not in seen_keys:
+                        seen_keys.add(key)
+                        chosen.append(key)
+                        if len(chosen) == c:
+                            break
         # (b) the groups of each query slice's nearest slices
         live = len(index)
         if live:
-            labels, scores = index.search(queries, min(live, max(2 * k, 20)))
-            owners = self._queries.slice_owners(int(x) for x in np.unique(labels))
+            # the excluded studies' own slices are often the nearest: fetch past them
+            fetch = max(2 * k, 20) + min(self._slice_count(model_id, dim, excluded),
+                                         MAX_EXCLUDED_FETCH)
+            labels, scores = index.search(queries, min(live, fetch))
+            owners = self._owners(model_id, dim, labels, means.signature[1])
             best: dict[int, float] = {}
             for label, score in zip(labels.reshape(-1), scores.reshape(-1), strict=True):
                 owner = owners.get(int(label))
@@ -1110,31 +1405,13 @@ class SearchService:
         if not chosen:
             return [], 0
         # re-rank with the candidates' slice vectors
-        if level == "study":
-            slices = self._queries.slices(model_id, study_pks=chosen)
+        if self._slices is not None:
+            view = self._slices.view(model_id, dim, need=means.signature[1])
+        elif level == "study":
+            view = _view_of(model_id, dim, self._queries.slices(model_id, study_pks=chosen))
         else:
-            slices = self._queries.slices(model_id, series_pks=chosen)
-        slices = [s for s in slices if len(s.blob) == 2 * dim]
-        if not slices:
-            return [], len(chosen)
-        slices.sort(key=lambda s: ((s.study_pk if level == "study" else s.series_pk), s.label))
-        matrix = _unit_rows(from_blobs([s.blob for s in slices], dim))
-        sims_all = queries @ matrix.T  # (n query slices, M candidate slices)
-        group_of = np.asarray(
-            [s.study_pk if level == "study" else s.series_pk for s in slices], dtype=np.int64
-        )
-        starts = np.flatnonzero(np.r_[True, group_of[1:] != group_of[:-1]])
-        per_group_max = np.maximum.reduceat(sims_all, starts, axis=1)  # (n, G)
-        group_scores = per_group_max.mean(axis=0)
-        ranked: list[tuple[float, tuple[int, int, int]]] = []
-        ends = np.r_[starts[1:], len(slices)]
-        for g, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
-            block = sims_all[:, lo:hi]
-            j = lo + int(np.argmax(block.max(axis=0)))
-            s = slices[j]
-            ranked.append((float(group_scores[g]), (s.study_pk, s.series_pk, s.instance_pk)))
-        ranked.sort(key=lambda item: -item[0])
-        return ranked, len(chosen)
+            view = _view_of(model_id, dim, self._queries.slices(model_id, series_pks=chosen))
+        return _rerank(view, level, queries, chosen), len(chosen)
 
     def _rank_images(
         self,
@@ -1163,7 +1440,7 @@ class SearchService:
             else:
                 labels, scores = index.search(queries, fetch)
                 final = fetch >= live
-            owners = self._queries.slice_owners(int(x) for x in np.unique(labels))
+            owners = self._owners(model_id, queries.shape[1], labels)
             best: dict[int, tuple[float, tuple[int, int, int]]] = {}
             for label, score in zip(labels.reshape(-1), scores.reshape(-1), strict=True):
                 owner = owners.get(int(label))
@@ -1178,14 +1455,46 @@ class SearchService:
                 return sorted(best.values(), key=lambda item: -item[0])
             fetch = min(live, fetch * 2)
 
+    def _slice_count(self, model_id: str, dim: int, studies: Iterable[int]) -> int:
+        """Slice vectors of the serving model under some studies."""
+        keys = list(studies)
+        if not keys:
+            return 0
+        if self._slices is None:
+            return len(self._queries.slice_labels(model_id, study_pks=keys))
+        view = self._slices.view(model_id, dim)
+        return sum(int(rows.size) for s in keys if (rows := view.rows("study", s)) is not None)
+
+    def _owners(
+        self, model_id: str, dim: int, labels: IntArray, need: int = 0
+    ) -> dict[int, tuple[int, int, int]]:
+        """label -> (study, series, instance) keys of the labels that still have a row."""
+        unique = np.unique(labels)
+        if self._slices is None:
+            return {label: (o[0], o[1], o[2]) for label, o in
+                    self._queries.slice_owners(int(x) for x in unique).items()}
+        top = int(unique[-1]) if unique.size else 0
+        view = self._slices.view(model_id, dim, need=max(top, need))
+        rows = view.owners(unique)
+        return {
+            int(label): (int(view.study[r]), int(view.series[r]), int(view.instance[r]))
+            for label, r in zip(unique.tolist(), rows.tolist(), strict=True) if r >= 0
+        }
+
     def _describe(
         self, ranked: list[tuple[float, tuple[int, int, int]]], level: str, k: int
     ) -> list[Hit]:
-        ranked = sorted(ranked, key=lambda item: -item[0])
+        everything = sorted(ranked, key=lambda item: -item[0])
+        ranked = everything
         if len(ranked) > k:  # keep ties with the k-th: they are ordered by UID below
             last = round(ranked[k - 1][0], 6)
             ranked = [item for i, item in enumerate(ranked) if i < k or round(item[0], 6) == last]
         rows = self._queries.describe([keys for _, keys in ranked])
+        if len(ranked) < len(everything) and any(keys not in rows for _, keys in ranked):
+            # a hit deleted meanwhile (the slice view lags the database by up to
+            # refresh_interval): describe the others too, so that k hits remain
+            rows.update(self._queries.describe([keys for _, keys in everything[len(ranked):]]))
+            ranked = everything
         described: list[tuple[float, CatalogueRow]] = [
             (score, rows[keys]) for score, keys in ranked if keys in rows
         ]
@@ -1219,6 +1528,50 @@ class SearchService:
                 instance_number=row.instance_number,
             ))
         return hits
+
+
+def _view_of(model_id: str, dim: int, rows: Sequence[SliceRow]) -> _Slices:
+    """A view of some slice rows read from the database (no cache)."""
+    view = _empty_slices(model_id, dim)
+    return _SliceCache.append(view, [(r.label, r.study_pk, r.series_pk, r.instance_pk, r.blob)
+                                     for r in rows])
+
+
+def _rerank(
+    view: _Slices, level: Literal["study", "series"], queries: FloatArray, chosen: list[int]
+) -> list[tuple[float, tuple[int, int, int]]]:
+    """Step 2 of the ranking: score each candidate with its slice vectors.
+
+    ``score = mean_i max_j cos(q_i, v_j)``; the hit's keys are those of the
+    slice of the best (query slice, slice) pair (the first such slice by label).
+    """
+    groups = sorted(
+        ((g, rows) for g in set(chosen) if (rows := view.rows(level, g)) is not None and rows.size),
+        key=lambda item: item[0],
+    )
+    if not groups:
+        return []
+    rows = np.concatenate([r for _, r in groups])
+    sizes = np.asarray([r.size for _, r in groups], dtype=np.int64)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+    sims = view.unit_vectors(rows) @ queries.T  # (M candidate slices, n query slices)
+    group_scores = np.maximum.reduceat(sims, starts, axis=0).mean(axis=1)
+    best_of_slice = sims.max(axis=1)
+    group_best = np.maximum.reduceat(best_of_slice, starts)
+    positions = np.arange(rows.size)
+    first_best = np.minimum.reduceat(
+        np.where(best_of_slice == np.repeat(group_best, sizes), positions, rows.size), starts
+    )
+    best_rows = rows[first_best]
+    ranked = [
+        (score, (study, series, instance))
+        for score, study, series, instance in zip(
+            group_scores.tolist(), view.study[best_rows].tolist(),
+            view.series[best_rows].tolist(), view.instance[best_rows].tolist(), strict=True,
+        )
+    ]
+    ranked.sort(key=lambda item: -item[0])
+    return ranked
 
 
 def _sop(ds: Dataset) -> str:

@@ -294,6 +294,41 @@ class SearchQueries:
         out.sort(key=lambda r: r.label)
         return out
 
+    def studies_with_means(self, level: MeanLevel, model_id: str) -> set[int]:
+        """Keys of the studies that have study (or series) mean vectors of a model."""
+        table = _STUDY_VEC if level == "study" else _SERIES_VEC
+        with self._engine.connect() as conn:
+            return {int(pk) for pk in conn.execute(
+                select(table.c.study_pk).where(table.c.model_id == model_id).distinct()
+            ).scalars()}
+
+    def slice_table(
+        self, model_id: str, *, after: int = 0, batch: int = 20000
+    ) -> Iterator[list[tuple[int, int, int, int, bytes]]]:
+        """Every (label, study key, series key, instance key, blob) of a model, by label.
+
+        Only rows with a key above ``after``; in batches of ``batch`` rows, each
+        batch read with its own short connection (no long read transaction).
+        """
+        last = after
+        while True:
+            q = (
+                select(_SLICE.c.id, _SLICE.c.study_pk, _SLICE.c.series_pk,
+                       _SLICE.c.instance_pk, _SLICE.c.vector)
+                .where(_SLICE.c.model_id == model_id, _SLICE.c.frame >= 0, _SLICE.c.id > last)
+                .order_by(_SLICE.c.id)
+                .limit(batch)
+            )
+            with self._engine.connect() as conn:
+                rows = [(int(a), int(b), int(c), int(d), bytes(e))
+                        for a, b, c, d, e in conn.execute(q)]
+            if not rows:
+                return
+            yield rows
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
     def slice_owners(self, labels: Iterable[int]) -> dict[int, tuple[int, int, int, int]]:
         """label -> (study key, series key, instance key, frame) of existing rows."""
         out: dict[int, tuple[int, int, int, int]] = {}
