@@ -32,6 +32,7 @@ from sidecar.search import SearchService
 if TYPE_CHECKING:  # torch is imported only when embedding is on
     from collections.abc import Callable
 
+    from sidecar.embeddings.adapt import AdaptationOutcome, TrainingLibrary
     from sidecar.embeddings.model import Embedder
     from sidecar.embeddings.service import IndexService
     from sidecar.embeddings.worker import EmbeddingWorker, WorkStats
@@ -76,6 +77,12 @@ class Embedding:
     saved and becomes the active one in one step (``swap``). The old model's
     vectors and index stay on disk, so going back needs no CNN run.
 
+    A model change starts either at start-up (the loaded model is not the
+    active one) or in the running process (``switch_model``, after an on-site
+    adaptation run accepted a new model: ``adapt``). In the second case the
+    previous model is still in memory, so queries by image keep working with
+    it until the swap (:attr:`embedder`).
+
     Parameters
     ----------
     config
@@ -83,26 +90,45 @@ class Embedding:
     engine
         The process's engine.
     embedder
-        A ready embedder (tests); ``None`` loads the configured model.
+        A ready embedder (tests); ``None`` loads the model the configuration
+        and the catalogue name (``embedding.model_path``, else the adapted
+        model recorded by on-site adaptation, else the shipped weights; see
+        :func:`sidecar.embeddings.adapt.load_service_embedder`).
     """
 
     def __init__(self, config: Config, engine: Engine, embedder: Embedder | None = None) -> None:
-        from sidecar.embeddings.model import load_embedder
+        from sidecar.embeddings.adapt import load_service_embedder
         from sidecar.embeddings.service import IndexService
         from sidecar.embeddings.worker import EmbeddingWorker
 
         self.config = config
-        self.embedder: Embedder = embedder or load_embedder(config.embedding)
+        self.engine = engine
         self.vectors = VectorRepository(engine)
+        self.model: Embedder = embedder or load_service_embedder(config, self.vectors)
         self.index: IndexService = IndexService(
-            config, self.vectors, self.embedder.model_id, self.embedder.dim
+            config, self.vectors, self.model.model_id, self.model.dim
         )
         self.worker: EmbeddingWorker = EmbeddingWorker(
-            config, self.vectors, self.embedder, self.index
+            config, self.vectors, self.model, self.index
         )
         self.serving: IndexService = self.index
-        self._serving_embedder_id = self.embedder.model_id
+        # The serving model's embedder while a switch made in this process re-embeds.
+        self._serving_model: Embedder | None = None
         self._swap_lock = threading.Lock()
+        # Held by a job run, by maintenance and by a switch: a switch waits for the run.
+        self._job_lock = threading.Lock()
+        self._cancel = threading.Event()
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder for queries by image: the serving model's when this process has it.
+
+        That is the model the worker embeds with (:attr:`model`), except while a
+        switch made in this process (``switch_model``) re-embeds: then the
+        previous model, whose index still answers queries.
+        """
+        serving = self._serving_model
+        return serving if serving is not None and self.reembedding else self.model
 
     @property
     def reembedding(self) -> bool:
@@ -116,12 +142,12 @@ class Embedding:
         report = self.index.open()
         logger.info(
             "index for model %s: %d vectors (%s)",
-            self.embedder.model_id, report.count,
+            self.model.model_id, report.count,
             "loaded" if report.loaded else "rebuilt",
         )
         active = self.vectors.get_setting(ACTIVE_MODEL_KEY)
         previous = self.vectors.count_vectors().get(active or "", 0)
-        if active and active != self.embedder.model_id and previous:
+        if active and active != self.model.model_id and previous:
             old_dim = self._stored_dim(active)
             self.serving = IndexService(self.config, self.vectors, active, old_dim)
             try:
@@ -133,10 +159,10 @@ class Embedding:
             logger.warning(
                 "model changed from %s to %s: %d vectors of the old model keep serving "
                 "queries while studies are re-embedded in the background",
-                active, self.embedder.model_id, previous,
+                active, self.model.model_id, previous,
             )
         else:
-            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.embedder.model_id)
+            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.model.model_id)
 
     def _stored_dim(self, model_id: str) -> int:
         from sidecar.embeddings.index import read_saved_facts
@@ -154,22 +180,108 @@ class Embedding:
         Returns what was done; a run that did nothing means nothing is due now.
         """
         _lower_thread_priority(self.config.worker.nice)
-        stats = self.worker.run_once(progress=progress)
-        if self.reembedding:
-            again = self.worker.reembed_once()
-            stats.merge(again)
-            # New and pending studies go to the new index anyway (they were never
-            # in the old one), so the swap waits only for the old studies.
-            if again.series == 0:
-                self.swap()
+        with self._job_lock:
+            stats = self.worker.run_once(progress=progress)
+            if self.reembedding:
+                again = self.worker.reembed_once()
+                stats.merge(again)
+                # New and pending studies go to the new index anyway (they were never
+                # in the old one), so the swap waits only for the old studies.
+                if again.series == 0:
+                    self.swap()
         return stats
 
     def maintain(self) -> None:
         """Periodic job: reconcile the indexes with the database, then save them."""
-        with self.worker.run_lock:
+        with self._job_lock, self.worker.run_lock:
             for service in {id(self.index): self.index, id(self.serving): self.serving}.values():
                 service.reconcile(save=False)
                 service.save()
+
+    def switch_model(self, embedder: Embedder) -> bool:
+        """Start a model change in the running process: ``embedder`` becomes the model to write.
+
+        The current index keeps serving queries (and the current model keeps
+        embedding query images) while the next job runs embed new studies and
+        re-embed the archive into ``embedder``'s index (``worker.reembed_once``);
+        when nothing is left, ``swap`` makes that index the active one. Waits for
+        a running job run. Vectors ``embedder`` already has (a switch back) are
+        reused, not embedded again.
+
+        Returns
+        -------
+        bool
+            Whether a change started (``False``: ``embedder`` is already the model).
+
+        Raises
+        ------
+        sidecar.errors.SidecarError
+            A model change is already in progress.
+        sidecar.embeddings.service.IndexBusy
+            Another process owns ``embedder``'s index.
+        """
+        from sidecar.embeddings.service import IndexService
+        from sidecar.embeddings.worker import EmbeddingWorker
+        from sidecar.errors import SidecarError
+
+        with self._job_lock:
+            if embedder.model_id == self.model.model_id:
+                return False
+            if self.reembedding:
+                raise SidecarError(
+                    f"a model change to {self.model.model_id} is in progress; "
+                    f"cannot switch to {embedder.model_id} now"
+                )
+            index = IndexService(self.config, self.vectors, embedder.model_id, embedder.dim)
+            report = index.open()
+            old = self.model
+            # Order matters for concurrent queries: the old model stays the query
+            # embedder from the moment the new index is the write target.
+            self._serving_model = old
+            self.serving = self.index
+            self.index = index
+            self.model = embedder
+            self.worker = EmbeddingWorker(self.config, self.vectors, embedder, index)
+        logger.warning(
+            "model change from %s to %s: the index of %s keeps serving queries while studies "
+            "are re-embedded in the background (%d vectors of the new model already stored)",
+            old.model_id, embedder.model_id, old.model_id, report.count,
+        )
+        return True
+
+    def adapt(self, library: TrainingLibrary | None = None) -> AdaptationOutcome:
+        """One on-site adaptation run; an accepted model is switched to (``switch_model``).
+
+        Skipped (with the reason in the outcome, logged at INFO) while a model
+        change re-embeds. See :mod:`sidecar.embeddings.adapt`.
+
+        Raises
+        ------
+        sidecar.embeddings.adapt.AdaptationBusy
+            Another adaptation run is in progress.
+        """
+        from sidecar.embeddings.adapt import AdaptationOutcome, run_adaptation
+
+        if self.reembedding:
+            reason = (f"skipped: a model change to {self.model.model_id} is still re-embedding; "
+                      f"model {self.serving.model_id} serves")
+            logger.info("on-site adaptation: %s", reason)
+            return AdaptationOutcome(False, reason, self.model.model_id)
+        _lower_thread_priority(self.config.worker.nice)
+        outcome = run_adaptation(self.config, self.engine, self.model, library=library,
+                                 cancel=self._cancel)
+        if outcome.accepted and outcome.embedder is not None:
+            try:
+                self.switch_model(outcome.embedder)
+            except Exception:
+                # Recorded in the catalogue already: the next start switches to it.
+                logger.exception("cannot switch to the adapted model %s now; it is used from "
+                                 "the next start", outcome.embedder.model_id)
+        return outcome
+
+    def cancel(self) -> None:
+        """Ask a running adaptation run to stop soon (at the next epoch); nothing is recorded."""
+        self._cancel.set()
 
     def swap(self) -> None:
         """Make the new model's index the active one (atomically for queries)."""
@@ -178,12 +290,13 @@ class Embedding:
                 return
             old = self.serving
             self.index.save(force=True)
-            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.embedder.model_id)
+            self.vectors.set_setting(ACTIVE_MODEL_KEY, self.model.model_id)
             self.serving = self.index
+            self._serving_model = None
             old.close()
             logger.warning(
                 "model %s is now active (%d vectors); model %s kept on disk for rollback",
-                self.embedder.model_id, len(self.index.index), old.model_id,
+                self.model.model_id, len(self.index.index), old.model_id,
             )
 
     def close(self) -> None:
@@ -288,6 +401,19 @@ class Sidecar:
                 max_instances=1,
                 coalesce=True,
             )
+            if config.adaptation.enabled:
+                from apscheduler.triggers.cron import CronTrigger
+
+                self.scheduler.add_job(
+                    self.adapt,
+                    CronTrigger.from_crontab(config.adaptation.schedule, timezone="UTC"),
+                    id="adapt",
+                    max_instances=1,
+                    coalesce=True,
+                    misfire_grace_time=3600,
+                )
+                logger.info("on-site adaptation scheduled: %s (UTC)",
+                            config.adaptation.schedule)
         self.address: tuple[str, int] | None = None
 
     def catalogue_figures(self) -> CatalogueFigures:
@@ -337,6 +463,19 @@ class Sidecar:
             checks["index"] = {"ok": True, "detail": "embedding off (worker.enabled: false)"}
         return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
 
+    def adapt(self) -> None:
+        """Scheduled job: one on-site adaptation run (errors are logged, never raised)."""
+        from sidecar.embeddings.adapt import AdaptationBusy
+
+        if self.embedding is None:
+            return
+        try:
+            self.embedding.adapt()
+        except AdaptationBusy as exc:
+            logger.info("on-site adaptation skipped: %s", exc)
+        except Exception:
+            logger.exception("on-site adaptation failed; the current model stays")
+
     def mark_stable(self) -> int:
         """Mark studies quiet for ``stability.stable_age`` seconds as stable."""
         n = self.repository.mark_stable_studies(self.config.stability.stable_age)
@@ -373,6 +512,8 @@ class Sidecar:
         if self.query_server is not None:
             self.query_server.close()
             self.query_server = None
+        if self.embedding is not None:
+            self.embedding.cancel()  # a running adaptation stops at its next epoch
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.embedding is not None:
