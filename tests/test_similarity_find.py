@@ -33,6 +33,7 @@ from sidecar.dicom_scp.similarity import (
     PRIVATE_TAGS,
     SimilarityFind,
     dcmtk_dictionary,
+    parse_similarity,
 )
 from sidecar.dicom_scp.storage import InstanceStore
 from sidecar.metrics import Metrics
@@ -322,6 +323,38 @@ def test_filters_restrict_the_candidates_before_ranking(served: Served) -> None:
                                            Modality="CT"))
     assert names(served, ct) == ["A", "B"] and ct.pending == [PENDING, PENDING]
     assert [ds.Modality for ds in ct.identifiers] == ["CT", "CT"]
+
+
+@pytest.mark.parametrize("level, ref", [("STUDY", "study"), ("SERIES", "series"),
+                                        ("IMAGE", "sop")])
+def test_keys_the_hits_carry_match_the_catalogue_read(served: Served, level: str,
+                                                      ref: str) -> None:
+    """Keys a hit carries are answered from it; any other key makes the catalogue
+    read every requested key (PatientName here): both give the same values."""
+    r = served.archive.studies["R"]
+    uid = {"study": r.uid, "series": r.series[0], "sop": r.sops[0][1]}[ref]
+    keys: dict[str, Any] = dict(StudyInstanceUID="", PatientID="", IssuerOfPatientID="",
+                                StudyDate="", StudyDescription="", AccessionNumber="",
+                                ModalitiesInStudy="")
+    if level in ("SERIES", "IMAGE"):
+        keys.update(SeriesInstanceUID="", Modality="", SeriesDescription="",
+                    SeriesNumber="", BodyPartExamined="")
+    if level == "IMAGE":
+        keys.update(SOPInstanceUID="", InstanceNumber="")
+    fast_id = similarity(level, k=4, **{ref: uid}, **keys)
+    read_id = similarity(level, k=4, **{ref: uid}, **keys, PatientName="")
+    assert parse_similarity(fast_id, STUDY_ROOT_FIND).hit_only
+    assert not parse_similarity(read_id, STUDY_ROOT_FIND).hit_only
+    fast = c_find(served.address, fast_id)
+    read = c_find(served.address, read_id)
+    assert fast.status == read.status == SUCCESS and len(fast.identifiers) >= 3
+    assert fast.private(0x11) == read.private(0x11)
+    for a, b in zip(fast.identifiers, read.identifiers, strict=True):
+        assert "PatientName" in b and "PatientName" not in a
+        del b.PatientName
+        assert a == b
+    first = fast.identifiers[0]
+    assert first.StudyDate and first.PatientID and first.ModalitiesInStudy
 
 
 def test_other_keys_filter_the_ranked_hits(served: Served) -> None:

@@ -66,7 +66,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -641,7 +641,14 @@ def response_character_set(requested: Sequence[str], texts: Sequence[str]) -> li
     return ["ISO_IR 192"]
 
 
-def response_identifier(query: FindQuery, row: Row[Any], retrieve_ae_title: str) -> Dataset:
+class RowLike(Protocol):
+    """What :func:`response_identifier` reads of a row: values by key keyword."""
+
+    @property
+    def _mapping(self) -> Mapping[Any, Any]: ...
+
+
+def response_identifier(query: FindQuery, row: RowLike, retrieve_ae_title: str) -> Dataset:
     """A Pending response identifier for one result row of :func:`build_select`."""
     mapping = row._mapping
     values: dict[int, tuple[str, Any]] = {}

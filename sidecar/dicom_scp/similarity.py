@@ -36,7 +36,7 @@ still arrives as ``UN`` is decoded here by its known VR.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -125,6 +125,25 @@ _LEVELS: dict[Level, SearchLevel] = {
 }
 _HIT_UID = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
             Level.IMAGE: "SOPInstanceUID"}
+_LEVEL_ORDER: Final = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
+#: Standard keys whose values a :class:`~sidecar.search.Hit` carries, as the
+#: catalogue would give them (the search read them from it moments before).
+_HIT_VALUES: Final[dict[str, Callable[[Hit], Any]]] = {
+    "PatientID": lambda h: h.patient_id,
+    "IssuerOfPatientID": lambda h: h.issuer_of_patient_id,
+    "StudyInstanceUID": lambda h: h.study_instance_uid,
+    "StudyDate": lambda h: h.study_date,
+    "StudyDescription": lambda h: h.study_description,
+    "AccessionNumber": lambda h: h.accession_number,
+    "ModalitiesInStudy": lambda h: "\\".join(h.modalities_in_study),
+    "SeriesInstanceUID": lambda h: h.series_instance_uid,
+    "Modality": lambda h: h.modality,
+    "BodyPartExamined": lambda h: h.body_part_examined,
+    "SeriesDescription": lambda h: h.series_description,
+    "SeriesNumber": lambda h: h.series_number,
+    "SOPInstanceUID": lambda h: h.sop_instance_uid,
+    "InstanceNumber": lambda h: h.instance_number,
+}
 
 
 def register_private_dictionary() -> None:
@@ -207,6 +226,7 @@ class ParsedSimilarity:
     standard: FindQuery
     post_filter: bool
     keys_from_hit: tuple[str, ...]
+    hit_only: bool = False
 
 
 def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
@@ -292,6 +312,19 @@ def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
         standard=std,
         post_filter=bool(std.conditions),
         keys_from_hit=from_hit,
+        hit_only=not std.conditions and all(
+            rk.key is None or _from_hit_alone(rk.key.keyword, rk.key.entity, std.level)
+            for rk in std.returns
+        ),
+    )
+
+
+def _from_hit_alone(keyword: str, key_level: Level, level: Level) -> bool:
+    """Whether the hit itself gives a return key's value at a query level."""
+    if keyword in _FROM_HIT:
+        return True
+    return keyword in _HIT_VALUES and (
+        _LEVEL_ORDER.index(key_level) <= _LEVEL_ORDER.index(level)
     )
 
 
@@ -382,10 +415,18 @@ class SimilarityFind:
             return hit.series_instance_uid
         return hit.sop_instance_uid
 
-    def _rows(self, parsed: ParsedSimilarity, hits: Sequence[Hit]) -> dict[str, Row[Any]]:
-        """Catalogue rows of the hits with the requested keys (and the standard conditions)."""
+    def _rows(self, parsed: ParsedSimilarity, hits: Sequence[Hit]) -> dict[str, _RowLike]:
+        """Catalogue rows of the hits with the requested keys (and the standard conditions).
+
+        When every requested key is one the hits carry (UIDs, patient ID,
+        study date and description, accession number, modalities, series
+        attributes) the rows are made from the hits, without another
+        catalogue read.
+        """
         if not hits:
             return {}
+        if parsed.hit_only:
+            return {self._hit_uid(parsed.level, h): _HitRow(h) for h in hits}
         level = parsed.level
         uid_key = KEYS[_HIT_UID[level]]
         uids = [self._hit_uid(level, h) for h in hits]
@@ -401,7 +442,7 @@ class SimilarityFind:
 
     def _responses(
         self, parsed: ParsedSimilarity, result: SearchResult, hits: Sequence[Hit],
-        rows: dict[str, Row[Any]],
+        rows: Mapping[str, _RowLike],
     ) -> Iterator[Dataset]:
         present = [(h, rows[u]) for h in hits if (u := self._hit_uid(parsed.level, h)) in rows]
         for rank, (hit, row) in enumerate(present, start=1):  # a hit deleted meanwhile is skipped
@@ -416,6 +457,38 @@ class SimilarityFind:
             block.add_new(BEST_SERIES, "UI", hit.series_instance_uid)
             block.add_new(MODEL_ID, "LO", result.model_id)
             yield ds
+
+
+class _HitRow:
+    """A hit seen as a catalogue row (the ``_mapping`` that :func:`response_identifier` reads)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, hit: Hit) -> None:
+        self._values = _HitMapping(hit)
+
+    @property
+    def _mapping(self) -> Mapping[str, Any]:
+        return self._values
+
+
+class _HitMapping(Mapping[str, Any]):
+    __slots__ = ("_hit",)
+
+    def __init__(self, hit: Hit) -> None:
+        self._hit = hit
+
+    def __getitem__(self, keyword: str) -> Any:
+        return _HIT_VALUES[keyword](self._hit)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_HIT_VALUES)
+
+    def __len__(self) -> int:
+        return len(_HIT_VALUES)
+
+
+_RowLike = Row[Any] | _HitRow
 
 
 def status_for(exc: QueryError) -> Status | None:
