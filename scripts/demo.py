@@ -377,8 +377,6 @@ def run(workdir: Path) -> None:
         print()
         print(f"RetrieveAETitle in every response: {', '.join(retrieve)} "
               "(retrieve the hits from the PACS by C-MOVE)")
-        print("Note: the shipped weights are an untrained random initialisation; "
-              "scores reflect low-level image statistics.")
     except Exception:
         if pacs is not None:
             print(f"--- Orthanc log (last lines) ---\n{pacs.log_tail()}", file=sys.stderr)

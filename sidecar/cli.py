@@ -720,7 +720,8 @@ def search(
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
 @click.option("--recipe", "recipe_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="JSON file with TrainRecipe fields (missing ones take the defaults).")
+              help="JSON file with TrainRecipe fields (missing ones take the defaults), or "
+              "the JSON beside trained weights (their recipe is reused).")
 @click.option("--init", "init_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Start from these SliceNetV1 weights (.pt with .json beside it) instead "
@@ -754,6 +755,9 @@ def train(
             raw = json.loads(recipe_path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
                 raise ValueError("the recipe file must hold a JSON object")
+            trained = raw.get("training")
+            if isinstance(trained, dict) and isinstance(trained.get("recipe"), dict):
+                raw = dict(trained["recipe"])  # a weights JSON: the recipe that made them
         raw.setdefault("input_size", cfg.embedding.input_size)
         if epochs is not None:
             raw["epochs"] = epochs

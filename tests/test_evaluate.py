@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from sidecar import evaluate as ev
 from sidecar.cli import main
 from sidecar.config import Config
-from sidecar.embeddings.model import TinyEmbedder
+from sidecar.embeddings.model import TinyEmbedder, builtin_weights_path
 from tests.conftest import SHARED_DATA
 
 MEDMNIST = SHARED_DATA / "medmnist"
@@ -344,10 +344,8 @@ def test_cli_json_keys_and_table(tmp_path: Path) -> None:
     assert table.exit_code == 0, table.output
     assert "mAP@5 (Mahbod)" in table.stdout and "majority-class rate: 60.0 %" in table.stdout
 
-    weights = Path(__file__).resolve().parents[1] / "sidecar/embeddings/weights"
     same = runner.invoke(main, ["--config", str(conf), "evaluate", str(path), "--json",
-                                "--bootstrap", "0", "--model",
-                                str(weights / "slicenet-v1-initial-random-seed0.pt")],
+                                "--bootstrap", "0", "--model", str(builtin_weights_path())],
                          catch_exceptions=False)
     assert same.exit_code == 0, same.output
     assert json.loads(same.stdout)["p@1"] == out["p@1"]
@@ -373,10 +371,13 @@ def test_breastmnist_path_a_with_the_shipped_model(
     assert a is not None
     assert (report.gallery, report.queries) == (546, 156)
     assert round(report.majority * 100, 1) == 73.1
-    # measured: raw pixels P@1 79.5, mAP@5 (Mahbod) 85.7; untrained model P@1 75.0, mAP 61.3
+    # measured: raw pixels P@1 79.5, P@10 70.8, mAP@5 (Mahbod) 85.7; shipped model P@1
+    # 81.4, P@10 75.3, mAP 67.8 (the untrained random initialisation: 75.0, 64.2, 61.3)
     assert 75.0 <= report.raw_pixel.metrics["p@1"] <= 84.0
     assert 80.0 <= report.raw_pixel.metrics["map@5_mahbod"] <= 90.0
     assert 60.0 <= a.metrics["p@1"] <= 90.0
     assert 50.0 <= a.metrics["map"] <= 80.0
+    # what training bought: more of the 10 nearest share the query's label than with raw pixels
+    assert a.metrics["p@10"] > report.raw_pixel.metrics["p@10"] + 2.0
     assert a.metrics["acc@1_mahbod"] == a.metrics["p@1"]
     assert a.near_dup["noise"] == 100.0

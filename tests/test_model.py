@@ -142,36 +142,45 @@ def test_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
     assert embedder.embed(_slices(1)).shape == (1, embedder.dim)
 
 
-def test_weights_json_documents_untrained_initialisation() -> None:
+def test_weights_json_documents_how_the_shipped_model_was_trained() -> None:
     desc = json.loads(builtin_weights_path().with_suffix(".json").read_text())
-    assert desc["trained"] is False
-    assert "NOT TRAINED" in desc["status"]
+    assert desc["trained"] is True
     assert desc["architecture"] == "SliceNetV1"
     assert desc["input_size"] == SIZE
     assert desc["dim"] == 128
-    assert desc["seed"] == 0
-    assert "make_initial_weights" in desc["made_by"]
+    assert "sidecar train" in desc["made_by"]
     assert desc["weights_file"] == BUILTIN_WEIGHTS
     assert desc["model_id"] == _hash16(builtin_weights_path())
-    assert SliceNetV1Params.from_json(desc["hparams"]) == SliceNetV1Params()
+    training = desc["training"]
+    assert training["labels_used"] is False
+    recipe = training["recipe"]
+    assert recipe["seed"] == desc["seed"] and recipe["hparams"] == desc["hparams"]
+    # the data manifest: every input with its SHA-256; of the .npz only train_images
+    inputs = training["data"]["inputs"]
+    npz = [i for i in inputs if i["kind"] == "npz"]
+    assert {i["name"] for i in npz} == {"breastmnist.npz", "pneumoniamnist.npz"}
+    assert all(i["arrays_read"] == ["train_images"] for i in npz)
+    assert all(len(i["sha256"]) == 64 for i in inputs if "sha256" in i)
+    assert len(training["loss_history"]) == recipe["epochs"]
     model, info = load_weights()
-    assert info.trained is False
+    assert info.trained is True
     assert desc["parameters"] == model.parameter_count()
 
 
-def test_regenerating_weights_gives_same_files(tmp_path: Path) -> None:
+def test_regenerating_random_weights_gives_same_files(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "sidecar.embeddings.make_initial_weights"]
-    proc = subprocess.run(
-        [*cmd, "--out-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    made = tmp_path / BUILTIN_WEIGHTS
-    assert made.read_bytes() == builtin_weights_path().read_bytes()
-    assert made.with_suffix(".json").read_text() == (
-        builtin_weights_path().with_suffix(".json").read_text()
-    )
-    _, info = load_weights(made)
-    assert info.model_id == _hash16(builtin_weights_path())
+    made = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        proc = subprocess.run([*cmd, "--out-dir", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        made.append(out / "slicenet-v1-initial-random-seed0.pt")
+    assert made[0].read_bytes() == made[1].read_bytes()
+    assert made[0].with_suffix(".json").read_text() == made[1].with_suffix(".json").read_text()
+    model, info = load_weights(made[0])
+    assert info.trained is False and info.model_id == _hash16(made[0])
+    desc = json.loads(made[0].with_suffix(".json").read_text())
+    assert "NOT TRAINED" in desc["status"] and desc["parameters"] == model.parameter_count()
 
 
 def test_corrupt_or_mismatched_weights_raise_model_error(tmp_path: Path) -> None:

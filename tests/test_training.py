@@ -246,6 +246,13 @@ def test_cli_train_reads_only_the_train_split(
                                "--recipe", str(tmp_path / "recipe.json"), "--epochs", "1",
                                "--init", str(pts[0])], catch_exceptions=False)
     assert bad.exit_code == 0, bad.output
+    # the JSON beside trained weights is a recipe: the same run, the same bytes
+    again = runner.invoke(main, ["train", "--data", str(npz), "--out", str(tmp_path / "again"),
+                                 "--recipe", str(pts[0].with_suffix(".json"))],
+                          catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    (twin,) = (tmp_path / "again").glob("*.pt")
+    assert twin.read_bytes() == pts[0].read_bytes()
     (tmp_path / "bad.json").write_text(json.dumps({"lr": -1}))
     err = runner.invoke(main, ["train", "--data", str(npz), "--out", str(out),
                                "--recipe", str(tmp_path / "bad.json")])

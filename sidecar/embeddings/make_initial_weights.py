@@ -1,14 +1,14 @@
-"""Write the initial, UNTRAINED SliceNetV1 weights shipped with the package.
+"""Write UNTRAINED SliceNetV1 weights: a seeded random initialisation.
 
-Run ``python -m sidecar.embeddings.make_initial_weights`` to (re)write
-``sidecar/embeddings/weights/slicenet-v1-initial-random-seed0.pt`` and its
-JSON description; ``--out-dir`` writes elsewhere. The weights are a seeded
-random initialisation (:meth:`SliceNetV1.reset_parameters` with a
-``torch.Generator`` seeded with ``--seed``), never trained. They exist so the
-pipeline runs end to end and loads without any download until trained weights
-ship. Running the script twice gives byte-identical files (with the same torch
-version): the state_dict is serialised in memory, so the bytes do not depend
-on the file name.
+``python -m sidecar.embeddings.make_initial_weights --out-dir DIR [--seed N]``
+writes ``DIR/slicenet-v1-initial-random-seed<N>.pt`` and its JSON
+description: :meth:`SliceNetV1.reset_parameters` with a ``torch.Generator``
+seeded with ``--seed``, never trained. They are a baseline for experiments
+(``sidecar evaluate --model``) and what the first releases shipped; the
+package now ships trained weights (``sidecar train``; README, "The shipped
+model"). Running the script twice gives byte-identical files (with the same
+torch version): the state_dict is serialised in memory, so the bytes do not
+depend on the file name.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from sidecar.embeddings.model import (
-    WEIGHTS_DIR,
     WEIGHTS_FORMAT,
     SliceNetV1,
     SliceNetV1Params,
@@ -98,10 +97,7 @@ def write_initial_weights(out_dir: Path, seed: int = 0) -> tuple[Path, Path, str
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--out-dir", type=Path, default=WEIGHTS_DIR,
-        help="directory to write into (default: the package's weights directory)",
-    )
+    parser.add_argument("--out-dir", type=Path, required=True, help="directory to write into")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     args = parser.parse_args(argv)
     weights_path, json_path, model_id = write_initial_weights(args.out_dir, args.seed)

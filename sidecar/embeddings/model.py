@@ -13,8 +13,9 @@ Models
 * Built-in: :class:`SliceNetV1` with the weights shipped in ``weights/``: a
   ``state_dict`` (``torch.save``) plus a JSON next to it naming the
   architecture, its hyper-parameters, the input size, the SHA-256 of the
-  weights and how they were made. Until trained weights ship, the file is an
-  **untrained**, seeded random initialisation written by
+  weights and how they were made. The shipped weights were trained by our
+  own code without labels (``sidecar train``; recipe, seed and data manifest
+  in the JSON). Untrained, seeded random weights for comparison:
   ``python -m sidecar.embeddings.make_initial_weights``.
 * ``embedding.model_path``: a TorchScript file (input ``N x 1 x S x S`` in
   ``[0, 1]``, output ``N x D``) replaces the built-in model. ``D`` is found by a
@@ -69,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR: Final = Path(__file__).resolve().parent / "weights"
 """Directory of the shipped weights (package data)."""
-BUILTIN_WEIGHTS: Final = "slicenet-v1-initial-random-seed0.pt"
+BUILTIN_WEIGHTS: Final = "slicenet-v1-ssl-seed0-98602748.pt"
 """File name of the built-in weights in :data:`WEIGHTS_DIR`."""
 WEIGHTS_FORMAT: Final = 1
 """Version of the weights JSON layout."""
