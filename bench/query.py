@@ -821,6 +821,100 @@ def server_mean(before: dict[str, tuple[float, int]], after: dict[str, tuple[flo
     return (s1 - s0) / (n1 - n0) if n1 > n0 else None
 
 
+def _floor_scp(port: int, ready: Any, k: int) -> None:  # pragma: no cover - child process
+    """A pynetdicom C-FIND SCP that answers every query with ``k`` prepared identifiers."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    prepared = []
+    for i in range(k):  # the same elements as the sidecar's answers to find_identifier()
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.RetrieveAETitle = "PACS"
+        ds.StudyInstanceUID = uid(1, 3, i)
+        blk = ds.private_block(0x0099, CREATOR, create=True)
+        blk.add_new(0x10, "FD", 0.9 - i / 100)
+        blk.add_new(0x11, "UL", i + 1)
+        blk.add_new(0x12, "UI", uid(1, 1, i))
+        blk.add_new(0x13, "UI", uid(1, 2, i))
+        blk.add_new(0x14, "LO", "0123456789abcdef")
+        prepared.append(ds)
+
+    def answer(event: Any) -> Any:
+        _ = event.identifier  # decoded, as any SCP must
+        for ds in prepared:
+            yield 0xFF00, ds
+
+    def nodelay(event: Any) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    ae = AE(ae_title="FLOOR")
+    ae.add_supported_context(FIND, ExplicitVRLittleEndian)
+    ae.start_server(("127.0.0.1", port), block=False,
+                    evt_handlers=[(evt.EVT_C_FIND, answer), (evt.EVT_CONN_OPEN, nodelay)])
+    ready.set()
+    while True:
+        time.sleep(3600)
+
+
+def cfind_floor(refs: list[Reference], args: argparse.Namespace) -> Latency:
+    """The same client against a pynetdicom SCP that does no work: K prepared answers.
+
+    What pynetdicom alone costs per query on this machine (both ends Python,
+    one association, TCP_NODELAY), the reference the sidecar's C-FIND is
+    compared with.
+    """
+    import multiprocessing as mp
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    floor = Latency(f"C-FIND reference: pynetdicom SCP, {K} prepared answers",
+                    note="no search, no catalogue: pynetdicom alone")
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_floor_scp, args=(port, ready, K), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise BenchError("the reference C-FIND SCP did not start")
+        ae = AE(ae_title="QUERYBENCH")
+        ae.add_requested_context(FIND, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+
+        def nodelay(event: Any) -> None:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        assoc = ae.associate("127.0.0.1", port, ae_title="FLOOR",
+                             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+        if not assoc.is_established:
+            raise BenchError("cannot associate with the reference C-FIND SCP")
+        try:
+            for r in refs[:20]:  # warm-up
+                list(assoc.send_c_find(find_identifier(r.uid), FIND))
+            for r in refs[:args.queries]:
+                t0 = time.perf_counter()
+                final, hits, _ = parse_find(list(assoc.send_c_find(find_identifier(r.uid), FIND)))
+                floor.ms.append(1000 * (time.perf_counter() - t0))
+                if final != 0 or len(hits) != K:
+                    floor.errors += 1
+        finally:
+            assoc.release()
+    finally:
+        proc.terminate()
+        proc.join(10)
+    return floor
+
+
 def cfind_runs(server: QueryServe, refs: list[Reference], answers: dict[str, list[str]],
                args: argparse.Namespace) -> dict[str, Any]:
     from pydicom.uid import ExplicitVRLittleEndian
@@ -902,11 +996,16 @@ def cfind_runs(server: QueryServe, refs: list[Reference], answers: dict[str, lis
             nagle.ms.append(1000 * (time.perf_counter() - t0))
     finally:
         a.release()
-    for lat in (reused, fresh, nagle):
+    floor = cfind_floor(refs, args)
+    if floor.ms and reused.ms:
+        ratio = pct(reused.ms, 50) / pct(floor.ms, 50)
+        reused.note += f"{'; ' if reused.note else ''}p50 {ratio:.2f}x the pynetdicom reference"
+    for lat in (reused, floor, fresh, nagle):
         log(lat.line())
     for p in problems[:10]:
         log(f"    check: {p}")
     return {"available": True, "latency": {"reused": reused.summary(),
+                                           "pynetdicom_reference": floor.summary(),
                                            "new_association": fresh.summary(),
                                            "reused_client_nagle": nagle.summary()},
             "service_mean_ms": in_service, "problems": problems}
@@ -1077,6 +1176,12 @@ def goal_lines(results: list[dict[str, Any]]) -> list[str]:
                     if n == GOAL_SIZE else f"(goals are for {GOAL_SIZE})")
             lines.append(f"{n} vectors: {name}: p50 {s['p50_ms']:.1f} ms, p99 "
                          f"{s['p99_ms']:.1f} ms   {goal}")
+            ref = door.get("latency", {}).get("pynetdicom_reference")
+            if key == "reused" and ref and ref.get("n"):
+                lines.append(f"{n} vectors:   reference, a pynetdicom SCP that only sends {K} "
+                             f"prepared answers: p50 {ref['p50_ms']:.1f} ms, p99 "
+                             f"{ref['p99_ms']:.1f} ms (sidecar p50 = "
+                             f"{s['p50_ms'] / ref['p50_ms']:.2f}x)")
     return lines
 
 
