@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -483,10 +484,27 @@ class Sidecar:
             logger.info("%d stud%s became stable", n, "y" if n == 1 else "ies")
         return n
 
+    def _warm_search(self) -> None:
+        """Load the search's in-memory vectors now, not on the first query (in a thread)."""
+        started = time.perf_counter()
+        try:
+            self.search.warm()
+        except Exception as exc:  # noqa: BLE001 - the first query loads them instead
+            logger.warning("could not preload the search vectors (%s); the first query will",
+                           exc.__class__.__name__)
+            return
+        logger.info("search vectors loaded in %.1f s", time.perf_counter() - started)
+
     def start(self) -> tuple[str, int]:
-        """Open the index, start the scheduler and the receivers; returns the address."""
+        """Open the index, start the scheduler and the receivers; returns the address.
+
+        The search's in-memory vectors (series means, slice vectors of the
+        serving model) are loaded in a background thread, so the first query
+        does not pay for it (about 0.7 s per 100 000 vectors).
+        """
         if self.embedding is not None:
             self.embedding.open()
+            threading.Thread(target=self._warm_search, name="search-warm", daemon=True).start()
         self.scheduler.start()
         if self.node is not None:
             self.address = self.node.start()

@@ -819,6 +819,11 @@ class _SliceCache:
         self._lock = threading.Lock()
         self._view: _Slices | None = None
 
+    @property
+    def loaded(self) -> _Slices | None:
+        """The view held now (``None`` before the first load)."""
+        return self._view
+
     def view(self, model_id: str, dim: int, *, need: int = 0) -> _Slices:
         """A view no older than ``refresh`` seconds that has seen key ``need``."""
         now = time.monotonic()
@@ -969,6 +974,20 @@ class SearchService:
         self._mean_matrix("series", model_id, dim)
         if self._slices is not None:
             self._slices.view(model_id, dim)
+
+    @property
+    def cache_loaded(self) -> bool:
+        """Whether the serving model's series means (and slice vectors) are in memory."""
+        if self._embedding is None:
+            return False
+        model_id = self._embedding.serving.model_id
+        means = self._means.get("series")
+        if means is None or means.model_id != model_id:
+            return False
+        if self._slices is None:
+            return True
+        view = self._slices.loaded
+        return view is not None and view.model_id == model_id
 
     # -------------------------------------------------------------- public
     def search(

@@ -238,6 +238,10 @@ def test_cstore_series_is_embedded_searchable_and_survives_a_restart(
     assert saved["count"] == 12
     with caplog.at_level(logging.INFO, logger="sidecar.app"):
         again = live()
+        # the search's in-memory vectors are loaded at start, before any query
+        wait_for(lambda: again.search.cache_loaded, what="search vectors loaded at start")
+        wait_for(lambda: any(m.startswith("search vectors loaded in") for m in caplog.messages),
+                 what="the log line")
     assert again.embedding is not None
     model_id = again.embedding.embedder.model_id
     assert f"index for model {model_id}: 12 vectors (loaded)" in caplog.messages
