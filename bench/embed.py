@@ -128,6 +128,7 @@ from ingest import (  # noqa: E402  (bench/ is not a package)
     run_benchmark,
     send,
     sidecar_env,
+    sidecar_overrides,
     tail,
     tree_cpu,
     tree_snapshot,
@@ -935,12 +936,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--associations must be between 1 and 16")
     if max(args.assoc_counts) > args.count:
         p.error("more associations than instances")
-    args.sidecar_overrides = {}
-    for item in args.sidecar_set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            p.error(f"--sidecar-set wants SECTION.KEY=VALUE, got {item!r}")
-        args.sidecar_overrides["SIDECAR__" + key.upper().replace(".", "__")] = value
+    args.sidecar_overrides = sidecar_overrides(p, args.sidecar_set)
     return args
 
 

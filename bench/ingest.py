@@ -745,6 +745,17 @@ def machine_facts(work: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- main
+def sidecar_overrides(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """``--sidecar-set SECTION.KEY=VALUE`` items as ``SIDECAR__SECTION__KEY`` variables."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            p.error(f"--sidecar-set wants SECTION.KEY=VALUE, got {item!r}")
+        out["SIDECAR__" + key.upper().replace(".", "__")] = value
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="DCMTK storescu -> storescp vs sidecar serve, instances/s and ratio.")
@@ -785,12 +796,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--associations must be between 1 and 16")
     if max(args.assoc_counts) > args.count:
         p.error("more associations than instances")
-    args.sidecar_overrides = {}
-    for item in args.sidecar_set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            p.error(f"--sidecar-set wants SECTION.KEY=VALUE, got {item!r}")
-        args.sidecar_overrides["SIDECAR__" + key.upper().replace(".", "__")] = value
+    args.sidecar_overrides = sidecar_overrides(p, args.sidecar_set)
     return args
 
 

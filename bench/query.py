@@ -109,6 +109,7 @@ from ingest import (  # noqa: E402  (bench/ is not a package)
     machine_facts,
     print_header,
     run_benchmark,
+    sidecar_overrides,
     tail,
 )
 
@@ -821,6 +822,26 @@ def server_mean(before: dict[str, tuple[float, int]], after: dict[str, tuple[flo
     return (s1 - s0) / (n1 - n0) if n1 > n0 else None
 
 
+def _nodelay(event: Any) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY on the association's socket (as DCMTK's TCP_NODELAY=1)."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _find_client() -> tuple[Any, str]:
+    """The benchmark's C-FIND client AE (Study Root FIND, Explicit VR LE) and the FIND UID."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    ae = AE(ae_title="QUERYBENCH")
+    ae.add_requested_context(FIND, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    return ae, str(FIND)
+
+
 def _floor_scp(port: int, ready: Any, k: int) -> None:  # pragma: no cover - child process
     """A pynetdicom C-FIND SCP that answers every query with ``k`` prepared identifiers."""
     from pydicom.dataset import Dataset
@@ -849,14 +870,11 @@ def _floor_scp(port: int, ready: Any, k: int) -> None:  # pragma: no cover - chi
         for ds in prepared:
             yield 0xFF00, ds
 
-    def nodelay(event: Any) -> None:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
     ae = AE(ae_title="FLOOR")
     ae.add_supported_context(FIND, ExplicitVRLittleEndian)
     ae.start_server(("127.0.0.1", port), block=False,
-                    evt_handlers=[(evt.EVT_C_FIND, answer), (evt.EVT_CONN_OPEN, nodelay)])
+                    evt_handlers=[(evt.EVT_C_FIND, answer), (evt.EVT_CONN_OPEN, _nodelay)])
     ready.set()
     while True:
         time.sleep(3600)
@@ -871,11 +889,7 @@ def cfind_floor(refs: list[Reference], args: argparse.Namespace) -> Latency:
     """
     import multiprocessing as mp
 
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        StudyRootQueryRetrieveInformationModelFind as FIND,
-    )
+    from pynetdicom import evt
 
     floor = Latency(f"C-FIND reference: pynetdicom SCP, {K} prepared answers",
                     note="no search, no catalogue: pynetdicom alone")
@@ -887,23 +901,17 @@ def cfind_floor(refs: list[Reference], args: argparse.Namespace) -> Latency:
     try:
         if not ready.wait(60):
             raise BenchError("the reference C-FIND SCP did not start")
-        ae = AE(ae_title="QUERYBENCH")
-        ae.add_requested_context(FIND, ExplicitVRLittleEndian)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-
-        def nodelay(event: Any) -> None:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
+        ae, find = _find_client()
         assoc = ae.associate("127.0.0.1", port, ae_title="FLOOR",
-                             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
         if not assoc.is_established:
             raise BenchError("cannot associate with the reference C-FIND SCP")
         try:
             for r in refs[:20]:  # warm-up
-                list(assoc.send_c_find(find_identifier(r.uid), FIND))
+                list(assoc.send_c_find(find_identifier(r.uid), find))
             for r in refs[:args.queries]:
                 t0 = time.perf_counter()
-                final, hits, _ = parse_find(list(assoc.send_c_find(find_identifier(r.uid), FIND)))
+                final, hits, _ = parse_find(list(assoc.send_c_find(find_identifier(r.uid), find)))
                 floor.ms.append(1000 * (time.perf_counter() - t0))
                 if final != 0 or len(hits) != K:
                     floor.errors += 1
@@ -917,33 +925,23 @@ def cfind_floor(refs: list[Reference], args: argparse.Namespace) -> Latency:
 
 def cfind_runs(server: QueryServe, refs: list[Reference], answers: dict[str, list[str]],
                args: argparse.Namespace) -> dict[str, Any]:
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-        StudyRootQueryRetrieveInformationModelFind as FIND,
-    )
+    from pynetdicom import evt
 
-    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
-    ae = AE(ae_title="QUERYBENCH")
-    ae.add_requested_context(FIND, ExplicitVRLittleEndian)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae, find = _find_client()
     problems: list[str] = []
     reused = Latency("C-FIND similarity, one association")
     fresh = Latency("C-FIND similarity, new association per query")
     nagle = Latency("C-FIND, one association, client Nagle on",
                     note="pynetdicom's default socket; information only")
 
-    def nodelay(event: Any) -> None:  # as DCMTK's TCP_NODELAY=1 (see bench/ingest.py)
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    handlers = [(evt.EVT_CONN_OPEN, nodelay)]
+    handlers = [(evt.EVT_CONN_OPEN, _nodelay)]
 
     def associate(fast: bool = True) -> Any:
         return ae.associate("127.0.0.1", server.port, ae_title=server.ae_title,
                             evt_handlers=handlers if fast else [])
 
     def one(assoc: Any, r: Reference) -> tuple[int, list[tuple[int, str]], str]:
-        return parse_find(list(assoc.send_c_find(find_identifier(r.uid), FIND)))
+        return parse_find(list(assoc.send_c_find(find_identifier(r.uid), find)))
 
     assoc = associate()
     if not assoc.is_established:
@@ -1235,12 +1233,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sizes must be at least 1000")
     if min(args.queries, args.recall_queries) < 10 or min(args.ef_values or [1]) < K:
         p.error(f"--queries and --recall-queries must be >= 10, --ef values >= {K}")
-    args.sidecar_overrides = {}
-    for item in args.sidecar_set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            p.error(f"--sidecar-set wants SECTION.KEY=VALUE, got {item!r}")
-        args.sidecar_overrides["SIDECAR__" + key.upper().replace(".", "__")] = value
+    args.sidecar_overrides = sidecar_overrides(p, args.sidecar_set)
     return args
 
 
