@@ -43,7 +43,7 @@ from typing import Any, Final
 from pydicom.datadict import add_private_dict_entries, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, PrivateBlock
-from sqlalchemy import Engine, Row
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sidecar.config import QueryConfig
@@ -56,6 +56,7 @@ from sidecar.dicom_scp.find import (
     FindQuery,
     FindRequest,
     Level,
+    RowLike,
     build_select,
     parse_query,
     response_identifier,
@@ -415,7 +416,7 @@ class SimilarityFind:
             return hit.series_instance_uid
         return hit.sop_instance_uid
 
-    def _rows(self, parsed: ParsedSimilarity, hits: Sequence[Hit]) -> dict[str, _RowLike]:
+    def _rows(self, parsed: ParsedSimilarity, hits: Sequence[Hit]) -> dict[str, RowLike]:
         """Catalogue rows of the hits with the requested keys (and the standard conditions).
 
         When every requested key is one the hits carry (UIDs, patient ID,
@@ -426,7 +427,7 @@ class SimilarityFind:
         if not hits:
             return {}
         if parsed.hit_only:
-            return {self._hit_uid(parsed.level, h): _HitRow(h) for h in hits}
+            return {self._hit_uid(parsed.level, h): _HitRow.of(h) for h in hits}
         level = parsed.level
         uid_key = KEYS[_HIT_UID[level]]
         uids = [self._hit_uid(level, h) for h in hits]
@@ -442,7 +443,7 @@ class SimilarityFind:
 
     def _responses(
         self, parsed: ParsedSimilarity, result: SearchResult, hits: Sequence[Hit],
-        rows: Mapping[str, _RowLike],
+        rows: Mapping[str, RowLike],
     ) -> Iterator[Dataset]:
         present = [(h, rows[u]) for h in hits if (u := self._hit_uid(parsed.level, h)) in rows]
         for rank, (hit, row) in enumerate(present, start=1):  # a hit deleted meanwhile is skipped
@@ -459,36 +460,15 @@ class SimilarityFind:
             yield ds
 
 
+@dataclass(frozen=True)
 class _HitRow:
-    """A hit seen as a catalogue row (the ``_mapping`` that :func:`response_identifier` reads)."""
+    """A hit seen as a catalogue row: the values :func:`response_identifier` reads, by keyword."""
 
-    __slots__ = ("_values",)
+    _mapping: Mapping[str, Any]
 
-    def __init__(self, hit: Hit) -> None:
-        self._values = _HitMapping(hit)
-
-    @property
-    def _mapping(self) -> Mapping[str, Any]:
-        return self._values
-
-
-class _HitMapping(Mapping[str, Any]):
-    __slots__ = ("_hit",)
-
-    def __init__(self, hit: Hit) -> None:
-        self._hit = hit
-
-    def __getitem__(self, keyword: str) -> Any:
-        return _HIT_VALUES[keyword](self._hit)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_HIT_VALUES)
-
-    def __len__(self) -> int:
-        return len(_HIT_VALUES)
-
-
-_RowLike = Row[Any] | _HitRow
+    @classmethod
+    def of(cls, hit: Hit) -> _HitRow:
+        return cls({keyword: value(hit) for keyword, value in _HIT_VALUES.items()})
 
 
 def status_for(exc: QueryError) -> Status | None:
