@@ -791,7 +791,7 @@ def train(
 
     result = training.train_model(loaded.images, recipe, init_state=init_state,
                                   groups=loaded.groups, progress=_progress,
-                                  sources=loaded.sources)
+                                  sources=loaded.sources, studies=loaded.studies)
     try:
         path = training.save_weights(out_dir, result, recipe, manifest)
     except OSError as exc:

@@ -387,6 +387,13 @@ class AdaptationConfig(_Section):
         "current model stays. The re-embedding that follows an accepted model runs in the "
         "background afterwards and is not counted.",
     )
+    study_positives: float = Field(
+        0.25, ge=0, le=1,
+        description="Probability that a training slice's positive is a slice of another series "
+        "of its study (another reconstruction, phase or sequence of the same examination, the "
+        "unit similarity queries rank) rather than a view of itself or a neighbouring slice; "
+        "0 uses series only.",
+    )
     seed: int = Field(
         0, ge=0, description="Seed of the slice sample, the held-out split and the training."
     )

@@ -127,11 +127,11 @@ class StandIn:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     def train_model(self, images: np.ndarray, recipe: Any, *, init_state: Any = None,
-                    groups: Any = None, progress: Any = None) -> Any:
+                    groups: Any = None, progress: Any = None, studies: Any = None) -> Any:
         from sidecar.embeddings.training import TrainResult
 
         self.calls.append({"images": images, "recipe": recipe, "init_state": init_state,
-                           "groups": groups})
+                           "groups": groups, "studies": studies})
         if progress is not None:
             progress(1, 0.5)
         state = {k: v.clone() for k, v in self.target.state_dict().items()}
@@ -160,11 +160,13 @@ def _store_archive(cfg: Config) -> list[str]:
     try:
         store = InstanceStore(cfg, repo)
         for s in range(SERIES):
-            study, series = generate_uid(), generate_uid()
-            studies.append(study)
+            # the last two series are one study (two series of one examination)
+            study, series = (studies[-1] if s == SERIES - 1 else generate_uid()), generate_uid()
+            if s < SERIES - 1:
+                studies.append(study)
             for i in range(SLICES):
                 ds = make_ct(study_uid=study, series_uid=series, instance_number=i + 1,
-                             seed=100 * s + i, patient_id=f"P{s}")
+                             seed=100 * s + i, patient_id=f"P{min(s, SERIES - 2)}")
                 rng = np.random.default_rng(100 * s + i)
                 hu = np.kron(rng.uniform(-150, 230, (8, 8)), np.ones((8, 8)))
                 ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
@@ -344,6 +346,15 @@ def test_better_model_is_accepted_reembedded_in_background_then_swapped_and_rest
     assert len(call["images"]) + outcome.holdout_slices == SERIES * SLICES
     assert outcome.holdout_series == 2 and outcome.series == SERIES
     assert call["recipe"].epochs == 1 and call["recipe"].input_size == SIZE
+    # every slice carries its study: one study per series, the two series of the
+    # shared study under one number (positives from other series of the study)
+    assert call["recipe"].study_prob == site.config.adaptation.study_positives == 0.25
+    groups, studies = np.asarray(call["groups"]), np.asarray(call["studies"])
+    assert groups.shape == studies.shape == (len(call["images"]),)
+    pairs = set(zip(groups.tolist(), studies.tolist(), strict=True))
+    assert len(pairs) == len(set(groups.tolist()))  # a series lies in one study
+    # (the seeded split trains on both series of the shared study)
+    assert len(set(studies.tolist())) == len(set(groups.tolist())) - 1
     assert outcome.candidate_score is not None and outcome.current_score is not None
     assert outcome.candidate_score >= outcome.current_score + 0.2
     assert "accepted" in caplog.text

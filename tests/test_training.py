@@ -145,6 +145,60 @@ def test_groups_give_neighbour_positives_and_init_state_is_used() -> None:
         tr.train_model(np.zeros((4, 1, 8, 8), np.float32), recipe)
 
 
+def test_study_positives_come_from_other_series_of_the_study() -> None:
+    # study 0: series 0 (images 0-4) and series 1 (5-9); study 1: series 2 only (10-14);
+    # images 15-17 have neither
+    groups = np.array([0] * 5 + [1] * 5 + [2] * 5 + [-1] * 3)
+    studies = np.array([0] * 10 + [1] * 5 + [-1] * 3)
+    series = tr._neighbours(groups)
+    others = tr._study_others(groups, studies)
+    assert others[0].tolist() == [5, 6, 7, 8, 9] and others[7].tolist() == [0, 1, 2, 3, 4]
+    assert all(others[i].size == 0 for i in range(10, 18))
+    idx = np.arange(18)
+    always = tiny_recipe(study_prob=1.0, neighbour_prob=0.0)
+    partner = tr.pick_partners(idx, series, others, always, np.random.default_rng(0))
+    assert all((groups[partner[i]] == 1) for i in range(5))  # series 0 -> series 1
+    assert all((groups[partner[i]] == 0) for i in range(5, 10))
+    assert partner[10:].tolist() == list(range(10, 18))  # no other series: itself
+    mixed = tiny_recipe(study_prob=0.5, neighbour_prob=1.0, neighbour_span=1)
+    draws = np.stack([tr.pick_partners(idx[:10], series, others, mixed,
+                                       np.random.default_rng(k)) for k in range(200)])
+    other_series = (groups[draws] != groups[:10]).mean()
+    assert 0.4 < other_series < 0.6  # about study_prob of the time
+    for k in range(10):  # otherwise a neighbour within one position, never farther
+        col = draws[:, k][groups[draws[:, k]] == groups[k]]
+        assert np.abs(col - k).max() <= 1
+    # study_prob 0: the same partners and random draws as data without studies
+    never = tiny_recipe(study_prob=0.0, neighbour_prob=0.5)
+    none = [np.zeros(0, np.intp)] * 18
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert tr.pick_partners(idx, series, others, never, rng_a).tolist() == \
+        tr.pick_partners(idx, series, none, never, rng_b).tolist()
+    assert rng_a.random() == rng_b.random()
+
+    # negatives: with studies, a slice of the other series of the study is no negative
+    batch = np.array([0, 6, 11, 15])
+    by_series = tr.negative_exclusions(batch, groups, None, repeated=False)
+    by_study = tr.negative_exclusions(batch, groups, studies, repeated=False)
+    assert by_series is not None and by_study is not None
+    assert not by_series[0, 2] and by_study[0, 2]  # views of images 0 and 6
+    assert not by_study[0, 4] and not by_study[4, 6]  # other study, no study
+    drawn_twice = tr.negative_exclusions(np.array([15, 15, 16]), groups, studies,
+                                         repeated=True)
+    assert drawn_twice is not None and drawn_twice[0, 3] and not drawn_twice[0, 4]
+    assert tr.negative_exclusions(np.array([15, 16]), np.full(18, -1), None,
+                                  repeated=False) is None
+
+    images = synthetic(18, seed=6)
+    result = tr.train_model(images, tiny_recipe(epochs=1, batch_size=8, study_prob=0.5),
+                            groups=groups, studies=studies)
+    assert np.isfinite(result.history).all()
+    with pytest.raises(ValueError, match="studies"):
+        tr.train_model(images, always, groups=groups, studies=np.zeros(3))
+    with pytest.raises(ValueError, match="study_prob"):
+        tiny_recipe(study_prob=1.5)
+
+
 # -------------------------------------------------------------- save, load
 def test_save_weights_load_round_trip(
     tmp_path: Path, trained: tuple[tr.TrainRecipe, tr.TrainResult]
@@ -189,21 +243,28 @@ def test_label_free_score_prefers_the_trained_model(
 
 # ------------------------------------------------------------------- data
 def test_dicom_series_become_groups_in_slice_order(tmp_path: Path) -> None:
-    study = generate_uid()
-    for s in range(2):
+    study, other_study = generate_uid(), generate_uid()
+    for s in range(3):
         series = generate_uid()
         for k in (3, 1, 2):  # written out of order
-            ds = make_ct(study_uid=study, series_uid=series, instance_number=k, seed=10 * s + k)
+            ds = make_ct(study_uid=study if s < 2 else other_study, series_uid=series,
+                         instance_number=k, seed=10 * s + k)
             ds.save_as(tmp_path / f"s{s}_{k}.dcm", enforce_file_format=True)
     (tmp_path / "notes.txt").write_text("not DICOM")
     data = tr.load_training_data([tmp_path], Config(), SIZE)
-    assert data.images.shape == (6, 1, SIZE, SIZE)
-    assert sorted(np.unique(data.groups).tolist()) == [0, 1]
+    assert data.images.shape == (9, 1, SIZE, SIZE)
+    assert sorted(np.unique(data.groups).tolist()) == [0, 1, 2]
     assert (np.bincount(data.groups) == 3).all()
+    # two series of one study share a study number, the third series has another
+    assert sorted(np.bincount(data.studies).tolist()) == [3, 6]
+    for g in range(3):
+        assert len(np.unique(data.studies[data.groups == g])) == 1
     files = [e for e in data.manifest["inputs"] if e.get("kind") == "dicom"]
-    assert len(files) == 6 and all(len(e["sha256"]) == 64 for e in files)
+    assert len(files) == 9 and all(len(e["sha256"]) == 64 for e in files)
+    folders = [e for e in data.manifest["inputs"] if e.get("kind") == "dicom-folders"]
+    assert folders[0]["series"] == 3 and folders[0]["studies"] == 2
     # within a series, the slices come in slice order (positions 1, 2, 3)
-    for g in (0, 1):
+    for g in (0, 1, 2):
         names = [Path(e["path"]).name for e in files if e["series"] == g]
         assert sorted(names) == names or len(set(names)) == 3
 

@@ -6,8 +6,10 @@ One run (:func:`run_adaptation`), bounded in slices, epochs and time:
    embedded in stable studies: whole series in a seeded random order, exactly
    the slices the worker chose, read from storage through the catalogue and
    prepared with :func:`sidecar.embeddings.preprocess.prepare` as the worker
-   prepares them. Each slice's group is its series (positives from the DICOM
-   structure: slices of one series belong together).
+   prepares them. Each slice's group is its series and it carries its study
+   (positives from the DICOM structure: neighbouring slices of a series and,
+   with probability ``adaptation.study_positives``, slices of the study's
+   other series).
 2. **Split** the sampled series, seeded, into training and held-out series
    (``adaptation.holdout_fraction``); no series is on both sides.
 3. **Fine-tune** from the current model's weights (``init_state``) with the
@@ -282,12 +284,16 @@ class SliceSample:
     grouped
         The groups are series whose slices are positives for training
         (``False``: independent images, each its own group).
+    studies
+        ``(N,)`` study primary key of each slice (``-1``: unknown), for the
+        positives from other series of a study (``adaptation.study_positives``).
     """
 
     images: F32
     groups: I64
     unreadable: int = 0
     grouped: bool = True
+    studies: I64 | None = None
 
     @property
     def series(self) -> int:
@@ -296,7 +302,9 @@ class SliceSample:
 
     def subset(self, mask: npt.NDArray[np.bool_]) -> SliceSample:
         """The slices where ``mask`` is true."""
-        return SliceSample(self.images[mask], self.groups[mask], grouped=self.grouped)
+        studies = None if self.studies is None else self.studies[mask]
+        return SliceSample(self.images[mask], self.groups[mask], grouped=self.grouped,
+                           studies=studies)
 
 
 def sample_slices(
@@ -320,13 +328,14 @@ def sample_slices(
     """
     with engine.connect() as conn:
         counts = conn.execute(
-            select(SLICE_VECTOR.c.series_pk, func.count())
+            select(SLICE_VECTOR.c.series_pk, func.count(), func.min(SLICE_VECTOR.c.study_pk))
             .join(STUDY, STUDY.c.id == SLICE_VECTOR.c.study_pk)
             .where(SLICE_VECTOR.c.model_id == model_id, STUDY.c.stable.is_(True),
                    SLICE_VECTOR.c.frame >= 0)
             .group_by(SLICE_VECTOR.c.series_pk)
             .order_by(SLICE_VECTOR.c.series_pk)
         ).all()
+    study_of = {int(row[0]): int(row[2]) for row in counts}
     order = np.random.default_rng(seed).permutation(len(counts))
     chosen: list[int] = []
     total = 0
@@ -340,6 +349,7 @@ def sample_slices(
             break
     images: list[F32] = []
     groups: list[int] = []
+    studies: list[int] = []
     unreadable = 0
     storage = config.storage_dir
     for series_pk in chosen:
@@ -375,11 +385,13 @@ def sample_slices(
                 continue
             images.extend(prepared)
             groups.extend([series_pk] * len(prepared))
+            studies.extend([study_of[series_pk]] * len(prepared))
     if not images:
         return SliceSample(np.zeros((0, 1, input_size, input_size), np.float32),
-                           np.zeros(0, np.int64), unreadable)
+                           np.zeros(0, np.int64), unreadable, studies=np.zeros(0, np.int64))
     return SliceSample(np.stack(images)[:, None].astype(np.float32),
-                       np.asarray(groups, dtype=np.int64), unreadable)
+                       np.asarray(groups, dtype=np.int64), unreadable,
+                       studies=np.asarray(studies, dtype=np.int64))
 
 
 def split_by_series(
@@ -439,6 +451,7 @@ def make_recipe(
         "input_size": input_size,
         "hparams": hparams,
         "threads": config.embedding.threads,
+        "study_prob": config.adaptation.study_positives,
     }
     names = set(getattr(library.recipe_type, "__dataclass_fields__", kwargs))
     for name in ("max_seconds", "time_budget_s", "time_budget_seconds"):
@@ -744,9 +757,10 @@ def fine_tune(
         out.holdout_slices, out.holdout_series, acfg.epochs,
     )
     try:
+        extra = {} if train.studies is None or not sample.grouped else {"studies": train.studies}
         result = lib.train_model(train.images, recipe, init_state=init_state,
                                  groups=train.groups if sample.grouped else None,
-                                 progress=progress)
+                                 progress=progress, **extra)
     except _Stop as stop:
         out.reason = f"stopped: {stop.why}; model {current.model_id} stays"
         return out

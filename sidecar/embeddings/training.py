@@ -12,6 +12,11 @@ slices exactly as the worker prepares them (``preprocess.prepare`` output,
   probability ``neighbour_prob`` a *neighbouring slice* at most
   ``neighbour_span`` positions away: positives from the DICOM structure.
   Other images of the same group in the batch are left out of the negatives.
+  With ``studies`` (the study of each image) and ``study_prob > 0``, the
+  second view is first, with probability ``study_prob``, a slice of *another
+  series of the same study* (another reconstruction, phase or sequence of the
+  same anatomy: the unit the product ranks); images of one study are then
+  left out of each other's negatives.
 * Both views are augmented independently (:func:`augment`), with augmentations
   that suit medical grey-level images: a random resized crop of modest scale
   with a small rotation and shift (bilinear, zero margins like the
@@ -56,7 +61,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -136,6 +141,11 @@ class TrainRecipe:
     neighbour_prob, neighbour_span
         Grouped images: probability that the second view is a neighbouring
         slice of the group, and how many positions away it may be.
+    study_prob
+        Images with a study (``studies``) that has other series: probability
+        that the second view is a random slice of another series of the same
+        study (tried before ``neighbour_prob``). 0 (the default) leaves
+        studies unused.
     source_balance
         With ``sources`` (which input each image came from), an epoch draws
         ``N`` images with replacement, an image of a source of ``n`` images
@@ -174,6 +184,7 @@ class TrainRecipe:
     noise_std: float = 0.04
     neighbour_prob: float = 0.5
     neighbour_span: int = 2
+    study_prob: float = 0.0
     source_balance: float = 0.0
     max_seconds: float | None = None
 
@@ -197,7 +208,7 @@ class TrainRecipe:
             problems.append("crop_ratio must satisfy 0 < low <= high")
         if not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
             problems.append("blur_sigma must satisfy 0 <= low <= high")
-        for name in ("hflip", "blur_prob", "neighbour_prob", "source_balance"):
+        for name in ("hflip", "blur_prob", "neighbour_prob", "study_prob", "source_balance"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
         if self.padding not in ("zeros", "border"):
@@ -408,6 +419,83 @@ def _neighbours(groups: npt.NDArray[np.int64]) -> list[npt.NDArray[np.intp]]:
     return out
 
 
+def _study_others(
+    groups: npt.NDArray[np.int64], studies: npt.NDArray[np.int64]
+) -> list[npt.NDArray[np.intp]]:
+    """Per image, the images of the other series of its study (empty when there are none).
+
+    An image without a series (group ``-1``) counts as a series of its own.
+    """
+    out: list[npt.NDArray[np.intp]] = [np.zeros(0, dtype=np.intp)] * studies.shape[0]
+    for st in np.unique(studies[studies >= 0]):
+        members = np.flatnonzero(studies == st)
+        if members.size < 2:
+            continue
+        for i in members.tolist():
+            g = groups[i]
+            same = members == i if g < 0 else groups[members] == g
+            out[i] = members[~same]
+    return out
+
+
+def pick_partners(
+    idx: npt.NDArray[np.intp],
+    series: Sequence[npt.NDArray[np.intp]],
+    study_others: Sequence[npt.NDArray[np.intp]],
+    recipe: TrainRecipe,
+    rng: np.random.Generator,
+) -> npt.NDArray[np.intp]:
+    """The image of each second view: itself, a slice of another series of its
+    study (probability ``recipe.study_prob``) or a neighbouring slice of its
+    series (probability ``recipe.neighbour_prob``).
+
+    ``rng`` is drawn from only for images that have such a partner, so data
+    without studies trains exactly as before studies existed.
+    """
+    other = idx.copy()
+    for j, i in enumerate(idx.tolist()):
+        others = study_others[i]
+        if recipe.study_prob > 0 and others.size and rng.random() < recipe.study_prob:
+            other[j] = others[int(rng.integers(others.size))]
+            continue
+        group = series[i]
+        if group.size > 1 and rng.random() < recipe.neighbour_prob:
+            pos = int(np.searchsorted(group, i))
+            lo = max(0, pos - recipe.neighbour_span)
+            hi = min(group.size - 1, pos + recipe.neighbour_span)
+            other[j] = group[int(rng.integers(lo, hi + 1))]
+    return other
+
+
+def negative_exclusions(
+    idx: npt.NDArray[np.intp],
+    groups: npt.NDArray[np.int64],
+    studies: npt.NDArray[np.int64] | None,
+    *,
+    repeated: bool,
+) -> torch.Tensor | None:
+    """``(2B, 2B)`` mask of the pairs of a batch of view pairs that are no negatives.
+
+    Views of one series; with ``studies`` (``study_prob > 0``), views of one
+    study; with ``repeated`` (images drawn with replacement), views of the same
+    image. ``None`` when nothing is excluded.
+    """
+    exclude: torch.Tensor | None = None
+    for labels in (groups, studies):
+        if labels is None:
+            continue
+        lab = np.repeat(labels[idx], 2)
+        if (lab >= 0).any():
+            t = torch.from_numpy(lab)
+            mask = (t[:, None] == t[None, :]) & (t[:, None] >= 0)
+            exclude = mask if exclude is None else exclude | mask
+    if repeated:
+        it = torch.from_numpy(np.repeat(idx, 2))
+        same = it[:, None] == it[None, :]
+        exclude = same if exclude is None else exclude | same
+    return exclude
+
+
 def _check_images(images: np.ndarray, size: int) -> F32:
     arr = np.asarray(images)
     if arr.ndim == 3:
@@ -430,6 +518,7 @@ def train_model(
     groups: np.ndarray | None = None,
     progress: Callable[[int, float], None] | None = None,
     sources: np.ndarray | None = None,
+    studies: np.ndarray | None = None,
 ) -> TrainResult:
     """Train SliceNetV1 without labels (see the module notes for the method).
 
@@ -453,6 +542,9 @@ def train_model(
     sources
         ``(N,)`` integers: which input (file, folder) each image came from,
         for ``recipe.source_balance``. ``None``: one source.
+    studies
+        ``(N,)`` integers: the study of each image (``-1``: none), for
+        ``recipe.study_prob``. ``None``: no studies.
 
     Returns
     -------
@@ -475,6 +567,11 @@ def train_model(
     if grp.shape != (n,):
         raise ValueError(f"groups must be ({n},) integers, got shape {grp.shape}")
     members = _neighbours(grp)
+    stu = np.full(n, -1, dtype=np.int64) if studies is None else np.asarray(studies, np.int64)
+    if stu.shape != (n,):
+        raise ValueError(f"studies must be ({n},) integers, got shape {stu.shape}")
+    use_studies = recipe.study_prob > 0 and bool((stu >= 0).any())
+    study_others = _study_others(grp, stu) if use_studies else [np.zeros(0, np.intp)] * n
     src = np.zeros(n, dtype=np.int64) if sources is None else np.asarray(sources, np.int64)
     if src.shape != (n,):
         raise ValueError(f"sources must be ({n},) integers, got shape {src.shape}")
@@ -533,26 +630,13 @@ def train_model(
             losses = []
             for s in range(steps_per_epoch):
                 idx = order[s * batch:(s + 1) * batch]
-                other = idx.copy()
-                for j, i in enumerate(idx.tolist()):
-                    group = members[i]
-                    if group.size > 1 and rng.random() < recipe.neighbour_prob:
-                        pos = int(np.searchsorted(group, i))
-                        lo = max(0, pos - recipe.neighbour_span)
-                        hi = min(group.size - 1, pos + recipe.neighbour_span)
-                        other[j] = group[int(rng.integers(lo, hi + 1))]
+                other = pick_partners(idx, members, study_others, recipe, rng)
                 v1 = augment(tensor[idx], aug_recipe, gen)
                 v2 = augment(tensor[other], aug_recipe, gen)
                 x = torch.stack([v1, v2], dim=1).reshape(-1, *v1.shape[1:])
-                g = np.repeat(grp[idx], 2)
-                exclude = None
-                if (g >= 0).any():
-                    gt = torch.from_numpy(g)
-                    exclude = (gt[:, None] == gt[None, :]) & (gt[:, None] >= 0)
-                if balanced:  # an image drawn twice is no negative of itself
-                    it = torch.from_numpy(np.repeat(idx, 2))
-                    same = it[:, None] == it[None, :]
-                    exclude = same if exclude is None else exclude | same
+                # balanced: an image drawn twice is no negative of itself
+                exclude = negative_exclusions(idx, grp, stu if use_studies else None,
+                                              repeated=balanced)
                 lr = recipe.lr * (
                     (step + 1) / warm if step < warm
                     else 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -597,6 +681,9 @@ class TrainingData:
     groups
         ``(N,)`` int64: one value per DICOM series (slices in order), ``-1``
         for images without a series (the 2-D images of an ``.npz``).
+    studies
+        ``(N,)`` int64: one value per DICOM study, ``-1`` for images without
+        one (for ``TrainRecipe.study_prob``).
     manifest
         ``{"inputs": [...], "images": N, "groups": ...}``: each input with
         its kind, path, SHA-256 and what was read from it.
@@ -609,6 +696,7 @@ class TrainingData:
     groups: npt.NDArray[np.int64]
     manifest: dict[str, Any]
     sources: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    studies: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def sha256_file(path: Path) -> str:
@@ -672,20 +760,27 @@ def _dicom_files(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> tuple[F32, npt.NDArray[np.int64],
-                                                                        list[dict[str, Any]]]:
+class DicomSlices(NamedTuple):
+    """What :func:`prepare_dicom` read."""
+
+    images: F32
+    """``(N, 1, S, S)`` prepared slices."""
+    groups: npt.NDArray[np.int64]
+    """``(N,)`` series of each slice (0, 1, ... per series)."""
+    studies: npt.NDArray[np.int64]
+    """``(N,)`` study of each slice (0, 1, ... per StudyInstanceUID)."""
+    entries: list[dict[str, Any]]
+    """One manifest entry per file used (path, SHA-256, series, study)."""
+
+
+def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> DicomSlices:
     """Every slice of every image series under ``paths``, in slice order per series.
 
     Files that are not DICOM images (no pixel data, unreadable) are skipped.
     Slices are ordered along the slice normal as the worker orders them
     (``preprocess.frame_infos`` and ``preprocess.sample`` with no thinning);
-    each series gets its own group number.
-
-    Returns
-    -------
-    tuple
-        ``(N, 1, S, S)`` images, ``(N,)`` group per image (0, 1, ... per
-        series) and one manifest entry per file used (path, SHA-256, series).
+    each series gets its own group number, each study (StudyInstanceUID) its
+    own study number.
     """
     from pydicom import dcmread
 
@@ -708,13 +803,18 @@ def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> tuple[F32, npt.
                 continue
         uid = str(header.get("SeriesInstanceUID", f.parent))
         series.setdefault(uid, []).append((f, header))
+    study_of = {uid: str(members[0][1].get("StudyInstanceUID", "") or f"series:{uid}")
+                for uid, members in series.items()}
+    study_numbers = {st: k for k, st in enumerate(sorted(set(study_of.values())))}
     every = cfg.preprocess.model_copy(update={"slice_spacing_mm": 0.0,
                                               "max_slices_per_series": 1 << 30})
     images: list[F32] = []
     groups: list[int] = []
+    studies: list[int] = []
     entries: list[dict[str, Any]] = []
     for g, uid in enumerate(sorted(series)):
         members = series[uid]
+        study = study_numbers[study_of[uid]]
         infos = []
         for k, (_, header) in enumerate(members):
             try:
@@ -739,14 +839,17 @@ def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> tuple[F32, npt.
                 continue
             images.append(arr[0])
             groups.append(g)
+            studies.append(study)
             used.add(k)
         for k in sorted(used):
             path = members[k][0]
             entries.append({"kind": "dicom", "path": str(path), "sha256": sha256_file(path),
-                            "series": g})
+                            "series": g, "study": study})
     if not images:
-        return (np.zeros((0, 1, size, size), np.float32), np.zeros(0, np.int64), entries)
-    return (np.stack(images)[:, None].astype(np.float32), np.asarray(groups, np.int64), entries)
+        empty = np.zeros(0, np.int64)
+        return DicomSlices(np.zeros((0, 1, size, size), np.float32), empty, empty, entries)
+    return DicomSlices(np.stack(images)[:, None].astype(np.float32),
+                       np.asarray(groups, np.int64), np.asarray(studies, np.int64), entries)
 
 
 def load_training_data(paths: Sequence[Path | str], cfg: Any, size: int) -> TrainingData:
@@ -770,6 +873,7 @@ def load_training_data(paths: Sequence[Path | str], cfg: Any, size: int) -> Trai
     """
     parts: list[F32] = []
     groups: list[npt.NDArray[np.int64]] = []
+    studies: list[npt.NDArray[np.int64]] = []
     inputs: list[dict[str, Any]] = []
     sources: list[npt.NDArray[np.int64]] = []
     dicom: list[Path] = []
@@ -781,19 +885,22 @@ def load_training_data(paths: Sequence[Path | str], cfg: Any, size: int) -> Trai
             images, entry = prepare_npz(p, cfg, size)
             parts.append(images)
             groups.append(np.full(images.shape[0], -1, np.int64))
+            studies.append(np.full(images.shape[0], -1, np.int64))
             sources.append(np.full(images.shape[0], len(sources), np.int64))
             inputs.append(entry)
         else:
             dicom.append(p)
     if dicom:
-        images, grp, entries = prepare_dicom(dicom, cfg, size)
-        parts.append(images)
-        groups.append(grp)
-        sources.append(np.full(images.shape[0], len(sources), np.int64))
+        read = prepare_dicom(dicom, cfg, size)
+        parts.append(read.images)
+        groups.append(read.groups)
+        studies.append(read.studies)
+        sources.append(np.full(read.images.shape[0], len(sources), np.int64))
         inputs.append({"kind": "dicom-folders", "paths": [str(p) for p in dicom],
-                       "files": len(entries), "series": int(len(np.unique(grp))),
-                       "slices": int(images.shape[0])})
-        inputs.extend(entries)
+                       "files": len(read.entries), "series": int(len(np.unique(read.groups))),
+                       "studies": int(len(np.unique(read.studies))),
+                       "slices": int(read.images.shape[0])})
+        inputs.extend(read.entries)
     if not parts or sum(p.shape[0] for p in parts) == 0:
         raise ValueError("no training images found")
     all_images = np.concatenate(parts)
@@ -809,7 +916,7 @@ def load_training_data(paths: Sequence[Path | str], cfg: Any, size: int) -> Trai
         "splits_read": ["train"],
     }
     return TrainingData(images=all_images, groups=all_groups, manifest=manifest,
-                        sources=np.concatenate(sources))
+                        sources=np.concatenate(sources), studies=np.concatenate(studies))
 
 
 # ====================================================================== files
