@@ -235,6 +235,25 @@ def test_load_refuses_missing_and_non_npz_files(tmp_path: Path) -> None:
         ev.load_labelled_npz(single)
 
 
+def test_near_duplicate_hits_strict_and_counting_gallery_twins() -> None:
+    rng = np.random.default_rng(3)
+    gallery = rng.integers(40, 200, (4, 8, 8)).astype(np.uint8)
+    gallery[1] = gallery[0] + 2  # a twin of image 0: RMSE 2 grey levels
+    gallery[3] = gallery[2]  # a pixel-identical copy of image 2
+    near = ev.NearDuplicates(originals=np.array([0, 0, 2, 2, 0]),
+                             kinds=np.array(["noise", "shift", "noise", "shift", "jpeg_q75"]),
+                             datasets=[], pixels=np.zeros((5, 8, 8), np.uint8))
+    # rank 1: the original, its twin, the identical copy, a far image, nothing (-1)
+    hits = ev.near_duplicate_hits(np.array([0, 1, 3, 0, -1]), near, gallery)
+    assert hits.strict.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert hits.twins.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert hits.twin_originals == 2  # both originals have a twin (one identical)
+    assert ev.pixel_rmse(gallery[0], gallery[1]) == 2.0
+    far = gallery.copy()
+    far[1] = np.clip(gallery[0].astype(int) + 30, 0, 255).astype(np.uint8)
+    assert ev.near_duplicate_hits(np.array([1]), near, far).twins.tolist() == [0.0]
+
+
 # ------------------------------------------------------------------ path (a)
 def test_path_a_separates_two_patterns_and_shuffled_labels_fall_to_chance(
     tmp_path: Path, cfg: Config
@@ -256,6 +275,10 @@ def test_path_a_separates_two_patterns_and_shuffled_labels_fall_to_chance(
         "noise": 100.0, "jpeg_ls": 100.0, "jpeg_q75": 100.0}
     assert a.metrics["near_dup@1"] == pytest.approx(np.mean(
         [a.near_dup[k] for k in ev.NEAR_DUP_KINDS]))
+    assert a.extra["near_dup_twins@1"] >= a.metrics["near_dup@1"]
+    by_label = a.extra["p@1_by_label"]
+    assert set(by_label) == {"0", "1"}  # 30 queries of each label: P@1 is their mean
+    assert a.metrics["p@1"] == pytest.approx((by_label["0"] + by_label["1"]) / 2, abs=0.01)
     assert report.raw_pixel.metrics["p@1"] >= 80.0
 
     data = np.load(path)
@@ -335,6 +358,7 @@ def test_cli_json_keys_and_table(tmp_path: Path) -> None:
                 "raw_pixel_p@1", "near_dup@1"):
         assert 0.0 <= out[key] <= 100.0, key
     assert out["path"] == "a" and out["queries"] == 5 and out["gallery"] == 16
+    assert 0.0 <= out["near_dup_twins@1"] <= 100.0 and set(out["p@1_by_label"]) <= {"0", "1"}
     assert out["path_b"]["queries"] == 2 and "vs_path_a" in out["path_b"]
     assert set(out["ci95"]) >= {"p@1", "map"}
     assert not (tmp_path / "data").exists()  # the configured data directory is not touched
@@ -343,6 +367,8 @@ def test_cli_json_keys_and_table(tmp_path: Path) -> None:
                                  "--bootstrap", "0"], catch_exceptions=False)
     assert table.exit_code == 0, table.output
     assert "mAP@5 (Mahbod)" in table.stdout and "majority-class rate: 60.0 %" in table.stdout
+    assert "P@1 by query label, a: label 0" in table.stdout
+    assert "counting gallery twins" in table.stdout
 
     same = runner.invoke(main, ["--config", str(conf), "evaluate", str(path), "--json",
                                 "--bootstrap", "0", "--model", str(builtin_weights_path())],
