@@ -261,6 +261,80 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
         ctx.exit(1)
 
 
+@main.command()
+@click.option("--checksums", is_flag=True,
+              help="Also read every stored file and compare its SHA-256 with the one "
+                   "recorded at reception (reads the whole archive).")
+@click.option("--repair", is_flag=True,
+              help="Move orphan files to <data_dir>/quarantine/orphans/ and remove stale "
+                   "temporary files (refused while sidecar serve runs).")
+@click.option("--min-age", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Seconds: younger files without a row are not orphans (a store in flight "
+                   "writes its file before its row).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
+           as_json: bool) -> None:
+    """Check the catalogue against the stored files (missing, changed and orphan files).
+
+    Exit code 0 when everything agrees, 1 when a recorded file is missing,
+    changed or unreadable (acknowledged data at risk: restore it from backup or
+    remove its study with `sidecar delete-study` so the PACS can send it again),
+    2 when only orphans or stale temporaries are left (never acknowledged;
+    --repair tidies them).
+    """
+    from sidecar.app import open_catalogue
+    from sidecar.embeddings.adapt import index_in_use
+    from sidecar.verify import repair_storage, verify_storage
+
+    cfg = _load(ctx)
+    if repair and index_in_use(cfg):
+        raise click.ClickException(
+            "sidecar serve (or sidecar embed/reindex) is running: stop it to --repair "
+            "(checking without --repair is safe while it runs)")
+    engine, _ = open_catalogue(cfg)
+    try:
+        report = verify_storage(cfg, engine, checksums=checksums, min_age=min_age)
+    finally:
+        engine.dispose()
+    if repair:
+        repair_storage(cfg, report)
+    logger.info("verify: %d rows, %d files: %d missing, %d wrong size, %d wrong checksum, "
+                "%d unreadable, %d orphans (%d moved), %d stale temporaries (%d removed)",
+                report.rows, report.files, len(report.missing), len(report.wrong_size),
+                len(report.wrong_checksum), len(report.unreadable), len(report.orphans),
+                len(report.moved_orphans), len(report.stale_temporaries),
+                report.removed_temporaries)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        checked = f", {_human(report.bytes_checked)} checksummed" if checksums else ""
+        click.echo(f"verify: {report.rows} catalogue rows, {report.files} files in "
+                   f"{cfg.storage_dir}{checked}, {report.seconds:.1f} s")
+        for what, items in (("MISSING (acknowledged, file gone)", report.missing),
+                            ("WRONG SIZE (changed after reception)", report.wrong_size),
+                            ("WRONG CHECKSUM (changed after reception)", report.wrong_checksum),
+                            ("UNREADABLE", report.unreadable),
+                            ("orphan (file without a row, never acknowledged)", report.orphans),
+                            ("stale temporary", report.stale_temporaries)):
+            for rel in items:
+                click.echo(f"  {what}: {rel}")
+        if report.young_unrecorded:
+            click.echo(f"  {report.young_unrecorded} file(s) younger than {min_age:g} s without "
+                       "a row (stores in flight?) not judged")
+        if repair:
+            click.echo(f"repaired: {len(report.moved_orphans)} orphan(s) moved to "
+                       f"{cfg.quarantine_dir / 'orphans'}, {report.removed_temporaries} "
+                       "temporary file(s) removed")
+        click.echo("verify: " + ("OK" if report.clean else
+                                 f"{report.damaged} damaged" if report.damaged else
+                                 "no damage; orphans or temporaries left (--repair)"))
+    if report.damaged:
+        ctx.exit(1)
+    if not report.clean:
+        ctx.exit(2)
+
+
 @main.command("delete-study")
 @click.argument("study_instance_uid")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

@@ -1,0 +1,242 @@
+"""Storage check: does every catalogue row have its file, and every file its row?
+
+``sidecar verify`` (the administrator's ``fsck``). The store writes a file,
+fsyncs it and only then commits its row (:mod:`sidecar.dicom_scp.storage`),
+so after a crash, a full disk or a hand-made change the two can disagree:
+
+* **missing**: a row whose file is gone. An acknowledged instance is lost;
+  the PACS still holds it and can send it again once the row is removed
+  (``sidecar delete-study``) or the file restored from backup.
+* **wrong size** / **wrong checksum** (``--checksums`` reads every file and
+  compares its SHA-256 with the one recorded at reception): the file changed
+  after it was acknowledged (disk or filesystem fault, tampering).
+* **orphan**: a file under the storage directory without a row. Never
+  acknowledged (a crash between the file's fsync and the row's commit, or a
+  file copied in by hand), so the sender got no Success for it and sends it
+  again; it only takes space. Files younger than ``min_age`` seconds are not
+  counted: a store in flight links its file before it commits its row.
+* **stale temporary**: ``.tmp/*.part`` left by a store that was interrupted.
+
+``--repair`` (refused while ``sidecar serve`` runs) moves orphans to
+``<data_dir>/quarantine/orphans/`` (nothing is deleted: an administrator may
+still want one) and removes stale temporaries. Missing and changed files are
+reported, never "repaired": only the administrator can tell a restore from a
+deletion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from sidecar.config import Config
+from sidecar.db.models import INSTANCE
+
+logger = logging.getLogger(__name__)
+
+TMP_DIR = ".tmp"
+"""The store's temporary directory inside the storage directory."""
+
+ORPHANS_DIR = "orphans"
+"""Where ``--repair`` moves orphans, inside the quarantine directory."""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_storage` found (paths relative to the storage directory)."""
+
+    rows: int = 0
+    files: int = 0
+    bytes_checked: int = 0
+    checksums: bool = False
+    missing: list[str] = field(default_factory=list)
+    wrong_size: list[str] = field(default_factory=list)
+    wrong_checksum: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    young_unrecorded: int = 0
+    stale_temporaries: list[str] = field(default_factory=list)
+    moved_orphans: list[str] = field(default_factory=list)
+    removed_temporaries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def damaged(self) -> int:
+        """Rows whose file is missing, changed or unreadable: acknowledged data at risk."""
+        return (len(self.missing) + len(self.wrong_size) + len(self.wrong_checksum)
+                + len(self.unreadable))
+
+    @property
+    def clean(self) -> bool:
+        """Nothing damaged and nothing left to tidy."""
+        left_orphans = len(self.orphans) - len(self.moved_orphans)
+        left_tmp = len(self.stale_temporaries) - self.removed_temporaries
+        return self.damaged == 0 and left_orphans == 0 and left_tmp == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "rows": self.rows,
+            "files": self.files,
+            "checksums": self.checksums,
+            "bytes_checked": self.bytes_checked,
+            "missing": self.missing,
+            "wrong_size": self.wrong_size,
+            "wrong_checksum": self.wrong_checksum,
+            "unreadable": self.unreadable,
+            "orphans": self.orphans,
+            "young_unrecorded": self.young_unrecorded,
+            "stale_temporaries": self.stale_temporaries,
+            "moved_orphans": self.moved_orphans,
+            "removed_temporaries": self.removed_temporaries,
+            "damaged": self.damaged,
+            "clean": self.clean,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` except the store's temporary directory."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if d != TMP_DIR]
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_storage(
+    config: Config, engine: Engine, *, checksums: bool = False, min_age: float = 300.0,
+    now: float | None = None,
+) -> VerifyReport:
+    """Compare the catalogue's instance rows with the files of the storage directory.
+
+    Parameters
+    ----------
+    config
+        Where the storage directory is.
+    engine
+        The catalogue.
+    checksums
+        Also read every recorded file and compare its SHA-256.
+    min_age
+        Files modified less than this many seconds ago without a row are not
+        orphans (yet): a store in flight writes its file before its row.
+    now
+        ``time.time()`` to judge ages by (tests).
+    """
+    t0 = time.perf_counter()
+    root = config.storage_dir
+    clock = time.time() if now is None else now
+    report = VerifyReport(checksums=checksums)
+    recorded: set[str] = set()
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=2000).execute(
+            select(INSTANCE.c.file_path, INSTANCE.c.file_size, INSTANCE.c.sha256)
+            .order_by(INSTANCE.c.id)
+        )
+        for file_path, size, digest in rows:
+            rel = str(file_path)
+            report.rows += 1
+            recorded.add(rel)
+            path = root / rel
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                report.missing.append(rel)
+                continue
+            except OSError:
+                report.unreadable.append(rel)
+                continue
+            if st.st_size != int(size):
+                report.wrong_size.append(rel)
+                continue
+            if checksums:
+                try:
+                    actual = _sha256(path)
+                except OSError:
+                    report.unreadable.append(rel)
+                    continue
+                report.bytes_checked += st.st_size
+                if actual != str(digest):
+                    report.wrong_checksum.append(rel)
+    if root.is_dir():
+        for path in _files(root):
+            report.files += 1
+            rel = path.relative_to(root).as_posix()
+            if rel in recorded:
+                continue
+            try:
+                age = clock - path.stat().st_mtime
+            except OSError:
+                continue  # gone meanwhile
+            if age < min_age:
+                report.young_unrecorded += 1
+            else:
+                report.orphans.append(rel)
+        tmp = root / TMP_DIR
+        if tmp.is_dir():
+            for path in sorted(tmp.iterdir()):
+                try:
+                    old = clock - path.stat().st_mtime >= min_age
+                except OSError:
+                    continue
+                if path.is_file() and old:
+                    report.stale_temporaries.append(path.name)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def repair_storage(config: Config, report: VerifyReport) -> None:
+    """Move ``report``'s orphans to the quarantine and remove its stale temporaries.
+
+    Call only while no service stores into the directory. Each orphan keeps its
+    relative path under ``<quarantine>/orphans/``; one that cannot be moved is
+    logged and left where it is. Fills ``report.moved_orphans`` and
+    ``report.removed_temporaries``.
+    """
+    root = config.storage_dir
+    target_root = config.quarantine_dir / ORPHANS_DIR
+    for rel in report.orphans:
+        source = root / rel
+        target = target_root / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{target.name}.{int(time.time())}")
+            os.replace(source, target)
+        except OSError as exc:
+            logger.error("could not move orphan %s to the quarantine: %s", rel, exc)
+            continue
+        report.moved_orphans.append(rel)
+        for parent in (source.parent, source.parent.parent):  # series, then study folder
+            if parent != root and root in parent.parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    pass  # not empty
+    for name in report.stale_temporaries:
+        try:
+            (root / TMP_DIR / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.error("could not remove temporary %s: %s", name, exc)
+            continue
+        report.removed_temporaries += 1
