@@ -194,6 +194,14 @@ class StorageConfig(_Section):
         description="fsync each file and its directory before acknowledging. Turning this "
         "off risks losing acknowledged instances on power loss.",
     )
+    quarantine_max_mb: int = Field(
+        1024,
+        ge=0,
+        description="Most MiB of refused datasets kept in the quarantine directory: beyond it "
+        "a refused dataset is still refused with its status but no longer kept (logged at "
+        "WARNING), so a sender of bad data cannot use up the disk that accepted studies "
+        "need. 0 keeps none.",
+    )
 
 
 class DatabaseConfig(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +38,42 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
+    env_factory: Callable[..., Env], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sidecar.dicom_scp import storage
+
+    env = env_factory({"storage": {"quarantine_max_mb": 1}})
+    env.quarantine.mkdir(parents=True, exist_ok=True)
+    filler = env.quarantine / "earlier.dcm"
+    filler.write_bytes(b"\0" * (2**20 - 100))  # almost full
+    bad = make_ct()
+    del bad.StudyInstanceUID
+    with caplog.at_level(logging.WARNING, logger="sidecar.dicom_scp.storage"), \
+            pytest.raises(InvalidDataset) as info:
+        env.store.store(to_bytes(bad), None, PACS)
+    assert info.value.kind == "missing"  # refused as before, with its reason
+    assert files_under(env.quarantine) == [filler]  # but not kept
+    assert "not kept: the quarantine holds" in caplog.text
+    assert "StudyInstanceUID is missing" in caplog.text
+    good = env.store.store(to_bytes(make_ct()), None, PACS)  # other traffic unaffected
+    assert good.outcome is Outcome.STORED
+    # room again (measured anew): kept
+    filler.unlink()
+    monkeypatch.setattr(storage, "QUARANTINE_REMEASURE_S", 0.0)
+    with pytest.raises(InvalidDataset):
+        env.store.store(to_bytes(bad), None, PACS)
+    kept, _ = _quarantined(env)
+    assert kept == to_bytes(bad)
+
+    none = env_factory({"storage": {"quarantine_max_mb": 0,
+                                    "data_dir": str(env.config.data_dir) + "-none"}})
+    with pytest.raises(InvalidDataset):
+        none.store.store(to_bytes(bad), None, PACS)
+    assert files_under(none.quarantine) == []
 
 
 def sha(data: bytes) -> str:

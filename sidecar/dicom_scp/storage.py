@@ -21,10 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import secrets
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +41,9 @@ from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 logger = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 64
+
+QUARANTINE_REMEASURE_S = 10.0
+"""How often (seconds at most) the quarantine's size is measured again."""
 
 
 class _LostRace(Exception):
@@ -94,6 +99,10 @@ class InstanceStore:
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        self._quarantine_cap = config.storage.quarantine_max_mb * 1024 * 1024
+        self._quarantine_lock = threading.Lock()
+        self._quarantine_bytes = 0
+        self._quarantine_measured = -math.inf
         for d in (self._root, self._tmp, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -178,10 +187,22 @@ class InstanceStore:
     def quarantine(self, data: bytes, reason: str, origin: Origin) -> Path | None:
         """Keep a refused dataset for the administrator, with a note of why.
 
-        Never raises: quarantine is best effort and skipped below the watermark.
+        Never raises: quarantine is best effort, skipped below the free-disk
+        watermark and when the quarantine holds ``storage.quarantine_max_mb``
+        already (its size is measured at most every
+        :data:`QUARANTINE_REMEASURE_S` seconds and counted up in between, so
+        several receiver processes together may pass the cap by what they
+        refuse in that time).
         """
         try:
             self.check_free_space()
+            if not self._quarantine_room(len(data)):
+                logger.warning(
+                    "refused dataset from %s@%s not kept: the quarantine holds %d MiB "
+                    "(storage.quarantine_max_mb %d): %s", origin.ae_title, origin.host,
+                    self._quarantine_bytes // 2**20, self._quarantine_cap // 2**20, reason,
+                )
+                return None
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
             name = f"{stamp}_{secrets.token_hex(4)}"
             path = self._quarantine / f"{name}.dcm"
@@ -201,6 +222,26 @@ class InstanceStore:
         return path
 
     # --------------------------------------------------------------- private
+    def _quarantine_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit under the cap; if so they are counted."""
+        with self._quarantine_lock:
+            now = time.monotonic()
+            if now - self._quarantine_measured > QUARANTINE_REMEASURE_S:
+                total = 0
+                with os.scandir(self._quarantine) as entries:
+                    for entry in entries:
+                        try:
+                            if entry.is_file(follow_symlinks=False):
+                                total += entry.stat(follow_symlinks=False).st_size
+                        except OSError:
+                            continue  # removed meanwhile
+                self._quarantine_bytes = total
+                self._quarantine_measured = now
+            if self._quarantine_bytes + size > self._quarantine_cap:
+                return False
+            self._quarantine_bytes += size
+            return True
+
     def _lock_for(self, uid: str) -> threading.Lock:
         return self._locks[hash(uid) % _LOCK_STRIPES]
 
