@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # torch is imported only when embedding is on
 
 logger = logging.getLogger(__name__)
 
+MAX_PACE_PAUSE = 5.0
+"""Longest pause (seconds) the embedding job takes after one series while instances arrive."""
+
 
 def open_catalogue(config: Config, *, migrate: bool = True) -> tuple[Engine, Repository]:
     """The process's engine (schema upgraded to head unless told not to) and repository."""
@@ -100,7 +103,7 @@ class Embedding:
     def __init__(self, config: Config, engine: Engine, embedder: Embedder | None = None) -> None:
         from sidecar.embeddings.adapt import load_service_embedder
         from sidecar.embeddings.service import IndexService
-        from sidecar.embeddings.worker import EmbeddingWorker
+        from sidecar.embeddings.worker import EmbeddingWorker, IngestWatch
 
         self.config = config
         self.engine = engine
@@ -109,8 +112,9 @@ class Embedding:
         self.index: IndexService = IndexService(
             config, self.vectors, self.model.model_id, self.model.dim
         )
+        self._ingest = IngestWatch(self.vectors.latest_instance_pk)
         self.worker: EmbeddingWorker = EmbeddingWorker(
-            config, self.vectors, self.model, self.index
+            config, self.vectors, self.model, self.index, pace=self.pace
         )
         self.serving: IndexService = self.index
         # The serving model's embedder while a switch made in this process re-embeds.
@@ -192,6 +196,22 @@ class Embedding:
                     self.swap()
         return stats
 
+    def pace(self, busy: float) -> float:
+        """The worker's pause after a series that took ``busy`` seconds; returns the pause.
+
+        While instances are arriving (:class:`~sidecar.embeddings.worker.IngestWatch`)
+        the job keeps to ``worker.ingest_share`` of the time: it waits
+        ``busy * (1 / share - 1)`` seconds (at most :data:`MAX_PACE_PAUSE`; a
+        stop ends the wait at once). Otherwise it goes on at once.
+        """
+        share = self.config.worker.ingest_share
+        if share >= 1.0 or busy <= 0.0 or self._cancel.is_set() or not self._ingest.active():
+            return 0.0
+        pause = min(busy * (1.0 / share - 1.0), MAX_PACE_PAUSE)
+        started = time.monotonic()
+        self._cancel.wait(pause)
+        return time.monotonic() - started
+
     def maintain(self) -> None:
         """Periodic job: reconcile the indexes with the database, then save them."""
         with self._job_lock, self.worker.run_lock:
@@ -242,7 +262,8 @@ class Embedding:
             self.serving = self.index
             self.index = index
             self.model = embedder
-            self.worker = EmbeddingWorker(self.config, self.vectors, embedder, index)
+            self.worker = EmbeddingWorker(self.config, self.vectors, embedder, index,
+                                          pace=self.pace)
         logger.warning(
             "model change from %s to %s: the index of %s keeps serving queries while studies "
             "are re-embedded in the background (%d vectors of the new model already stored)",

@@ -353,6 +353,14 @@ class WorkerConfig(_Section):
         description="Scheduling niceness of the embedding thread (Linux): the CNN uses "
         "idle CPU first and yields to the DICOM receivers.",
     )
+    ingest_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="While instances are arriving (one received in the last 2 s), the "
+        "embedding job works at most this share of the time, pausing after each series, so "
+        "the DICOM receivers keep the CPU they need; 1 = never pause.",
+    )
 
 
 class AdaptationConfig(_Section):

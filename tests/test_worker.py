@@ -327,6 +327,79 @@ def test_stable_series_is_embedded_and_maps_back(node_factory: Callable[..., Nod
         np.testing.assert_allclose(mean, expected, atol=3e-3)
 
 
+def test_ingest_watch_sees_arrivals_within_its_window() -> None:
+    from sidecar.embeddings.worker import IngestWatch
+
+    now = [100.0]
+    latest: list[int | None] = [None]
+    watch = IngestWatch(lambda: latest[0], window=2.0, clock=lambda: now[0])
+    assert not watch.active()  # the first probe only learns where things are
+    latest[0] = 7  # the first instance arrives
+    assert watch.active()
+    now[0] += 1.5
+    assert watch.active()  # within the window
+    now[0] += 1.0
+    assert not watch.active()  # 2.5 s without a new instance
+    latest[0] = 8
+    assert watch.active()
+
+    def broken() -> int:
+        raise RuntimeError("database gone")
+
+    assert not IngestWatch(broken).active()  # no pacing rather than a failed job
+
+
+class _Waits:
+    """Stands in for the Embedding's stop event: records the pauses, never sleeps."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        self.pauses.append(timeout)
+        return False
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_worker_pauses_after_each_series_while_instances_arrive(
+    node_factory: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, share: float
+) -> None:
+    from sidecar import app
+
+    node = node_factory({**every_slice(), "worker": {"ingest_share": share}})
+    node.put(*ct_series(4), *ct_series(4, seed0=50), *ct_series(4, seed0=90))
+    assert node.stabilise() == 3
+    node.open()
+    waits = _Waits()
+    monkeypatch.setattr(node.emb, "_cancel", waits)
+    # quiet: nothing arrives, no pause
+    node.emb.worker.run_once(max_instances=4)
+    assert waits.pauses == []
+
+    # a study keeps arriving (one instance after every series): each series is paced
+    assert node.emb._ingest.active() is False
+    arriving = ct_series(3, seed0=200)
+    busy: list[float] = []
+    real = node.emb.pace
+
+    def recording(seconds: float) -> float:
+        busy.append(seconds)
+        return real(seconds)
+
+    node.emb.worker._pace = recording
+    stats = node.emb.worker.run_once(progress=lambda _n: node.put(arriving.pop()))
+    assert stats.series == 2 and len(busy) == 2
+    if share == 1.0:
+        assert waits.pauses == [] and stats.stage_seconds.get("paused", 0.0) == 0.0
+    else:  # working half the time: pause as long as the series took (at most 5 s)
+        assert waits.pauses == pytest.approx([min(b, app.MAX_PACE_PAUSE) for b in busy])
+        assert stats.stage_seconds["paused"] >= 0.0
+    assert set(node.states().values()) >= {InstanceState.EMBEDDED}
+
+
 def test_second_run_is_a_noop(node_factory: Callable[..., Node]) -> None:
     node = node_factory(every_slice())
     node.put(*ct_series(6))

@@ -101,6 +101,16 @@ class VectorRepository:
                 conn.execute(insert(_SETTING).values(key=key, value=value, updated_at=utcnow()))
 
     # ------------------------------------------------------------------ work
+    def latest_instance_pk(self) -> int | None:
+        """The newest instance row's primary key (``None``: no instance yet).
+
+        It grows with every stored instance, so a change tells that instances are
+        arriving (:class:`sidecar.embeddings.worker.IngestWatch`).
+        """
+        with self._engine.connect() as conn:
+            value = conn.execute(select(func.max(_INSTANCE.c.id))).scalar()
+        return None if value is None else int(value)
+
     def due_series(
         self, *, max_instances: int, max_attempts: int, now: dt.datetime | None = None
     ) -> list[SeriesWork]:

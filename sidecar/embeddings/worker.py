@@ -15,6 +15,11 @@ position. For each series, in an order that survives a crash at any point:
    instances embedded (or failed, with attempt count and next retry time);
 5. only then add the vectors to the index.
 
+Pacing: after each series the worker calls ``pace(seconds the series took)``
+(:meth:`sidecar.app.Embedding.pace`: while instances are arriving, a pause
+that keeps the job at ``worker.ingest_share`` of the time), so a backlog of
+embedding never slows the DICOM receivers down much on a small machine.
+
 A crash before 4 leaves the work pending (done again later, nothing doubled:
 existing vectors are skipped and (instance, frame, model) is unique); a crash
 between 4 and 5 leaves the index behind the database, which start-up repairs
@@ -25,6 +30,7 @@ without its row.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -66,6 +72,43 @@ class WorkStats:
             self.stage_seconds[k] += v
 
 
+class IngestWatch:
+    """Whether instances are arriving: the newest instance key changed within ``window`` s.
+
+    Parameters
+    ----------
+    probe
+        Returns the newest instance's key (e.g.
+        :meth:`~sidecar.db.vectors.VectorRepository.latest_instance_pk`); it
+        grows with every stored instance.
+    window
+        Seconds after the last change that still count as arriving.
+    clock
+        Monotonic seconds (tests).
+    """
+
+    def __init__(self, probe: Callable[[], int | None], window: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._probe = probe
+        self._window = window
+        self._clock = clock
+        self._last: int | None = None
+        self._seen = False
+        self._changed = -math.inf
+
+    def active(self) -> bool:
+        """Probe once: True when the key changed since the last probe or within the window."""
+        now = self._clock()
+        try:
+            value = self._probe()
+        except Exception:  # noqa: BLE001 - no pacing rather than a failed job
+            return False
+        if self._seen and value != self._last:
+            self._changed = now
+        self._last, self._seen = value, True
+        return now - self._changed < self._window
+
+
 def _normalised_mean(vectors: np.ndarray) -> np.ndarray:
     mean: np.ndarray = vectors.astype(np.float32).mean(axis=0)
     norm = float(np.linalg.norm(mean))
@@ -85,6 +128,9 @@ class EmbeddingWorker:
         The CNN (or a test embedder).
     index
         The index service for ``embedder.model_id``.
+    pace
+        Called after each series with the seconds it took; may pause (it
+        returns the seconds it paused). ``None``: no pacing.
     """
 
     def __init__(
@@ -93,6 +139,7 @@ class EmbeddingWorker:
         vectors: VectorRepository,
         embedder: Embedder,
         index: IndexService,
+        pace: Callable[[float], float] | None = None,
     ) -> None:
         self._cfg = config
         self._repo = vectors
@@ -101,6 +148,7 @@ class EmbeddingWorker:
         self._storage = config.storage_dir
         self._run_lock = threading.Lock()
         self._reembed_tried: set[int] = set()
+        self._pace = pace
 
     @property
     def run_lock(self) -> threading.Lock:
@@ -130,20 +178,28 @@ class EmbeddingWorker:
                 max_instances=limit, max_attempts=self._cfg.worker.max_attempts
             )
             for item in work:
+                t0 = time.perf_counter()
                 done, failed = self._process_series(item, stats)
                 stats.series += 1
                 stats.instances_embedded += done
                 stats.instances_failed += failed
                 if progress is not None:
                     progress(done + failed)
+                self._paced(time.perf_counter() - t0, stats)
         stats.seconds = time.perf_counter() - start
         if stats.series:
+            paused = stats.stage_seconds.get("paused", 0.0)
             logger.info(
-                "embedded %d slices of %d instances in %d series (%d failed) in %.1f s",
+                "embedded %d slices of %d instances in %d series (%d failed) in %.1f s%s",
                 stats.slices_embedded, stats.instances_embedded, stats.series,
                 stats.instances_failed, stats.seconds,
+                f" ({paused:.1f} s paused for arriving instances)" if paused else "",
             )
         return stats
+
+    def _paced(self, busy: float, stats: WorkStats) -> None:
+        if self._pace is not None:
+            stats.stage_seconds["paused"] += self._pace(busy)
 
     def reembed_once(self, max_instances: int | None = None) -> WorkStats:
         """Embed, under this worker's model, series embedded under another model.
@@ -160,9 +216,11 @@ class EmbeddingWorker:
                 self.model_id, max_instances=limit, exclude=self._reembed_tried
             )
             for item in work:
+                t0 = time.perf_counter()
                 self._reembed_tried.add(item.series_pk)
                 self._process_series(item, stats)
                 stats.series += 1
+                self._paced(time.perf_counter() - t0, stats)
         stats.seconds = time.perf_counter() - start
         if stats.series:
             logger.info(
