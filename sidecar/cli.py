@@ -821,6 +821,7 @@ def train(
     """
     from sidecar.embeddings import training
     from sidecar.embeddings.model import load_weights
+    from sidecar.hashing import sha256_file
 
     cfg = _load(ctx)
     try:
@@ -854,7 +855,7 @@ def train(
         raise click.ClickException(f"cannot read the training data: {exc}") from exc
     manifest = dict(loaded.manifest)
     if init_path is not None:
-        manifest["init"] = {"path": str(init_path), "sha256": training.sha256_file(init_path)}
+        manifest["init"] = {"path": str(init_path), "sha256": sha256_file(init_path)}
     click.echo(f"train: {loaded.images.shape[0]} images ({manifest['grouped_images']} in DICOM "
                f"series), {recipe.epochs} epochs, seed {recipe.seed}, {recipe.threads} threads",
                err=True)

@@ -26,7 +26,6 @@ deletion.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -39,6 +38,7 @@ from sqlalchemy import Engine, select
 
 from sidecar.config import Config
 from sidecar.db.models import INSTANCE
+from sidecar.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ def _files(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_storage(
     config: Config, engine: Engine, *, checksums: bool = False, min_age: float = 300.0,
     now: float | None = None,
@@ -169,7 +161,7 @@ def verify_storage(
                 continue
             if checksums:
                 try:
-                    actual = _sha256(path)
+                    actual = sha256_file(path)
                 except OSError:
                     report.unreadable.append(rel)
                     continue

@@ -29,6 +29,7 @@ from sidecar.embeddings.model import (
     TorchEmbedder,
     load_weights,
 )
+from sidecar.hashing import sha256_file
 from tests.conftest import make_ct
 
 SIZE = 32
@@ -301,7 +302,7 @@ def test_cli_train_reads_only_the_train_split(
     assert training["recipe"]["seed"] == 3 and training["recipe"]["epochs"] == 1
     (entry,) = training["data"]["inputs"]
     assert entry["arrays_read"] == ["train_images"] and entry["images"] == 24
-    assert entry["sha256"] == tr.sha256_file(npz)
+    assert entry["sha256"] == sha256_file(npz)
     assert training["data"]["splits_read"] == ["train"] and training["labels_used"] is False
     bad = runner.invoke(main, ["train", "--data", str(npz), "--out", str(out),
                                "--recipe", str(tmp_path / "recipe.json"), "--epochs", "1",

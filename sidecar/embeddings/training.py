@@ -78,6 +78,7 @@ from sidecar.embeddings.model import (
     file_model_id,
     serialise_state_dict,
 )
+from sidecar.hashing import sha256_file
 
 F32 = npt.NDArray[np.float32]
 
@@ -697,15 +698,6 @@ class TrainingData:
     manifest: dict[str, Any]
     sources: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     studies: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, hex."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def npz_train_images(path: Path) -> npt.NDArray[np.uint8]:
