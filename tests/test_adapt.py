@@ -69,6 +69,12 @@ OVERRIDES: dict[str, Any] = {
 }
 
 
+# The recipe the base weights say they were trained with (adaptation continues it).
+PARENT_RECIPE: dict[str, Any] = {"epochs": 60, "temperature": 0.07, "padding": "border",
+                                 "crop_scale": [0.4, 1.0], "source_balance": 0.5, "seed": 42,
+                                 "input_size": 999, "max_seconds": 5.0}
+
+
 # ------------------------------------------------------------------- models
 def proper_model(seed: int) -> SliceNetV1:
     """A working (random) network: distinct slices get distinct vectors."""
@@ -94,7 +100,8 @@ def write_weights(path: Path, net: SliceNetV1) -> str:
 
     desc = {"format": WEIGHTS_FORMAT, "architecture": SliceNetV1.ARCHITECTURE,
             "hparams": net.hparams.to_json(), "input_size": SIZE, "trained": True,
-            "dim": TINY.dim, "weights_sha256": hashlib.sha256(data).hexdigest()}
+            "dim": TINY.dim, "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "training": {"recipe": PARENT_RECIPE}}
     path.with_suffix(".json").write_text(json.dumps(desc))
     return file_model_id(data)
 
@@ -346,6 +353,12 @@ def test_better_model_is_accepted_reembedded_in_background_then_swapped_and_rest
     assert len(call["images"]) + outcome.holdout_slices == SERIES * SLICES
     assert outcome.holdout_series == 2 and outcome.series == SERIES
     assert call["recipe"].epochs == 1 and call["recipe"].input_size == SIZE
+    # the parent's objective and augmentations, the adaptation's epochs, seed and budget
+    recipe = call["recipe"]
+    assert (recipe.temperature, recipe.padding, recipe.crop_scale) == (0.07, "border",
+                                                                        (0.4, 1.0))
+    assert recipe.seed == 3 and recipe.source_balance == 0.0
+    assert recipe.max_seconds is not None and recipe.max_seconds != 5.0
     # every slice carries its study: one study per series, the two series of the
     # shared study under one number (positives from other series of the study)
     assert call["recipe"].study_prob == site.config.adaptation.study_positives == 0.25

@@ -52,7 +52,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -435,17 +435,26 @@ def training_library() -> TrainingLibrary:
 
 def make_recipe(
     library: TrainingLibrary, config: Config, *, input_size: int, hparams: dict[str, Any],
-    seconds: float,
+    seconds: float, parent: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The recipe of one run: the library's defaults with the ``adaptation`` settings.
+    """The recipe of one run: the parent model's recipe with the ``adaptation`` settings.
 
-    The architecture and input size are the current model's (fine-tuning keeps
-    them), the torch threads ``embedding.threads`` (a core stays free for
-    ingest). ``seconds``, the training's share of the time budget, goes into
-    the recipe when the recipe has a time-limit field; otherwise the budget is
-    checked after every epoch.
+    ``parent`` is the recipe the current model was trained with (its weights
+    JSON, ``training.recipe``): fine-tuning continues the same objective
+    (temperature, augmentations, margins) on the archive's slices; without
+    one, the library's defaults. The architecture and input size are the
+    current model's (fine-tuning keeps them), epochs, seed and
+    ``study_positives`` the ``adaptation`` settings, the torch threads
+    ``embedding.threads`` (a core stays free for ingest). ``seconds``, the
+    training's share of the time budget, goes into the recipe when the recipe
+    has a time-limit field; otherwise the budget is checked after every epoch.
+    Source balancing is off (the archive is one source).
     """
-    kwargs: dict[str, Any] = {
+    names = set(getattr(library.recipe_type, "__dataclass_fields__", ()))
+    kwargs: dict[str, Any] = {k: v for k, v in (parent or {}).items() if k in names}
+    kwargs.pop("source_balance", None)
+    kwargs.pop("max_seconds", None)
+    kwargs |= {
         "epochs": config.adaptation.epochs,
         "seed": config.adaptation.seed,
         "input_size": input_size,
@@ -453,7 +462,7 @@ def make_recipe(
         "threads": config.embedding.threads,
         "study_prob": config.adaptation.study_positives,
     }
-    names = set(getattr(library.recipe_type, "__dataclass_fields__", kwargs))
+    names = names or set(kwargs)
     for name in ("max_seconds", "time_budget_s", "time_budget_seconds"):
         if name in names:
             kwargs[name] = max(1.0, seconds)
@@ -732,7 +741,8 @@ def fine_tune(
     out.holdout_slices, out.holdout_series = len(held.groups), held.series
 
     lib = library or training_library()
-    base_module, _ = load_weights(weights)
+    base_module, base_info = load_weights(weights)
+    parent_recipe = (base_info.description.get("training") or {}).get("recipe")
     # Scoring both models costs about as much as embedding the held-out slices twice;
     # keep a tenth of the remaining budget for it.
     train_seconds = (deadline - time.monotonic()) * 0.9
@@ -740,7 +750,8 @@ def fine_tune(
         out.reason = f"skipped: time budget spent reading slices; model {current.model_id} stays"
         return out
     recipe = make_recipe(lib, config, input_size=current.input_size,
-                         hparams=base_module.hparams.to_json(), seconds=train_seconds)
+                         hparams=base_module.hparams.to_json(), seconds=train_seconds,
+                         parent=parent_recipe if isinstance(parent_recipe, Mapping) else None)
     train_deadline = time.monotonic() + train_seconds
 
     def progress(*_args: Any, **_kwargs: Any) -> None:
