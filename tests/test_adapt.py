@@ -232,6 +232,24 @@ def cli(site: Site, *args: str) -> Any:
 
 
 # -------------------------------------------------------------------- tests
+def test_held_out_split_keeps_studies_whole() -> None:
+    groups = np.repeat(np.arange(8), 3)  # 8 series of 3 slices
+    studies = np.repeat(np.array([0, 0, 0, 1, 2, 3, 4, 4]), 3)  # 5 studies
+    for seed in range(20):
+        train, held = adapt.split_by_series(groups, 0.4, seed, studies)
+        assert (train ^ held).all() and train.any() and held.any()
+        for st in range(5):
+            side = set(held[studies == st].tolist())
+            assert len(side) == 1, (seed, st)  # never on both sides
+        assert len(np.unique(studies[held])) == 2  # 40 % of 5 studies
+    # one study only, or no studies: whole series
+    one = np.zeros_like(groups)
+    for st in (one, None):
+        train, held = adapt.split_by_series(groups, 0.25, 1, st)
+        assert len(np.unique(groups[held])) == 2
+        assert not set(groups[held].tolist()) & set(groups[train].tolist())
+
+
 def test_schedule_is_off_by_default_and_validated(
     tmp_path: Path, config_factory: Callable[..., Config]
 ) -> None:
@@ -351,7 +369,7 @@ def test_better_model_is_accepted_reembedded_in_background_then_swapped_and_rest
     base_state.load_state_dict(collapsed_model(1).state_dict())
     assert all(torch.equal(call["init_state"][k], v) for k, v in base_state.state_dict().items())
     assert len(call["images"]) + outcome.holdout_slices == SERIES * SLICES
-    assert outcome.holdout_series == 2 and outcome.series == SERIES
+    assert outcome.series == SERIES and outcome.holdout_series in (2, 3)  # 2 of 5 studies
     assert call["recipe"].epochs == 1 and call["recipe"].input_size == SIZE
     # the parent's objective and augmentations, the adaptation's epochs, seed and budget
     recipe = call["recipe"]
@@ -366,8 +384,12 @@ def test_better_model_is_accepted_reembedded_in_background_then_swapped_and_rest
     assert groups.shape == studies.shape == (len(call["images"]),)
     pairs = set(zip(groups.tolist(), studies.tolist(), strict=True))
     assert len(pairs) == len(set(groups.tolist()))  # a series lies in one study
-    # (the seeded split trains on both series of the shared study)
-    assert len(set(studies.tolist())) == len(set(groups.tolist())) - 1
+    assert len(set(groups.tolist())) + outcome.holdout_series == SERIES
+    # whole studies on each side: a study in training has all its series there
+    # (the shared study's two, or none of them)
+    per_study = {st: {g for g, s2 in pairs if s2 == st} for st in set(studies.tolist())}
+    shared = [st for st, members in per_study.items() if len(members) == 2]
+    assert len(shared) == (1 if outcome.holdout_series == 2 else 0)
     assert outcome.candidate_score is not None and outcome.current_score is not None
     assert outcome.candidate_score >= outcome.current_score + 0.2
     assert "accepted" in caplog.text

@@ -11,7 +11,8 @@ One run (:func:`run_adaptation`), bounded in slices, epochs and time:
    with probability ``adaptation.study_positives``, slices of the study's
    other series).
 2. **Split** the sampled series, seeded, into training and held-out series
-   (``adaptation.holdout_fraction``); no series is on both sides.
+   (``adaptation.holdout_fraction``); no series is on both sides, nor any
+   study when the sample spans two studies or more.
 3. **Fine-tune** from the current model's weights (``init_state``) with the
    training library (:mod:`sidecar.embeddings.training`), self-supervised, for
    ``adaptation.epochs`` epochs within what is left of
@@ -395,18 +396,25 @@ def sample_slices(
 
 
 def split_by_series(
-    groups: I64, fraction: float, seed: int
+    groups: I64, fraction: float, seed: int, studies: I64 | None = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """Seeded split of the slices into (training, held-out) masks, whole series on each side.
 
     At least one series is held out and at least one trains (needs two series).
+    With ``studies`` (the study of each slice) whole studies are held out when
+    there are at least two, so that no study has series on both sides (its
+    other series are positives in training); ``fraction`` then counts studies.
     """
     series = np.unique(groups)
     if len(series) < 2:
         raise ValueError("need at least two series to hold one out")
-    n_hold = min(len(series) - 1, max(1, round(fraction * len(series))))
-    held = np.random.default_rng(seed + 1).permutation(series)[:n_hold]
-    hold_mask = np.isin(groups, held)
+    units, keys = series, groups
+    if studies is not None and studies.shape == groups.shape and (studies >= 0).all():
+        if len(np.unique(studies)) >= 2:
+            units, keys = np.unique(studies), studies
+    n_hold = min(len(units) - 1, max(1, round(fraction * len(units))))
+    held = np.random.default_rng(seed + 1).permutation(units)[:n_hold]
+    hold_mask = np.isin(keys, held)
     return ~hold_mask, hold_mask
 
 
@@ -736,7 +744,8 @@ def fine_tune(
                       f"in {out.series} series; at least {MIN_SLICES} in {MIN_SERIES} needed); "
                       f"model {current.model_id} stays")
         return out
-    train_mask, hold_mask = split_by_series(sample.groups, acfg.holdout_fraction, acfg.seed)
+    train_mask, hold_mask = split_by_series(sample.groups, acfg.holdout_fraction, acfg.seed,
+                                            sample.studies if sample.grouped else None)
     train, held = sample.subset(train_mask), sample.subset(hold_mask)
     out.holdout_slices, out.holdout_series = len(held.groups), held.series
 
