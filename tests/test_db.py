@@ -9,7 +9,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 import sidecar.db.migrate as migrate
+from sidecar.config import Config
 from sidecar.db.engine import make_engine, make_session_factory
 from sidecar.db.migrate import current_revision, head_revision, upgrade
 from sidecar.db.models import Base, Instance, InstanceState, Patient, Series, Study
@@ -485,6 +486,38 @@ def test_postgresql_url_with_percent_encoded_password(pg_port: int, pg_database:
     try:
         upgrade(engine)
         assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_postgresql_catalogue_verify_and_newest_instance(
+    pg_port: int, pg_database: str, config_factory: Callable[..., Config]
+) -> None:
+    from sidecar.app import open_catalogue
+    from sidecar.db.vectors import VectorRepository
+    from sidecar.dicom_scp.storage import InstanceStore, Origin
+    from sidecar.verify import verify_storage
+    from tests.conftest import make_ct
+
+    cfg = config_factory({"database": {
+        "url": f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{pg_database}"}})
+    engine, repo = open_catalogue(cfg)
+    try:
+        assert VectorRepository(engine).latest_instance_pk() is None
+        store = InstanceStore(cfg, repo)
+        paths = []
+        for i in range(3):
+            ds = make_ct(seed=i)
+            buf = cfg.data_dir / "in.dcm"
+            ds.save_as(buf, enforce_file_format=True)
+            paths.append(store.store(buf.read_bytes(), None, Origin("T", "h")).path)
+        newest = VectorRepository(engine).latest_instance_pk()
+        assert newest is not None and newest >= 3
+        paths[1].unlink()
+        report = verify_storage(cfg, engine, checksums=True, min_age=0.0)
+        assert report.rows == 3 and report.files == 2
+        assert report.missing == [paths[1].relative_to(cfg.storage_dir).as_posix()]
+        assert report.wrong_checksum == [] and report.orphans == []
     finally:
         engine.dispose()
 
