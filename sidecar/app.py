@@ -24,7 +24,7 @@ from sidecar.dicom_scp.receivers import (
 )
 from sidecar.dicom_scp.server import DicomNode
 from sidecar.dicom_scp.similarity import SimilarityFind
-from sidecar.dicom_scp.storage import InstanceStore
+from sidecar.dicom_scp.storage import InstanceStore, quarantine_usage
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.query import QueryService
 from sidecar.query_ipc import QueryServer
@@ -444,6 +444,7 @@ class Sidecar:
         vectors = None
         if self.embedding is not None:
             vectors = len(self.embedding.serving.index)
+        quarantine = quarantine_usage(self.config.quarantine_dir)
         return CatalogueFigures(
             instances_by_state=dict(rep.instances_by_state),
             studies=rep.studies,
@@ -451,6 +452,8 @@ class Sidecar:
             stored_bytes=rep.stored_bytes,
             index_vectors=vectors,
             examples=len(self.query.examples),
+            quarantine_datasets=quarantine.datasets,
+            quarantine_bytes=quarantine.bytes,
         )
 
     def health(self) -> dict[str, Any]:

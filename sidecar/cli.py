@@ -142,6 +142,7 @@ def _human(n: float) -> str:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Instance counts by state, studies and disk use."""
     from sidecar.app import open_catalogue
+    from sidecar.dicom_scp.storage import quarantine_usage
 
     cfg = _load(ctx)
     from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
@@ -157,6 +158,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         engine.dispose()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(cfg.data_dir)
+    quarantine = quarantine_usage(cfg.quarantine_dir)
     data = {
         "instances": rep.instances_by_state,
         "instances_total": sum(rep.instances_by_state.values()),
@@ -169,6 +171,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "failed_given_up": given_up,
         "active_model_id": active_model,
         "vectors_by_model": vectors,
+        "quarantine_datasets": quarantine.datasets,
+        "quarantine_bytes": quarantine.bytes,
+        "quarantine_max_bytes": cfg.storage.quarantine_max_mb * 2**20,
         "disk_free_bytes": disk.free,
         "disk_total_bytes": disk.total,
         "data_dir": str(cfg.data_dir),
@@ -188,6 +193,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"series: {rep.series}   patients: {rep.patients}")
     click.echo(f"stored: {_human(rep.stored_bytes)}   disk free: {_human(disk.free)} "
                f"of {_human(disk.total)}")
+    click.echo(f"quarantine: {quarantine.datasets} refused dataset(s), "
+               f"{_human(quarantine.bytes)} of {_human(cfg.storage.quarantine_max_mb * 2**20)} "
+               f"({cfg.quarantine_dir})")
     click.echo(f"active model: {active_model or '(none yet)'}")
     for model_id, count in sorted(vectors.items()):
         click.echo(f"  vectors of model {model_id}: {count}")

@@ -39,6 +39,8 @@ class CatalogueFigures:
     stored_bytes: int
     index_vectors: int | None = None
     examples: int | None = None
+    quarantine_datasets: int | None = None
+    quarantine_bytes: int | None = None
 
 
 class _CatalogueCollector(Collector):
@@ -89,6 +91,15 @@ class _CatalogueCollector(Collector):
             )
             vectors.add_metric([], fig.index_vectors)
             yield vectors
+        if fig.quarantine_bytes is not None and fig.quarantine_datasets is not None:
+            kept = GaugeMetricFamily("sidecar_quarantine_datasets",
+                                     "Refused datasets kept in the quarantine directory.")
+            kept.add_metric([], fig.quarantine_datasets)
+            yield kept
+            size = GaugeMetricFamily("sidecar_quarantine_bytes",
+                                     "Bytes in the quarantine directory (datasets and notes).")
+            size.add_metric([], fig.quarantine_bytes)
+            yield size
         if fig.examples is not None:
             examples = GaugeMetricFamily(
                 "sidecar_query_examples", "Example images held for query by example."

@@ -175,6 +175,8 @@ def test_status_json(cfg_path: Path, data_dir: Path) -> None:
     assert data["stored_bytes"] == 0
     assert data["data_dir"] == str(data_dir)
     assert 0 < data["disk_free_bytes"] <= data["disk_total_bytes"]
+    assert (data["quarantine_datasets"], data["quarantine_bytes"]) == (0, 0)
+    assert data["quarantine_max_bytes"] == 1024 * 2**20
 
 
 # ------------------------------------------------------------------ ingest

@@ -196,6 +196,8 @@ def test_serve_answers_similarity_over_dicom_and_http(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{base}/metrics") as rsp:
             metrics = rsp.read().decode()
         assert 'sidecar_instances{state="embedded"} 6.0' in metrics
+        assert "sidecar_quarantine_datasets 0.0" in metrics
+        assert "sidecar_quarantine_bytes 0.0" in metrics
         assert 'sidecar_queries_total{interface="dicom",outcome="ok"} 1.0' in metrics
         assert 'sidecar_queries_total{interface="http",outcome="ok"} 1.0' in metrics
         audit = (tmp_path / "data" / "audit" / "similarity-queries.jsonl").read_text()

@@ -68,6 +68,10 @@ def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
         env.store.store(to_bytes(bad), None, PACS)
     kept, _ = _quarantined(env)
     assert kept == to_bytes(bad)
+    usage = storage.quarantine_usage(env.quarantine)
+    assert usage.datasets == 1
+    assert usage.bytes == sum(p.stat().st_size for p in files_under(env.quarantine))
+    assert storage.quarantine_usage(env.quarantine / "absent") == storage.QuarantineUsage(0, 0)
 
     none = env_factory({"storage": {"quarantine_max_mb": 0,
                                     "data_dir": str(env.config.data_dir) + "-none"}})

@@ -227,15 +227,7 @@ class InstanceStore:
         with self._quarantine_lock:
             now = time.monotonic()
             if now - self._quarantine_measured > QUARANTINE_REMEASURE_S:
-                total = 0
-                with os.scandir(self._quarantine) as entries:
-                    for entry in entries:
-                        try:
-                            if entry.is_file(follow_symlinks=False):
-                                total += entry.stat(follow_symlinks=False).st_size
-                        except OSError:
-                            continue  # removed meanwhile
-                self._quarantine_bytes = total
+                self._quarantine_bytes = quarantine_usage(self._quarantine).bytes
                 self._quarantine_measured = now
             if self._quarantine_bytes + size > self._quarantine_cap:
                 return False
@@ -383,6 +375,34 @@ class InstanceStore:
             pass
         except OSError as exc:
             logger.error("could not remove %s: %s", path, exc)
+
+
+@dataclass(frozen=True)
+class QuarantineUsage:
+    """What the quarantine directory holds (its top level: refused datasets and notes)."""
+
+    datasets: int
+    """Refused datasets kept (``.dcm`` files)."""
+    bytes: int
+    """Bytes of every file at the top level (datasets and their notes)."""
+
+
+def quarantine_usage(directory: Path) -> QuarantineUsage:
+    """Count the quarantine's refused datasets and bytes (0 when it does not exist)."""
+    datasets = total = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    continue  # removed meanwhile
+                datasets += entry.name.endswith(".dcm")
+    except FileNotFoundError:
+        pass
+    return QuarantineUsage(datasets, total)
 
 
 def disk_usage(path: Path) -> shutil._ntuple_diskusage:
