@@ -3,6 +3,7 @@ DICOM built in code, and the locations of optional real-world resources."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -186,6 +187,13 @@ def make_ct(
 
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def part10(ds: Dataset) -> bytes:
+    """``ds`` as a Part-10 file image (preamble, File Meta, dataset)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def make_sr(

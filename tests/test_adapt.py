@@ -51,7 +51,7 @@ from sidecar.embeddings.model import (
 )
 from sidecar.errors import ConfigError
 from sidecar.search import Reference, SearchService
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")  # env, cwd and logging restored
 
@@ -177,9 +177,7 @@ def _store_archive(cfg: Config) -> list[str]:
                 rng = np.random.default_rng(100 * s + i)
                 hu = np.kron(rng.uniform(-150, 230, (8, 8)), np.ones((8, 8)))
                 ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
-                buf = Path(cfg.data_dir) / "in.dcm"
-                ds.save_as(buf, enforce_file_format=True)
-                store.store(buf.read_bytes(), None, Origin("TEST", "127.0.0.1"))
+                store.store(part10(ds), None, Origin("TEST", "127.0.0.1"))
         repo.mark_stable_studies(0.0)
     finally:
         engine.dispose()

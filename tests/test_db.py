@@ -497,7 +497,7 @@ def test_postgresql_catalogue_verify_and_newest_instance(
     from sidecar.db.vectors import VectorRepository
     from sidecar.dicom_scp.storage import InstanceStore, Origin
     from sidecar.verify import verify_storage
-    from tests.conftest import make_ct
+    from tests.conftest import make_ct, part10
 
     cfg = config_factory({"database": {
         "url": f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{pg_database}"}})
@@ -507,10 +507,7 @@ def test_postgresql_catalogue_verify_and_newest_instance(
         store = InstanceStore(cfg, repo)
         paths = []
         for i in range(3):
-            ds = make_ct(seed=i)
-            buf = cfg.data_dir / "in.dcm"
-            ds.save_as(buf, enforce_file_format=True)
-            paths.append(store.store(buf.read_bytes(), None, Origin("T", "h")).path)
+            paths.append(store.store(part10(make_ct(seed=i)), None, Origin("T", "h")).path)
         newest = VectorRepository(engine).latest_instance_pk()
         assert newest is not None and newest >= 3
         paths[1].unlink()

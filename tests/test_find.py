@@ -9,7 +9,6 @@ node on the same catalogue.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 import subprocess
@@ -41,7 +40,7 @@ from sidecar.dicom_scp.find import CatalogueFind, FindAnswer, FindRequest, Level
 from sidecar.dicom_scp.server import DicomNode
 from sidecar.dicom_scp.storage import Origin
 from sidecar.errors import InvalidQuery, QueryError
-from tests.conftest import dcmtk_env, dcmtk_tool, free_port, make_ct
+from tests.conftest import dcmtk_env, dcmtk_tool, free_port, make_ct, part10
 
 # Queries with wildcards in CS values and bad dates on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
@@ -82,12 +81,6 @@ STUDIES: dict[str, tuple[tuple[str, str], str, str, str, str, list[tuple[str, st
 }
 
 
-def _encoded(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _config(tmp: Path, **dicom: Any) -> Config:
     data = {
         "dicom": {"port": free_port(), **dicom},
@@ -121,7 +114,7 @@ def cat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalogue]:
                 ds.SpecificCharacterSet = "ISO_IR 192"
                 ds.StudyDate, ds.StudyTime, ds.StudyDescription = date, tm, desc
                 ds.AccessionNumber, ds.Modality, ds.SeriesNumber = acc, modality, number
-                app.store.store(_encoded(ds), ExplicitVRLittleEndian, Origin("PACS", "127.0.0.1"))
+                app.store.store(part10(ds), ExplicitVRLittleEndian, Origin("PACS", "127.0.0.1"))
                 cat.sops[se_name].append(str(ds.SOPInstanceUID))
     try:
         yield cat

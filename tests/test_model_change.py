@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -13,7 +12,7 @@ from sidecar.config import Config
 from sidecar.db.vectors import ACTIVE_MODEL_KEY
 from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings.model import TinyEmbedder
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 
 OVERRIDES = {"preprocess": {"slice_spacing_mm": 0, "max_slices_per_series": 64}}
 
@@ -25,9 +24,7 @@ def _store_series(cfg: Config, n: int, seed: int) -> str:
         study, series = generate_uid(), generate_uid()
         for i in range(n):
             ds = make_ct(study_uid=study, series_uid=series, instance_number=i + 1, seed=seed + i)
-            buf = Path(cfg.data_dir) / "in.dcm"
-            ds.save_as(buf, enforce_file_format=True)
-            store.store(buf.read_bytes(), None, Origin("TEST", "127.0.0.1"))
+            store.store(part10(ds), None, Origin("TEST", "127.0.0.1"))
         repo.mark_stable_studies(0.0)
     finally:
         engine.dispose()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
@@ -17,7 +15,7 @@ from pydicom.uid import (
 from sidecar.db.repository import InstanceMeta
 from sidecar.dicom_scp.parse import IMAGE_SOP_CLASSES, extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset
-from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr
+from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
 
 EVRLE = str(ExplicitVRLittleEndian)
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -28,14 +26,8 @@ UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInst
 ignore_pydicom_warnings = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def parse(ds: Dataset, **expected: str) -> InstanceMeta:
-    return extract_meta(read_header(to_bytes(ds)), EVRLE, **expected)
+    return extract_meta(read_header(part10(ds)), EVRLE, **expected)
 
 
 def kind_of(ds: Dataset, **expected: str) -> str:
@@ -49,7 +41,7 @@ def kind_of(ds: Dataset, **expected: str) -> str:
 # ---------------------------------------------------------------- happy path
 def test_read_header_defers_the_pixel_data() -> None:
     ds = make_ct(rows=64, cols=64)
-    header = read_header(to_bytes(ds))
+    header = read_header(part10(ds))
     assert header.SOPInstanceUID == ds.SOPInstanceUID
     assert header.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     raw = header.get_item(0x7FE00010, keep_deferred=True)
@@ -95,7 +87,7 @@ def test_extract_meta_reads_every_catalogue_attribute() -> None:
 
 def test_transfer_syntax_is_the_one_given() -> None:
     ds = make_ct()
-    meta = extract_meta(read_header(to_bytes(ds)), str(ImplicitVRLittleEndian))
+    meta = extract_meta(read_header(part10(ds)), str(ImplicitVRLittleEndian))
     assert meta.transfer_syntax_uid == str(ImplicitVRLittleEndian)
 
 
@@ -187,7 +179,7 @@ def test_empty_or_broken_part10_body_is_refused(data: bytes) -> None:
 
 def test_uid_with_trailing_padding_is_accepted() -> None:
     ds = make_ct()
-    meta = extract_meta(read_header(to_bytes(ds)), EVRLE)
+    meta = extract_meta(read_header(part10(ds)), EVRLE)
     assert meta.sop_class_uid == CT_IMAGE_STORAGE  # pydicom strips the NUL pad of UI
 
 
@@ -281,13 +273,13 @@ def test_encapsulated_pixel_data_is_not_length_checked() -> None:
     ds.PixelData = encapsulate([b"\xff\xd8 tiny jpeg \xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    meta = extract_meta(read_header(to_bytes(ds)), str(JPEGBaseline8Bit))
+    meta = extract_meta(read_header(part10(ds)), str(JPEGBaseline8Bit))
     assert meta.embeddable
 
 
 @pytest.mark.parametrize("missing", [2, 100, 8000])
 def test_truncated_pixel_data_is_refused(missing: int) -> None:
-    data = to_bytes(make_ct(rows=64, cols=64))
+    data = part10(make_ct(rows=64, cols=64))
     with pytest.raises(InvalidDataset) as info:
         extract_meta(read_header(data[:-missing]), EVRLE)
     assert info.value.kind in ("mismatch", "unparseable")

@@ -40,8 +40,6 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import dcmwrite
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -68,7 +66,7 @@ from sidecar.search import (
     SearchService,
     UnknownReference,
 )
-from tests.conftest import free_port, make_ct
+from tests.conftest import free_port, make_ct, part10
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -110,12 +108,6 @@ def ct_slice(
     hu = content(spec) + rng.normal(0, 8, (64, 64))
     ds.PixelData = np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
     return ds
-
-
-def part10(ds: Dataset) -> bytes:
-    fp = DicomBytesIO()
-    dcmwrite(fp, ds, enforce_file_format=True)
-    return fp.getvalue()
 
 
 def make_sr(study: str, patient: str) -> Dataset:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -28,16 +27,10 @@ from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr
+from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
@@ -54,20 +47,20 @@ def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
     del bad.StudyInstanceUID
     with caplog.at_level(logging.WARNING, logger="sidecar.dicom_scp.storage"), \
             pytest.raises(InvalidDataset) as info:
-        env.store.store(to_bytes(bad), None, PACS)
+        env.store.store(part10(bad), None, PACS)
     assert info.value.kind == "missing"  # refused as before, with its reason
     assert files_under(env.quarantine) == [filler]  # but not kept
     assert "not kept: the quarantine holds" in caplog.text
     assert "StudyInstanceUID is missing" in caplog.text
-    good = env.store.store(to_bytes(make_ct()), None, PACS)  # other traffic unaffected
+    good = env.store.store(part10(make_ct()), None, PACS)  # other traffic unaffected
     assert good.outcome is Outcome.STORED
     # room again (measured anew): kept
     filler.unlink()
     monkeypatch.setattr(storage, "QUARANTINE_REMEASURE_S", 0.0)
     with pytest.raises(InvalidDataset):
-        env.store.store(to_bytes(bad), None, PACS)
+        env.store.store(part10(bad), None, PACS)
     kept, _ = _quarantined(env)
-    assert kept == to_bytes(bad)
+    assert kept == part10(bad)
     usage = storage.quarantine_usage(env.quarantine)
     assert usage.datasets == 1
     assert usage.bytes == sum(p.stat().st_size for p in files_under(env.quarantine))
@@ -76,7 +69,7 @@ def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
     none = env_factory({"storage": {"quarantine_max_mb": 0,
                                     "data_dir": str(env.config.data_dir) + "-none"}})
     with pytest.raises(InvalidDataset):
-        none.store.store(to_bytes(bad), None, PACS)
+        none.store.store(part10(bad), None, PACS)
     assert files_under(none.quarantine) == []
 
 
@@ -151,7 +144,7 @@ def env(env_factory: Callable[..., Env]) -> Env:
 # --------------------------------------------------------------- storing
 def test_store_keeps_the_bytes_exactly(env: Env) -> None:
     ds = make_ct()
-    data = to_bytes(ds)
+    data = part10(ds)
     result = env.store.store(data, None, PACS)
     assert result.outcome is Outcome.STORED
     assert result.sop_instance_uid == ds.SOPInstanceUID
@@ -176,7 +169,7 @@ def test_store_keeps_the_bytes_exactly(env: Env) -> None:
 
 def test_store_uses_the_negotiated_transfer_syntax(env: Env) -> None:
     ds = make_ct()
-    data = to_bytes(ds)
+    data = part10(ds)
     result = env.store.store(
         data, str(ImplicitVRLittleEndian), PACS,
         expected_sop_class_uid=CT_IMAGE_STORAGE,
@@ -191,7 +184,7 @@ def test_many_instances_of_one_series(env: Env) -> None:
     blobs = {}
     for i in range(5):
         ds = make_ct(study_uid=study, series_uid=series, instance_number=i, seed=i)
-        blobs[ds.SOPInstanceUID] = to_bytes(ds)
+        blobs[ds.SOPInstanceUID] = part10(ds)
         env.store.store(blobs[ds.SOPInstanceUID], None, PACS)
     files = env.stored_files()
     assert {f.name for f in files} == {f"{uid}.dcm" for uid in blobs}
@@ -203,13 +196,13 @@ def test_many_instances_of_one_series(env: Env) -> None:
 
 def test_store_without_fsync(env_factory: Callable[..., Env]) -> None:
     env = env_factory({"storage": {"fsync": False}})
-    data = to_bytes(make_ct())
+    data = part10(make_ct())
     result = env.store.store(data, None, PACS)
     assert result.path.read_bytes() == data
 
 
 def test_non_image_object_is_stored_and_skipped(env: Env) -> None:
-    data = to_bytes(make_sr())
+    data = part10(make_sr())
     result = env.store.store(data, None, PACS)
     assert result.outcome is Outcome.STORED
     assert result.path.read_bytes() == data
@@ -220,7 +213,7 @@ def test_non_image_object_is_stored_and_skipped(env: Env) -> None:
 
 # ------------------------------------------------------------ duplicates
 def test_identical_duplicate_is_a_noop(env: Env) -> None:
-    data = to_bytes(make_ct())
+    data = part10(make_ct())
     first = env.store.store(data, None, PACS)
     again = env.store.store(data, None, Origin("OTHER", "10.0.0.9"))
     assert again.outcome is Outcome.DUPLICATE
@@ -233,11 +226,11 @@ def test_identical_duplicate_is_a_noop(env: Env) -> None:
 def test_keep_first_drops_a_different_copy(env: Env) -> None:
     assert env.config.dicom.duplicate_policy == "keep_first"
     ds = make_ct(seed=1)
-    first_bytes = to_bytes(ds)
+    first_bytes = part10(ds)
     first = env.store.store(first_bytes, None, PACS)
     ds2 = make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                   sop_uid=ds.SOPInstanceUID, seed=2)
-    second_bytes = to_bytes(ds2)
+    second_bytes = part10(ds2)
     assert second_bytes != first_bytes
     result = env.store.store(second_bytes, None, PACS)
     assert result.outcome is Outcome.KEPT_FIRST
@@ -251,14 +244,14 @@ def test_keep_first_drops_a_different_copy(env: Env) -> None:
 def test_replace_stores_the_new_copy(env_factory: Callable[..., Env]) -> None:
     env = env_factory({"dicom": {"duplicate_policy": "replace"}})
     ds = make_ct(seed=1)
-    v1 = to_bytes(ds)
+    v1 = part10(ds)
     first = env.store.store(v1, None, PACS)
     versions = [v1]
     last = first
     for seed in (2, 3):
         ds_n = make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                        sop_uid=ds.SOPInstanceUID, seed=seed)
-        data = to_bytes(ds_n)
+        data = part10(ds_n)
         result = env.store.store(data, None, Origin("NEWER", "10.0.0.7"))
         assert result.outcome is Outcome.REPLACED
         assert result.path.read_bytes() == data
@@ -281,11 +274,11 @@ def test_replace_stores_the_new_copy(env_factory: Callable[..., Env]) -> None:
 def test_watermark_refuses_without_writing(env_factory: Callable[..., Env]) -> None:
     env = env_factory({"storage": {"min_free_mb": 10**12}})
     with pytest.raises(OutOfResources, match="below watermark"):
-        env.store.store(to_bytes(make_ct()), None, PACS)
+        env.store.store(part10(make_ct()), None, PACS)
     bad = make_ct()
     del bad.StudyInstanceUID
     with pytest.raises(OutOfResources):  # checked before parsing: nothing quarantined
-        env.store.store(to_bytes(bad), None, PACS)
+        env.store.store(part10(bad), None, PACS)
     assert env.stored_files() == []
     assert files_under(env.quarantine) == []
     assert env.instances() == []
@@ -299,7 +292,7 @@ def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
             "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
         ))
     ds = make_ct()
-    data = to_bytes(ds)
+    data = part10(ds)
     with pytest.raises(StorageFailure):
         env.store.store(data, None, PACS)
     assert env.stored_files() == []
@@ -320,21 +313,21 @@ def test_database_unavailable_before_writing(env: Env) -> None:
     with env.engine.begin() as conn:
         conn.execute(text("ALTER TABLE instance RENAME TO instance_gone"))
     with pytest.raises(StorageFailure, match="database"):
-        env.store.store(to_bytes(make_ct()), None, PACS)
+        env.store.store(part10(make_ct()), None, PACS)
     assert env.stored_files() == []
 
 
 def test_database_failure_on_replace_keeps_the_old_file(env_factory: Callable[..., Env]) -> None:
     env = env_factory({"dicom": {"duplicate_policy": "replace"}})
     ds = make_ct(seed=1)
-    v1 = to_bytes(ds)
+    v1 = part10(ds)
     first = env.store.store(v1, None, PACS)
     with env.engine.begin() as conn:
         conn.execute(text(
             "CREATE TRIGGER fail BEFORE UPDATE ON instance "
             "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
         ))
-    v2 = to_bytes(make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+    v2 = part10(make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                           sop_uid=ds.SOPInstanceUID, seed=2))
     with pytest.raises(StorageFailure):
         env.store.store(v2, None, PACS)
@@ -357,7 +350,7 @@ def _quarantined(env: Env) -> tuple[bytes, str]:
 def test_refused_dataset_is_quarantined_with_a_note(env: Env) -> None:
     ds = make_ct()
     del ds.StudyInstanceUID
-    data = to_bytes(ds)
+    data = part10(ds)
     with pytest.raises(InvalidDataset) as info:
         env.store.store(data, None, PACS)
     assert info.value.kind == "missing"
@@ -374,13 +367,13 @@ def test_refused_dataset_is_quarantined_with_a_note(env: Env) -> None:
 def _short_pixels() -> bytes:
     ds = make_ct(rows=32, cols=32)
     ds.PixelData = b"\x00" * 100
-    return to_bytes(ds)
+    return part10(ds)
 
 
 def _bad_uid() -> bytes:
     ds = make_ct()
     ds.SeriesInstanceUID = "1.2.3.abc"
-    return to_bytes(ds)
+    return part10(ds)
 
 
 def _no_transfer_syntax() -> bytes:
@@ -401,9 +394,9 @@ def _no_transfer_syntax() -> bytes:
         (_short_pixels, {}, "mismatch"),
         (_bad_uid, {}, "invalid_uid"),
         (_no_transfer_syntax, {}, "missing"),
-        (lambda: to_bytes(make_ct()), {"expected_sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"},
+        (lambda: part10(make_ct()), {"expected_sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"},
          "mismatch"),
-        (lambda: to_bytes(make_ct()), {"expected_sop_instance_uid": "1.2.3.4"}, "mismatch"),
+        (lambda: part10(make_ct()), {"expected_sop_instance_uid": "1.2.3.4"}, "mismatch"),
     ],
     ids=["broken-body", "garbage", "short-pixels", "bad-uid", "no-ts", "class-mismatch",
          "instance-mismatch"],
@@ -425,9 +418,9 @@ def test_refusals_are_quarantined(
 
 def test_series_of_another_study_is_refused_and_quarantined(env: Env) -> None:
     first = make_ct()
-    ok = env.store.store(to_bytes(first), None, PACS)
+    ok = env.store.store(part10(first), None, PACS)
     intruder = make_ct(series_uid=first.SeriesInstanceUID)  # new study, same series UID
-    data = to_bytes(intruder)
+    data = part10(intruder)
     with pytest.raises(InvalidDataset):
         env.store.store(data, None, PACS)
     assert env.stored_files() == [ok.path]  # the intruder's file was removed again
@@ -457,7 +450,7 @@ def test_path_traversal_uids_never_escape(
 ) -> None:
     ds = make_ct()
     setattr(ds, keyword, uid)
-    data = to_bytes(ds)
+    data = part10(ds)
     before = all_paths(tmp_path)
     with pytest.raises(InvalidDataset) as info:
         env.store.store(data, None, PACS)
@@ -474,7 +467,7 @@ def test_path_traversal_uids_never_escape(
 
 # ------------------------------------------------------------- concurrency
 def test_concurrent_identical_stores_keep_one_file(env: Env) -> None:
-    data = to_bytes(make_ct())
+    data = part10(make_ct())
     n = 8
     barrier = threading.Barrier(n)
     outcomes: list[Outcome] = []
@@ -506,7 +499,7 @@ def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
     """Another process commits the same SOP Instance UID between our duplicate
     check and our insert: the unique constraint stops us, our file is removed,
     and the store is decided again as an identical duplicate (Success)."""
-    data = to_bytes(make_ct())
+    data = part10(make_ct())
     other = InstanceStore(env.config, env.repo)  # stands for the other process
     real_find = env.repo.find_instance
     calls = {"n": 0}

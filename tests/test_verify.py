@@ -23,7 +23,7 @@ from sidecar.cli import main
 from sidecar.config import Config
 from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.verify import verify_storage
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 
 OLD = time.time() - 3600.0
 
@@ -36,10 +36,7 @@ def store_archive(cfg: Config, n: int = 4) -> list[Path]:
         paths = []
         for i in range(n):
             ds = make_ct(study_uid=study, series_uid=series, instance_number=i + 1, seed=i)
-            buf = cfg.data_dir / "in.dcm"
-            ds.save_as(buf, enforce_file_format=True)
-            paths.append(store.store(buf.read_bytes(), None, Origin("TEST", "127.0.0.1")).path)
-            buf.unlink()
+            paths.append(store.store(part10(ds), None, Origin("TEST", "127.0.0.1")).path)
     finally:
         engine.dispose()
     return paths

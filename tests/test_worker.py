@@ -26,8 +26,6 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,7 +49,7 @@ from sidecar.embeddings import preprocess
 from sidecar.embeddings.index import from_blob, read_saved_facts, to_blob
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 from tests.conftest import make_sr as make_sr_base
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,13 +67,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.02)
-
-
-def part10(ds: Dataset) -> bytes:
-    """``ds`` as a Part-10 file image."""
-    fp = DicomBytesIO()
-    dcmwrite(fp, ds, enforce_file_format=True)
-    return fp.getvalue()
 
 
 def ct_series(n: int, *, seed0: int = 0, first: int = 1) -> list[Dataset]:
