@@ -724,6 +724,11 @@ def perturb(image: U8, kind: str, rng: np.random.Generator) -> U8:
     raise ValueError(f"unknown near-duplicate kind {kind!r} (known: {', '.join(NEAR_DUP_KINDS)})")
 
 
+NEAR_DUP_TWIN_RMSE: Final = 4.0
+"""Largest pixel RMSE (grey levels) between two gallery images that are counted as
+the same picture by ``near_dup_twins@1``: the noise copies' own sigma."""
+
+
 @dataclass(frozen=True)
 class NearDuplicates:
     """Perturbed copies of gallery images.
@@ -738,12 +743,32 @@ class NearDuplicates:
         The copies as DICOM (``jpeg_ls`` ones JPEG-LS near-lossless encoded).
     pixels
         ``(M, H, W[, 3])`` the copies' pixels as a viewer decodes them.
+    has_twin
+        ``(M,)`` whether the copy's original has a twin in the gallery
+        (:func:`gallery_twins`).
     """
 
     originals: IntP
     kinds: NDArray[np.str_]
     datasets: list[Dataset]
     pixels: U8
+    has_twin: NDArray[np.bool_]
+
+    def subset(self, idx: IntP, datasets: list[Dataset]) -> NearDuplicates:
+        """The copies ``idx`` (``datasets``: theirs, as they were sent)."""
+        return NearDuplicates(self.originals[idx], self.kinds[idx], datasets, self.pixels[idx],
+                              self.has_twin[idx])
+
+
+def gallery_twins(gallery: U8, originals: NDArray[Any]) -> NDArray[np.bool_]:
+    """Per original: another gallery image lies within :data:`NEAR_DUP_TWIN_RMSE` of it."""
+    flat = gallery.reshape(gallery.shape[0], -1).astype(np.float64)
+    found: dict[int, bool] = {}
+    for i in np.unique(originals).tolist():
+        d = np.sqrt(np.mean((flat - flat[i]) ** 2, axis=1))
+        d[i] = np.inf
+        found[i] = bool(d.min(initial=np.inf) <= NEAR_DUP_TWIN_RMSE)
+    return np.array([found[i] for i in np.asarray(originals).tolist()], dtype=bool)
 
 
 def make_near_duplicates(
@@ -771,16 +796,12 @@ def make_near_duplicates(
             pixels.append(img)
     shape = (0, *gallery.shape[1:])
     return NearDuplicates(
+        has_twin=gallery_twins(gallery, np.asarray(originals, dtype=np.intp)),
         originals=np.asarray(originals, dtype=np.intp),
         kinds=np.asarray(kind_list, dtype=np.str_),
         datasets=datasets,
         pixels=np.stack(pixels) if pixels else np.zeros(shape, dtype=np.uint8),
     )
-
-
-NEAR_DUP_TWIN_RMSE: Final = 4.0
-"""Largest pixel RMSE (grey levels) between two gallery images that are counted as
-the same picture by ``near_dup_twins@1``: the noise copies' own sigma."""
 
 
 def pixel_rmse(a: NDArray[Any], b: NDArray[Any]) -> float:
@@ -798,7 +819,8 @@ class NearHits:
     twins: F64
     """Rank 1 is within :data:`NEAR_DUP_TWIN_RMSE` grey levels RMSE of the original."""
     twin_originals: int
-    """Distinct originals with another gallery image within that distance."""
+    """Distinct originals with another gallery image within that distance
+    (:attr:`NearDuplicates.has_twin`)."""
 
 
 def near_duplicate_hits(top1: NDArray[Any], near: NearDuplicates, gallery: U8) -> NearHits:
@@ -811,12 +833,7 @@ def near_duplicate_hits(top1: NDArray[Any], near: NearDuplicates, gallery: U8) -
         rmse = pixel_rmse(gallery[top[j]], gallery[originals[j]])
         strict[j] = rmse == 0.0
         twins[j] = rmse <= NEAR_DUP_TWIN_RMSE
-    flat = gallery.reshape(gallery.shape[0], -1).astype(np.float64)
-    with_twin = 0
-    for i in np.unique(originals).tolist():
-        d = np.sqrt(np.mean((flat - flat[i]) ** 2, axis=1))
-        d[i] = np.inf
-        with_twin += int(d.min(initial=np.inf) <= NEAR_DUP_TWIN_RMSE)
+    with_twin = len(np.unique(originals[near.has_twin[: top.shape[0]]]))
     return NearHits(strict.astype(np.float64), twins.astype(np.float64), with_twin)
 
 
@@ -1331,8 +1348,7 @@ def evaluate_pipeline(
     hits: NearHits | None = None
     sub_near: NearDuplicates | None = None
     if near is not None and near_idx is not None and near_ds:
-        sub_near = NearDuplicates(near.originals[near_idx], near.kinds[near_idx], near_ds,
-                                  near.pixels[near_idx])
+        sub_near = near.subset(near_idx, near_ds)
         hits = near_duplicate_hits(run.ranking[nq:, 0], sub_near, g_img)
     _summarise(result, per_query, hits, sub_near, n_boot, seed, q_lab[chosen])
     result.seconds = dict(run.seconds)

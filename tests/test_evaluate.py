@@ -240,9 +240,12 @@ def test_near_duplicate_hits_strict_and_counting_gallery_twins() -> None:
     gallery = rng.integers(40, 200, (4, 8, 8)).astype(np.uint8)
     gallery[1] = gallery[0] + 2  # a twin of image 0: RMSE 2 grey levels
     gallery[3] = gallery[2]  # a pixel-identical copy of image 2
-    near = ev.NearDuplicates(originals=np.array([0, 0, 2, 2, 0]),
+    originals = np.array([0, 0, 2, 2, 0])
+    assert ev.gallery_twins(gallery, originals).all()  # 0 has 1, 2 has 3
+    near = ev.NearDuplicates(originals=originals,
                              kinds=np.array(["noise", "shift", "noise", "shift", "jpeg_q75"]),
-                             datasets=[], pixels=np.zeros((5, 8, 8), np.uint8))
+                             datasets=[], pixels=np.zeros((5, 8, 8), np.uint8),
+                             has_twin=ev.gallery_twins(gallery, originals))
     # rank 1: the original, its twin, the identical copy, a far image, nothing (-1)
     hits = ev.near_duplicate_hits(np.array([0, 1, 3, 0, -1]), near, gallery)
     assert hits.strict.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
@@ -252,6 +255,7 @@ def test_near_duplicate_hits_strict_and_counting_gallery_twins() -> None:
     far = gallery.copy()
     far[1] = np.clip(gallery[0].astype(int) + 30, 0, 255).astype(np.uint8)
     assert ev.near_duplicate_hits(np.array([1]), near, far).twins.tolist() == [0.0]
+    assert ev.gallery_twins(far, np.array([0, 2])).tolist() == [False, True]
 
 
 # ------------------------------------------------------------------ path (a)
