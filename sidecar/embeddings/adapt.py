@@ -777,10 +777,10 @@ def fine_tune(
         out.holdout_slices, out.holdout_series, acfg.epochs,
     )
     try:
-        extra = {} if train.studies is None or not sample.grouped else {"studies": train.studies}
         result = lib.train_model(train.images, recipe, init_state=init_state,
                                  groups=train.groups if sample.grouped else None,
-                                 progress=progress, **extra)
+                                 studies=train.studies if sample.grouped else None,
+                                 progress=progress)
     except _Stop as stop:
         out.reason = f"stopped: {stop.why}; model {current.model_id} stays"
         return out
