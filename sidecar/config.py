@@ -384,7 +384,8 @@ class AdaptationConfig(_Section):
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1,
         description="Share of the sampled series kept out of training to compare the current "
-        "and the fine-tuned model (split by series, seeded).",
+        "and the fine-tuned model (seeded; whole studies when the sample spans two or more, "
+        "then the share counts studies).",
     )
     epochs: int = Field(
         10, ge=1, le=1000,
