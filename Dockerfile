@@ -30,7 +30,12 @@ RUN python -m venv /opt/sidecar
 ENV PATH=/opt/sidecar/bin:$PATH
 WORKDIR /src
 
-COPY constraints.txt pyproject.toml ./
+COPY constraints.txt build-constraints.txt pyproject.toml ./
+
+# 0. pip itself at the pinned version (--build-constraint needs pip >= 25.3; the
+#    base image's pip is older): build-constraints.txt also pins what goes into the
+#    isolated build environments (hnswlib compiles from source in step 2).
+RUN pip install -c build-constraints.txt pip
 
 # 1. torch first, the CPU build from PyTorch's own index (PyPI's Linux wheel pulls
 #    several GB of CUDA libraries that a CPU-only service never uses). Its version,
@@ -44,13 +49,13 @@ RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu torch
 #    uses), read from pyproject.toml (runtime + the postgres extra, no dev tools) so
 #    this layer is cached until the dependencies change.
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > /tmp/requirements.txt \
-    && pip install -c constraints.txt -r /tmp/requirements.txt
+    && pip install -c constraints.txt --build-constraint build-constraints.txt -r /tmp/requirements.txt
 
 # 3. The package itself, non-editable (the code, migrations and shipped weights are
 #    copied into the virtualenv; /src is not part of the image).
 COPY README.md ./
 COPY sidecar ./sidecar
-RUN pip install -c constraints.txt '.[postgres]' \
+RUN pip install -c constraints.txt --build-constraint build-constraints.txt '.[postgres]' \
     && pip check \
     && sidecar --version
 

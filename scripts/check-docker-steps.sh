@@ -6,15 +6,17 @@
 #
 # What is replayed (the Dockerfile's numbered steps, in order):
 #   build context   only the files the Dockerfile COPYs (constraints.txt,
-#                   pyproject.toml, README.md, sidecar/), copied to a scratch dir
+#                   build-constraints.txt, pyproject.toml, README.md, sidecar/),
+#                   copied to a scratch dir
 #   virtualenv      python3.11 -m venv (the image: python:3.11-slim-bookworm;
 #                   here Debian bookworm's /usr/bin/python3.11 when present)
+#   step 0          pip pinned by build-constraints.txt
 #   step 1          torch==2.13.0 --no-deps (the image: from PyTorch's CPU index;
 #                   here plain pip, which this machine resolves to its local
 #                   2.13.0+cpu wheel)
 #   step 2          the runtime + postgres requirements read from pyproject.toml,
-#                   pip install -c constraints.txt
-#   step 3          pip install -c constraints.txt '.[postgres]' (non-editable),
+#                   pip install -c constraints.txt --build-constraint ...
+#   step 3          pip install -c constraints.txt --build-constraint ... '.[postgres]' (non-editable),
 #                   pip check, sidecar --version
 #   runtime         SIDECAR_CONFIG / SIDECAR__STORAGE__DATA_DIR / HOME as the
 #                   image's ENV, working directory = data directory, a non-root
@@ -53,14 +55,15 @@ expect() {
 expect 'FROM ${PYTHON_IMAGE} AS build'
 expect 'ARG PYTHON_IMAGE=python:3.11-slim-bookworm'
 expect 'RUN python -m venv /opt/sidecar'
-expect 'COPY constraints.txt pyproject.toml ./'
+expect 'COPY constraints.txt build-constraints.txt pyproject.toml ./'
+expect 'RUN pip install -c build-constraints.txt pip'
 expect 'RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.13.0'
 REQS_CMD="import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))"
 expect "RUN python -c \"$REQS_CMD\" > /tmp/requirements.txt"
-expect '&& pip install -c constraints.txt -r /tmp/requirements.txt'
+expect '&& pip install -c constraints.txt --build-constraint build-constraints.txt -r /tmp/requirements.txt'
 expect 'COPY README.md ./'
 expect 'COPY sidecar ./sidecar'
-expect "RUN pip install -c constraints.txt '.[postgres]'"
+expect "RUN pip install -c constraints.txt --build-constraint build-constraints.txt '.[postgres]'"
 expect '&& pip check'
 expect 'SIDECAR_CONFIG=/config/sidecar.yaml'
 expect 'SIDECAR__STORAGE__DATA_DIR=/data'
@@ -89,7 +92,7 @@ say "work directory $WORK"
 # ---- build context: only what the Dockerfile copies ----
 SRC=$WORK/src
 mkdir -p "$SRC"
-cp constraints.txt pyproject.toml README.md "$SRC/"
+cp constraints.txt build-constraints.txt pyproject.toml README.md "$SRC/"
 cp -r sidecar "$SRC/sidecar"
 find "$SRC/sidecar" -name __pycache__ -type d -prune -exec rm -rf {} +
 
@@ -98,6 +101,8 @@ VENV=$WORK/opt-sidecar
 "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 cd "$SRC"
+say "step 0: pip pinned by build-constraints.txt"
+"${PIP[@]}" install -q -c build-constraints.txt pip
 say "step 1: torch==2.13.0 (CPU build), no dependencies"
 "${PIP[@]}" install -q --no-deps torch==2.13.0
 "$VENV/bin/python" - <<'EOF'
@@ -108,9 +113,9 @@ print(f"check-docker-steps: torch {v}")
 EOF
 say "step 2: pinned requirements from pyproject.toml"
 "$VENV/bin/python" -c "$REQS_CMD" > "$WORK/requirements.txt"
-"${PIP[@]}" install -q -c constraints.txt -r "$WORK/requirements.txt"
+"${PIP[@]}" install -q -c constraints.txt --build-constraint build-constraints.txt -r "$WORK/requirements.txt"
 say "step 3: the package, non-editable"
-"${PIP[@]}" install -q -c constraints.txt '.[postgres]'
+"${PIP[@]}" install -q -c constraints.txt --build-constraint build-constraints.txt '.[postgres]'
 "${PIP[@]}" check
 "$VENV/bin/sidecar" --version
 cd "$WORK"

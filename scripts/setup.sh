@@ -45,9 +45,13 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV with $PYTHON" >&2
     "$PYTHON" -m venv "$VENV"
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt "$STAMP" ] \
+        || [ build-constraints.txt -nt "$STAMP" ]; then
     echo "setup: installing Python dependencies (first time: a few minutes, hnswlib compiles)" >&2
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[dev,postgres]'
+    # pip itself and the build environments (hnswlib compiles from source) are
+    # pinned too, in build-constraints.txt.
+    "$VENV/bin/python" -m pip install -q -c build-constraints.txt pip
+    "$VENV/bin/python" -m pip install -q -c constraints.txt --build-constraint build-constraints.txt \
+        -e '.[dev,postgres]'
     touch "$STAMP"
 fi
