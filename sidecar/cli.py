@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ from sidecar.errors import (
     SidecarError,
     StorageFailure,
 )
+from sidecar.files import walk_files
 from sidecar.logsetup import configure_logging
 
 logger = logging.getLogger("sidecar")
@@ -201,17 +201,6 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"  vectors of model {model_id}: {count}")
 
 
-def _walk(paths: tuple[Path, ...]) -> Iterator[Path]:
-    for p in paths:
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name
-        else:
-            yield p
-
-
 @main.command()
 @click.argument("paths", nargs=-1, required=True,
                 type=click.Path(exists=True, path_type=Path))
@@ -230,7 +219,7 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
     engine, repo = open_catalogue(cfg)
     store = InstanceStore(cfg, repo)
     origin = Origin(ae_title="", host="ingest")
-    files = list(_walk(paths))
+    files = list(walk_files(paths))
     tally: Counter[str] = Counter()
     problems: list[str] = []
     try:
@@ -633,7 +622,7 @@ def _read_query_images(path: Path) -> list[Any]:
     from pydicom.errors import InvalidDicomError
 
     datasets: list[Any] = []
-    for file in _walk((path,)):
+    for file in walk_files((path,)):
         try:
             with file.open("rb") as fh:
                 head = fh.read(132)
@@ -829,7 +818,7 @@ def train(
     """
     from sidecar.embeddings import training
     from sidecar.embeddings.model import load_weights
-    from sidecar.hashing import sha256_file
+    from sidecar.files import sha256_file
 
     cfg = _load(ctx)
     try:

@@ -29,16 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
 
 from sidecar.config import Config
 from sidecar.db.models import INSTANCE
-from sidecar.hashing import sha256_file
+from sidecar.files import sha256_file, walk_files
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +101,6 @@ class VerifyReport:
         }
 
 
-def _files(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root`` except the store's temporary directory."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        if Path(dirpath) == root:
-            dirnames[:] = [d for d in dirnames if d != TMP_DIR]
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
-
-
 def verify_storage(
     config: Config, engine: Engine, *, checksums: bool = False, min_age: float = 300.0,
     now: float | None = None,
@@ -169,7 +157,7 @@ def verify_storage(
                 if actual != str(digest):
                     report.wrong_checksum.append(rel)
     if root.is_dir():
-        for path in _files(root):
+        for path in walk_files([root], skip={root / TMP_DIR}):
             report.files += 1
             rel = path.relative_to(root).as_posix()
             if rel in recorded:

@@ -29,7 +29,7 @@ from sidecar.embeddings.model import (
     TorchEmbedder,
     load_weights,
 )
-from sidecar.hashing import sha256_file
+from sidecar.files import sha256_file
 from tests.conftest import make_ct
 
 SIZE = 32

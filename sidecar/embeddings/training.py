@@ -58,7 +58,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -78,7 +78,7 @@ from sidecar.embeddings.model import (
     file_model_id,
     serialise_state_dict,
 )
-from sidecar.hashing import sha256_file
+from sidecar.files import sha256_file, walk_files
 
 F32 = npt.NDArray[np.float32]
 
@@ -740,18 +740,6 @@ def prepare_npz(path: Path, cfg: Any, size: int) -> tuple[F32, dict[str, Any]]:
     return images, entry
 
 
-def _dicom_files(paths: Iterable[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            for root, dirs, files in os.walk(p):
-                dirs.sort()
-                out.extend(Path(root) / name for name in sorted(files))
-        else:
-            out.append(p)
-    return out
-
-
 class DicomSlices(NamedTuple):
     """What :func:`prepare_dicom` read."""
 
@@ -779,7 +767,7 @@ def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> DicomSlices:
     from sidecar.embeddings import preprocess
 
     series: dict[str, list[tuple[Path, Any]]] = {}
-    for f in _dicom_files(paths):
+    for f in walk_files(paths):
         try:
             header = dcmread(f, stop_before_pixels=True)
         except Exception:  # noqa: BLE001 - not DICOM: skipped
