@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -24,7 +25,13 @@ from sidecar.dicom_scp.receivers import (
 )
 from sidecar.dicom_scp.server import DicomNode
 from sidecar.dicom_scp.similarity import SimilarityFind
-from sidecar.dicom_scp.storage import InstanceStore, quarantine_usage
+from sidecar.dicom_scp.storage import (
+    STALE_TEMPORARY_AGE,
+    InstanceStore,
+    quarantine_usage,
+    remove_temporaries,
+    stale_temporaries,
+)
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.query import QueryService
 from sidecar.query_ipc import QueryServer
@@ -398,6 +405,16 @@ class Sidecar:
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
             ))
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        # At start, then hourly: temporary files a crash left behind (never acknowledged).
+        self.scheduler.add_job(
+            self.clear_temporaries,
+            "interval",
+            seconds=STALE_TEMPORARY_AGE,
+            id="clear_temporaries",
+            next_run_time=dt.datetime.now(dt.UTC),
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.add_job(
             self.mark_stable,
             "interval",
@@ -437,6 +454,19 @@ class Sidecar:
                 logger.info("on-site adaptation scheduled: %s (UTC)",
                             config.adaptation.schedule)
         self.address: tuple[str, int] | None = None
+
+    def clear_temporaries(self) -> int:
+        """Remove the storage's temporary files older than :data:`STALE_TEMPORARY_AGE`.
+
+        They were left by a store that stopped between writing and linking (its
+        sender got no Success and sends again). Files without a catalogue row in
+        the storage itself are only found by ``sidecar verify``, which walks it all.
+        """
+        root = self.store.root
+        removed = remove_temporaries(root, stale_temporaries(root, STALE_TEMPORARY_AGE))
+        if removed:
+            logger.info("removed %d temporary file(s) left by an interrupted store", removed)
+        return removed
 
     def catalogue_figures(self) -> CatalogueFigures:
         """Catalogue, index and example counts for the metrics (read at scrape time)."""

@@ -36,12 +36,10 @@ from sqlalchemy import Engine, select
 
 from sidecar.config import Config
 from sidecar.db.models import INSTANCE
+from sidecar.dicom_scp.storage import TMP_DIR, remove_temporaries, stale_temporaries
 from sidecar.files import sha256_file, walk_files
 
 logger = logging.getLogger(__name__)
-
-TMP_DIR = ".tmp"
-"""The store's temporary directory inside the storage directory."""
 
 ORPHANS_DIR = "orphans"
 """Where ``--repair`` moves orphans, inside the quarantine directory."""
@@ -170,15 +168,7 @@ def verify_storage(
                 report.young_unrecorded += 1
             else:
                 report.orphans.append(rel)
-        tmp = root / TMP_DIR
-        if tmp.is_dir():
-            for path in sorted(tmp.iterdir()):
-                try:
-                    old = clock - path.stat().st_mtime >= min_age
-                except OSError:
-                    continue
-                if path.is_file() and old:
-                    report.stale_temporaries.append(path.name)
+        report.stale_temporaries = stale_temporaries(root, min_age, clock)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -211,12 +201,4 @@ def repair_storage(config: Config, report: VerifyReport) -> None:
                     parent.rmdir()
                 except OSError:
                     pass  # not empty
-    for name in report.stale_temporaries:
-        try:
-            (root / TMP_DIR / name).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.error("could not remove temporary %s: %s", name, exc)
-            continue
-        report.removed_temporaries += 1
+    report.removed_temporaries = remove_temporaries(root, report.stale_temporaries)

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 from pydicom.uid import generate_uid
 
-from sidecar.app import open_catalogue
+from sidecar.app import Sidecar, open_catalogue
 from sidecar.cli import main
 from sidecar.config import Config
 from sidecar.dicom_scp.storage import InstanceStore, Origin
@@ -149,3 +149,23 @@ def test_repair_is_refused_while_the_service_holds_the_index(
         refused = run(conf, "--repair")
         assert refused.exit_code == 1 and "stop it to --repair" in refused.output
         assert run(conf).exit_code == 0  # checking alone is fine while it runs
+
+
+def test_the_service_removes_temporaries_an_interrupted_store_left_at_start(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar],
+) -> None:
+    cfg = config_factory()
+    tmp = cfg.storage_dir / ".tmp"
+    tmp.mkdir(parents=True)
+    stale = tmp / "0123abcd.part"
+    stale.write_bytes(b"half")
+    os.utime(stale, (OLD - 60.0, OLD - 60.0))
+    fresh = tmp / "fedc3210.part"  # another writer's (sidecar ingest) store in flight
+    fresh.write_bytes(b"being written")
+    app = sidecar_factory(cfg)
+    deadline = time.monotonic() + 10.0
+    while stale.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stale.exists() and fresh.exists()
+    job = app.scheduler.get_job("clear_temporaries")
+    assert job is not None and job.trigger.interval.total_seconds() == 3600.0

@@ -27,9 +27,11 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Final
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -39,6 +41,13 @@ from sidecar.dicom_scp.parse import extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 
 logger = logging.getLogger(__name__)
+
+TMP_DIR: Final = ".tmp"
+"""The temporary directory inside the storage directory (files being stored)."""
+
+STALE_TEMPORARY_AGE: Final = 3600.0
+"""Seconds after which a temporary file is taken to be left by an interrupted store
+(writing, fsyncing and linking one dataset takes well under that)."""
 
 _LOCK_STRIPES = 64
 
@@ -90,7 +99,7 @@ class InstanceStore:
 
     def __init__(self, config: Config, repository: Repository) -> None:
         self._root = config.storage_dir.resolve()
-        self._tmp = self._root / ".tmp"
+        self._tmp = self._root / TMP_DIR
         self._quarantine = config.quarantine_dir.resolve()
         self._min_free = config.storage.min_free_mb * 1024 * 1024
         self._fsync = config.storage.fsync
@@ -375,6 +384,47 @@ class InstanceStore:
             pass
         except OSError as exc:
             logger.error("could not remove %s: %s", path, exc)
+
+
+def stale_temporaries(root: Path, min_age: float, now: float | None = None) -> list[str]:
+    """Names of the files in ``root``'s temporary directory at least ``min_age`` s old.
+
+    A store's temporary file lives for the time it takes to write, fsync and
+    link one dataset; an old one was left by a process that stopped in
+    between (crash, power loss, kill -9). Its sender got no Success for it.
+    """
+    clock = time.time() if now is None else now
+    names: list[str] = []
+    try:
+        with os.scandir(root / TMP_DIR) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) \
+                            and clock - entry.stat(follow_symlinks=False).st_mtime >= min_age:
+                        names.append(entry.name)
+                except OSError:
+                    continue  # removed meanwhile
+    except FileNotFoundError:
+        pass
+    return sorted(names)
+
+
+def remove_temporaries(root: Path, names: Iterable[str]) -> int:
+    """Remove these files of ``root``'s temporary directory; returns how many went.
+
+    One already gone counts as removed; one that cannot be removed is logged.
+    """
+    removed = 0
+    for name in names:
+        try:
+            (root / TMP_DIR / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.error("could not remove temporary %s: %s", name, exc)
+            continue
+        removed += 1
+    return removed
 
 
 @dataclass(frozen=True)
