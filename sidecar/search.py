@@ -42,8 +42,10 @@ Ranking (study and series levels)
    data, 100 000 vectors: 0.987 with study means, 0.9995 with series means,
    same latency). The series means of the serving model are held in memory as
    one float32 matrix (512 bytes per row at 128-d: 51 MB for 100 000 series;
-   a product costs a few ms), reloaded when the number of means or the highest
-   slice key changes (checked at most every ``refresh_interval`` seconds).
+   a product costs a few ms), checked against the number of means and the
+   highest slice key at most every ``refresh_interval`` seconds: new and
+   recomputed means (series with slices above the last key seen) are read and
+   merged, a deleted study reads them all again (0.3 s at 100 000 series).
    Exact search over the means makes filters and exclusions exact (a row
    mask) with no over-fetch. (b)
    Because a mean can hide a single matching slice among many unrelated ones,
@@ -695,6 +697,22 @@ class _Query:
     excluded: set[int] = field(default_factory=set)
 
 
+def _mean_rows(
+    rows: Sequence[tuple[int, int, bytes]], dim: int
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """Keys, study keys and unit float32 vectors of (key, study key, blob) mean rows.
+
+    Rows whose blob is not ``dim`` float16 values are left out.
+    """
+    rows = [r for r in rows if len(r[2]) == 2 * dim]
+    if not rows:
+        return (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                np.zeros((0, dim), dtype=np.float32))
+    return (np.asarray([r[0] for r in rows], dtype=np.int64),
+            np.asarray([r[1] for r in rows], dtype=np.int64),
+            _unit_rows(from_blobs([r[2] for r in rows], dim)))
+
+
 def _unit_rows(arr: FloatArray) -> FloatArray:
     norms = np.linalg.norm(arr, axis=1, keepdims=True)
     out: FloatArray = (arr / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -954,7 +972,7 @@ class SearchService:
         self._queries = SearchQueries(engine)
         self._embedding = embedding
         self._refresh = refresh_interval
-        self._means: dict[str, _Means] = {}
+        self._means: _Means | None = None
         self._means_lock = threading.Lock()
         if slice_cache is None:
             slice_cache = not isinstance(embedding, ReadOnlyEmbedding)
@@ -971,7 +989,7 @@ class SearchService:
             return
         serving = self._embedding.serving
         model_id, dim = serving.model_id, serving.dim
-        self._mean_matrix("series", model_id, dim)
+        self._mean_matrix(model_id, dim)
         if self._slices is not None:
             self._slices.view(model_id, dim)
 
@@ -981,7 +999,7 @@ class SearchService:
         if self._embedding is None:
             return False
         model_id = self._embedding.serving.model_id
-        means = self._means.get("series")
+        means = self._means
         if means is None or means.model_id != model_id:
             return False
         if self._slices is None:
@@ -1325,37 +1343,63 @@ class SearchService:
         )
 
     # ------------------------------------------------------------ ranking
-    def _mean_matrix(self, level: Literal["study", "series"], model_id: str, dim: int) -> _Means:
+    def _mean_matrix(self, model_id: str, dim: int) -> _Means:
+        """The serving model's series means, checked at most every ``refresh`` seconds.
+
+        When only new or recomputed means changed the signature (the worker
+        adds series; slice keys are never reused), just those rows are read
+        and merged; anything else (another model, a deleted study) reads them all.
+        """
         now = time.monotonic()
-        cached = self._means.get(level)
+        cached = self._means
         if cached is not None and cached.model_id == model_id and (
             now - cached.checked_at < self._refresh
         ):
             return cached
         with self._means_lock:
-            cached = self._means.get(level)
-            signature = self._queries.mean_signature(level, model_id)
-            if cached is not None and cached.model_id == model_id and (
-                cached.signature == signature
-            ):
-                fresh = _Means(model_id, signature, now, cached.keys, cached.study_keys,
-                               cached.matrix)
-            else:
-                rows = self._queries.mean_vectors(level, model_id)
-                rows = [r for r in rows if len(r[2]) == 2 * dim]
-                matrix = (
-                    _unit_rows(from_blobs([r[2] for r in rows], dim)) if rows
-                    else np.zeros((0, dim), dtype=np.float32)
-                )
-                fresh = _Means(
-                    model_id, signature, now,
-                    np.asarray([r[0] for r in rows], dtype=np.int64),
-                    np.asarray([r[1] for r in rows], dtype=np.int64),
-                    matrix,
-                )
-                logger.debug("loaded %d %s mean vectors of model %s", len(rows), level, model_id)
-            self._means[level] = fresh
+            cached = self._means
+            signature = self._queries.mean_signature("series", model_id)
+            fresh: _Means | None = None
+            if cached is not None and cached.model_id == model_id:
+                if cached.signature == signature:
+                    fresh = replace(cached, checked_at=now)
+                elif signature[1] > cached.signature[1] and signature[0] >= cached.signature[0]:
+                    fresh = self._merged_means(cached, signature, dim, now)
+            if fresh is None:
+                rows = self._queries.mean_vectors("series", model_id)
+                keys, study_keys, matrix = _mean_rows(rows, dim)
+                fresh = _Means(model_id, signature, now, keys, study_keys, matrix)
+                logger.debug("loaded %d series mean vectors of model %s", keys.size, model_id)
+            self._means = fresh
             return fresh
+
+    def _merged_means(
+        self, cached: _Means, signature: tuple[int, int], dim: int, now: float
+    ) -> _Means | None:
+        """``cached`` with the means changed since its signature; ``None``: read them all."""
+        keys, study_keys, matrix = _mean_rows(
+            self._queries.series_means_after(cached.model_id, cached.signature[1]), dim
+        )
+        at = np.full(keys.size, -1, dtype=np.int64)  # row of each in ``cached``, or -1
+        if cached.keys.size and keys.size:
+            order = np.argsort(cached.keys)
+            pos = np.minimum(np.searchsorted(cached.keys, keys, sorter=order),
+                             cached.keys.size - 1)
+            found = cached.keys[order[pos]] == keys
+            at[found] = order[pos[found]]
+        old, new = at >= 0, at < 0
+        if cached.keys.size + int(new.sum()) != signature[0]:
+            return None  # a study was deleted meanwhile as well
+        merged = cached.matrix.copy() if old.any() else cached.matrix
+        merged[at[old]] = matrix[old]
+        logger.debug("series means of model %s: %d recomputed, %d new", cached.model_id,
+                     int(old.sum()), int(new.sum()))
+        return _Means(
+            cached.model_id, signature, now,
+            np.concatenate([cached.keys, keys[new]]),
+            np.concatenate([cached.study_keys, study_keys[new]]),
+            np.concatenate([merged, matrix[new]]) if new.any() else merged,
+        )
 
     def _rank_groups(
         self,
@@ -1379,7 +1423,7 @@ class SearchService:
             return study not in excluded and (allowed is None or key in allowed)
 
         # (a) exact cosine against the series means (a study: its best series)
-        means = self._mean_matrix("series", model_id, dim)
+        means = self._mean_matrix(model_id, dim)
         group_keys = means.keys if level == "series" else means.study_keys
         chosen: list[int] = []
         if means.keys.size:

@@ -774,3 +774,57 @@ def test_not_embedded_under_the_serving_model(archive: Archive) -> None:
     with pytest.raises(NotEmbedded, match="vectors of model tiny-.* only") as exc:
         service.search(Reference.study(archive.studies["R"].uid), k=1)
     assert exc.value.state == "embedded" and "old-model" in str(exc.value)
+
+
+def test_series_means_follow_new_recomputed_and_deleted_series(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service's in-memory series means take new and recomputed means without reading
+    the others, and read them all again after a deletion; each time they equal a fresh
+    load, and the answers follow."""
+    small = build_archive(tmp_path / "small", {k: LAYOUT[k] for k in ("R", "A", "B")},
+                          extras=False)
+    service, model_id, dim = small.service, small.emb.serving.model_id, small.emb.serving.dim
+
+    def as_dict(means: Any) -> dict[int, tuple[int, bytes]]:
+        return {int(k): (int(s), v.tobytes())
+                for k, s, v in zip(means.keys, means.study_keys, means.matrix, strict=True)}
+
+    def same_as_fresh_load() -> None:
+        fresh = SearchService(small.config, small.engine, small.emb)
+        assert as_dict(service._means) == as_dict(fresh._mean_matrix(model_id, dim))
+
+    try:
+        r, a = small.studies["R"], small.studies["A"]
+        assert small.names(service.search(Reference.study(r.uid), k=5))[0] == "A"
+        before = service._means
+        assert before is not None and before.keys.size == 4  # R, A (two), B
+        # a new study like R, and a fifth slice for R's series (its mean is recomputed)
+        store = InstanceStore(small.config, small.repo)
+        new_study, new_series = generate_uid(), generate_uid()
+        for i, spec in enumerate([0, 1, 2, 3]):
+            store.store(part10(ct_slice(new_study, new_series, i + 1, i * 10.0, spec,
+                                        patient="P20", date="20240110")), None, Origin("T", "h"))
+        store.store(part10(ct_slice(r.uid, r.series[0], 5, 40.0, 7, patient="P1",
+                                    date="20240105")), None, Origin("T", "h"))
+        small.repo.mark_stable_studies(0.0)
+        while small.emb.run_job().series:
+            pass
+        with caplog.at_level("DEBUG", logger="sidecar.search"):
+            hits = service.search(Reference.study(a.uid), k=5)
+        assert any("1 recomputed, 1 new" in m for m in caplog.messages), caplog.messages
+        assert not any("loaded" in m and "series mean" in m for m in caplog.messages)
+        assert new_study in {h.study_instance_uid for h in hits.hits}
+        assert as_dict(service._means) != as_dict(before)
+        same_as_fresh_load()
+        # a deleted study: everything is read again
+        assert small.repo.delete_study(small.studies["B"].uid) is not None
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="sidecar.search"):
+            hits = service.search(Reference.study(a.uid), k=5)
+        assert any("loaded 4 series mean vectors" in m for m in caplog.messages), caplog.messages
+        assert small.studies["B"].uid not in {h.study_instance_uid for h in hits.hits}
+        same_as_fresh_load()
+    finally:
+        small.emb.close()
+        small.engine.dispose()

@@ -370,6 +370,24 @@ class SearchQueries:
         with self._engine.connect() as conn:
             return [(int(a), int(b), bytes(c)) for a, b, c in conn.execute(q)]
 
+    def series_means_after(self, model_id: str, after: int) -> list[tuple[int, int, bytes]]:
+        """(series key, study key, blob) of the series means that changed after slice ``after``.
+
+        A series' slice vectors and its mean are committed together, so the
+        series with a slice vector of the model keyed above ``after`` are the
+        ones whose mean was added or recomputed since.
+        """
+        changed = (
+            select(_SLICE.c.series_pk)
+            .where(_SLICE.c.model_id == model_id, _SLICE.c.id > after)
+            .distinct()
+        )
+        q = select(_SERIES_VEC.c.series_pk, _SERIES_VEC.c.study_pk, _SERIES_VEC.c.vector).where(
+            _SERIES_VEC.c.model_id == model_id, _SERIES_VEC.c.series_pk.in_(changed)
+        )
+        with self._engine.connect() as conn:
+            return [(int(a), int(b), bytes(c)) for a, b, c in conn.execute(q)]
+
     def mean_signature(self, level: MeanLevel, model_id: str) -> tuple[int, int]:
         """(number of mean vectors of the model, highest slice vector key).
 
