@@ -32,6 +32,7 @@ from sidecar.dicom_scp.storage import (
     remove_temporaries,
     stale_temporaries,
 )
+from sidecar.dicom_scp.tls import server_context
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.query import QueryService
 from sidecar.query_ipc import QueryServer
@@ -396,6 +397,8 @@ class Sidecar:
             )
             if n == 1 else None
         )
+        if n > 1 and config.dicom.tls.enabled:
+            server_context(config.dicom.tls)  # a bad file fails here, not in each receiver
         self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
         self.http: HttpServer | None = None
         if config.http.enabled:

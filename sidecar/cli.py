@@ -78,10 +78,20 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
               default=None, help="Configuration file to check.")
 @click.pass_context
 def check_config(ctx: click.Context, config_path: Path | None) -> None:
-    """Validate the configuration and print the effective settings."""
+    """Validate the configuration and print the effective settings.
+
+    With dicom.tls.enabled, also loads the certificate, key and CA files.
+    """
     if config_path is not None:
         ctx.obj["config_path"] = config_path
     cfg = _load(ctx)
+    if cfg.dicom.tls.enabled:
+        from sidecar.dicom_scp.tls import server_context
+
+        try:
+            server_context(cfg.dicom.tls)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
     click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))
     click.echo("# configuration OK", err=True)
 

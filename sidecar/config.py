@@ -79,6 +79,59 @@ class PeerConfig(_Section):
             raise ValueError("must be an IP address, a CIDR network or '*'") from exc
 
 
+class TlsConfig(_Section):
+    """DICOM over TLS (PS3.15 Annex B, BCP 195): the DICOM port speaks TLS only."""
+
+    enabled: bool = Field(
+        False,
+        description="Serve the DICOM port over TLS only (TLS 1.2 or later); plain "
+        "associations are then refused.",
+    )
+    certificate: Path | None = Field(
+        None,
+        description="PEM file with this node's certificate (then any intermediates). "
+        "Relative paths resolve against the configuration file's directory.",
+    )
+    private_key: Path | None = Field(
+        None,
+        description="PEM file with the certificate's private key, unencrypted: keep it "
+        "readable by the service's user only.",
+    )
+    ca_certificates: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities whose client certificates "
+        "are accepted (the PACS's CA).",
+    )
+    require_client_certificate: bool = Field(
+        True,
+        description="Peers must present a certificate signed by ca_certificates (mutual "
+        "TLS, as for an IHE ATNA secure node). false: any client may connect over TLS "
+        "(encryption without peer authentication; allowed_peers still applies).",
+    )
+    handshake_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to complete the TLS handshake; it runs in the "
+        "connection's own thread, so a slow client delays no one else.",
+    )
+
+    @model_validator(mode="after")
+    def _files_named(self) -> TlsConfig:
+        if not self.enabled:
+            return self
+        missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
+        if self.require_client_certificate and self.ca_certificates is None:
+            missing.append("ca_certificates")
+        if missing:
+            raise ValueError(
+                "TLS is enabled but " + ", ".join(f"dicom.tls.{m}" for m in missing)
+                + (" is" if len(missing) == 1 else " are") + " not set"
+                + (" (or set require_client_certificate: false)"
+                   if missing == ["ca_certificates"] else "")
+            )
+        return self
+
+
 class DicomConfig(_Section):
     """The DICOM node (pynetdicom)."""
 
@@ -149,6 +202,7 @@ class DicomConfig(_Section):
         "(status 0xA700 with an Error Comment asking to narrow it) rather than silently "
         "truncated. 0 means no limit.",
     )
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
 
     @field_validator("ae_title")
     @classmethod
@@ -644,6 +698,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     audit = cfg.query.audit_log
     if audit is not None and not audit.is_absolute():
         update["query"] = cfg.query.model_copy(update={"audit_log": (base / audit).resolve()})
+    tls = cfg.dicom.tls
+    tls_files = {name: (base / path).resolve() for name in ("certificate", "private_key",
+                                                            "ca_certificates")
+                 if (path := getattr(tls, name)) is not None and not path.is_absolute()}
+    if tls_files:
+        update["dicom"] = cfg.dicom.model_copy(update={"tls": tls.model_copy(update=tls_files)})
     return cfg.model_copy(update=update)
 
 

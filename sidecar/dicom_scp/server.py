@@ -44,6 +44,7 @@ from sidecar.dicom_scp.find import (
 from sidecar.dicom_scp.similarity import status_for
 from sidecar.dicom_scp.statuses import Status, error_comment
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
+from sidecar.dicom_scp.tls import TlsHandshakeInThread, server_context
 from sidecar.errors import (
     InvalidDataset,
     InvalidQuery,
@@ -96,6 +97,14 @@ class _ReusePortServer(ThreadedAssociationServer):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+
+class _TlsServer(TlsHandshakeInThread, ThreadedAssociationServer):
+    """An association server speaking TLS only (handshake in each connection's thread)."""
+
+
+class _TlsReusePortServer(TlsHandshakeInThread, _ReusePortServer):
+    """:class:`_TlsServer` sharing its port (SO_REUSEPORT)."""
 
 
 def _status(code: Status, comment: str | None = None, offending: int | None = None) -> Dataset:
@@ -172,6 +181,9 @@ class DicomNode:
         self._server: ThreadedAssociationServer | None = None
         self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
         self._stats_lock = threading.Lock()
+        tls = config.dicom.tls
+        self._tls = server_context(tls) if tls.enabled else None
+        self._tls_timeout = tls.handshake_timeout
         self.ae = self._build_ae()
 
     # ------------------------------------------------------------ lifecycle
@@ -215,11 +227,21 @@ class DicomNode:
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound address."""
+        if self._tls is not None:
+            server_class: type[ThreadedAssociationServer] = (
+                _TlsReusePortServer if self._reuse_port else _TlsServer
+            )
+        else:
+            server_class = _ReusePortServer if self._reuse_port else ThreadedAssociationServer
         server = self.ae.make_server(
             (self._cfg.bind_address, self._cfg.port),
             evt_handlers=self.handlers(),
-            server_class=_ReusePortServer if self._reuse_port else ThreadedAssociationServer,
+            server_class=server_class,
         )
+        if isinstance(server, TlsHandshakeInThread):
+            assert self._tls is not None
+            server.tls_context = self._tls
+            server.tls_handshake_timeout = self._tls_timeout
         thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True
         )
@@ -227,7 +249,8 @@ class DicomNode:
         self.ae._servers.append(server)  # as AE.start_server does; shutdown() removes it
         self._server = server
         host, port = server.server_address[:2]
-        logger.info("DICOM node %s listening on %s:%s", self._cfg.ae_title, host, port)
+        logger.info("DICOM node %s listening on %s:%s%s", self._cfg.ae_title, host, port,
+                    " (TLS)" if self._tls is not None else "")
         return str(host), int(port)
 
     @property

@@ -1,0 +1,111 @@
+"""DICOM over TLS for the receivers (``dicom.tls``): the context and the handshake.
+
+The server context follows BCP 195 as DICOM PS3.15 Annex B asks: TLS 1.2 or
+later, the ``ssl`` module's default cipher selection (forward secrecy, no
+export, RC4 or NULL suites) and, by default, peers authenticated by a
+certificate signed by ``dicom.tls.ca_certificates`` (mutual TLS).
+
+pynetdicom's association server wraps each accepted socket and completes the
+handshake in its one accepting thread, so a client that connects and stalls
+would hold up every other connection for the socket timeout.
+:class:`TlsHandshakeInThread` wraps without handshaking and does the handshake
+in the connection's own thread, bounded by ``dicom.tls.handshake_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import TlsConfig
+from sidecar.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The TLS context of the DICOM port; a :class:`ConfigError` names a bad file."""
+    assert cfg.certificate is not None and cfg.private_key is not None  # the schema checks
+    for name in ("certificate", "private_key", "ca_certificates"):
+        path: Path | None = getattr(cfg, name)
+        if path is not None and not path.is_file():
+            raise ConfigError([f"dicom.tls.{name}: {path} does not exist or is not a file"])
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError([f"dicom.tls.{name}: {path} cannot be read (permissions)"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cfg.certificate, cfg.private_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError([
+            f"dicom.tls: cannot use certificate {cfg.certificate} with private key "
+            f"{cfg.private_key} ({getattr(exc, 'reason', None) or exc}): both must be PEM, "
+            "the key unencrypted and matching the certificate"
+        ]) from exc
+    if cfg.ca_certificates is not None:
+        try:
+            context.load_verify_locations(cafile=cfg.ca_certificates)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError([
+                f"dicom.tls.ca_certificates: {cfg.ca_certificates} holds no PEM certificate "
+                f"({getattr(exc, 'reason', None) or exc})"
+            ]) from exc
+    context.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+class TlsHandshakeInThread:
+    """Mixin for a pynetdicom ``AssociationServer``: TLS with the handshake per connection.
+
+    Set ``tls_context`` and ``tls_handshake_timeout`` on the instance. A failed
+    handshake closes that connection only: logged at WARNING with the reason
+    (a certificate not trusted, no certificate, a plain DICOM client), or at
+    DEBUG when the peer closed without a word (a port check).
+    """
+
+    tls_context: ssl.SSLContext
+    tls_handshake_timeout: float
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock: Any = getattr(self, "socket")  # noqa: B009 - set by socketserver
+        client, address = sock.accept()
+        wrapped = self.tls_context.wrap_socket(
+            client, server_side=True, do_handshake_on_connect=False
+        )
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        previous = request.gettimeout()
+        request.settimeout(self.tls_handshake_timeout)
+        host = client_address[0] if isinstance(client_address, tuple) else client_address
+        try:
+            request.do_handshake()
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            logger.debug("TLS connection from %s closed during the handshake: %s", host, exc)
+            _close(request)
+            return
+        except TimeoutError:
+            logger.warning("TLS handshake with %s timed out after %g s", host,
+                           self.tls_handshake_timeout)
+            _close(request)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            logger.warning("TLS handshake with %s failed: %s", host, reason)
+            _close(request)
+            return
+        request.settimeout(previous)
+        logger.debug("TLS connection from %s: %s, %s", host, request.version(),
+                     (request.cipher() or ("?",))[0])
+        super().finish_request(request, client_address)  # type: ignore[misc]
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,245 @@
+"""DICOM over TLS (``dicom.tls``): DCMTK and pynetdicom clients against the real node.
+
+A throw-away PKI is made with the ``openssl`` command: a CA standing for the
+PACS's, a server certificate for 127.0.0.1, a client certificate signed by the
+CA and one signed by another CA. Skipped without ``openssl``; the DCMTK cases
+also without DCMTK.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from sidecar.app import Sidecar
+from sidecar.cli import main
+from sidecar.config import Config
+from sidecar.errors import ConfigError
+from tests.conftest import make_ct, part10
+
+OPENSSL = shutil.which("openssl")
+ECHOSCU = Path("/usr/bin/echoscu")
+STORESCU = Path("/usr/bin/storescu")
+VERIFICATION = "1.2.840.10008.1.1"
+
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl command not installed")
+needs_dcmtk = pytest.mark.skipif(not (ECHOSCU.exists() and STORESCU.exists()),
+                                 reason="DCMTK (echoscu, storescu) not installed")
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # signed by another CA
+    rogue_key: Path
+
+
+def _openssl(*args: str | Path) -> None:
+    assert OPENSSL is not None
+    subprocess.run([OPENSSL, *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: Path, name: str) -> tuple[Path, Path]:
+    key, cert = d / f"{name}.key", d / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+             "-days", "2", "-subj", f"/CN={name}")
+    return cert, key
+
+
+def _signed(d: Path, name: str, ca: tuple[Path, Path], san: str | None = None) -> tuple[Path, Path]:
+    key, csr, cert = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem"
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+             "-subj", f"/CN={name}")
+    ext = d / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = _ca(d, "pacs-ca")
+    server = _signed(d, "sidecar", ca, san="IP:127.0.0.1,DNS:localhost")
+    client = _signed(d, "pacs", ca)
+    rogue = _signed(d, "rogue", _ca(d, "other-ca"))
+    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1])
+
+
+def tls_settings(pki: Pki, **extra: object) -> dict[str, object]:
+    return {"enabled": True, "certificate": str(pki.server_cert),
+            "private_key": str(pki.server_key), "ca_certificates": str(pki.ca), **extra}
+
+
+@pytest.fixture
+def tls_node(pki: Pki, config_factory: Callable[..., Config],
+             sidecar_factory: Callable[[Config], Sidecar]) -> Callable[..., tuple[Config, int]]:
+    def start(**extra: object) -> tuple[Config, int]:
+        cfg = config_factory({"dicom": {"tls": tls_settings(pki, **extra)}})
+        app = sidecar_factory(cfg)
+        assert app.address is not None
+        return cfg, app.address[1]
+    return start
+
+
+def client_context(pki: Pki, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def pynetdicom_echo(port: int, ctx: ssl.SSLContext | None) -> int | None:
+    """C-ECHO status over TLS (``ctx``) or plain TCP; ``None``: no association."""
+    ae = AE(ae_title="TLSTEST")
+    ae.add_requested_context(VERIFICATION)
+    ae.acse_timeout = ae.network_timeout = 5
+    tls_args = (ctx, "127.0.0.1") if ctx is not None else None
+    assoc = ae.associate("127.0.0.1", port, ae_title="SIDECAR", tls_args=tls_args)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+def dcmtk(tool: Path, pki: Pki, port: int, *args: str | Path,
+          cert: Path | None = None, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+    tls = ["+tls", str(key or pki.client_key), str(cert or pki.client_cert), "+cf", str(pki.ca)]
+    return subprocess.run(
+        [str(tool), *tls, "-aet", "PACS", "-aec", "SIDECAR", "-to", "10",
+         "127.0.0.1", str(port), *map(str, args)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+# ----------------------------------------------------------------- tests
+@needs_dcmtk
+def test_dcmtk_echo_and_store_over_mutual_tls(
+    pki: Pki, tls_node: Callable[..., tuple[Config, int]], tmp_path: Path,
+) -> None:
+    cfg, port = tls_node()
+    echo = dcmtk(ECHOSCU, pki, port)
+    assert echo.returncode == 0, echo.stderr
+    ds = make_ct(study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1)
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(part10(ds))
+    store = dcmtk(STORESCU, pki, port, path)
+    assert store.returncode == 0, store.stderr
+    stored = list(cfg.storage_dir.rglob(f"{ds.SOPInstanceUID}.dcm"))
+    assert len(stored) == 1
+    assert dcmread(stored[0]).PixelData == ds.PixelData
+    # a certificate from another CA is refused at the handshake
+    rogue = dcmtk(ECHOSCU, pki, port, cert=pki.rogue_cert, key=pki.rogue_key)
+    assert rogue.returncode != 0
+    # a plain DICOM client gets no association
+    plain = subprocess.run([str(ECHOSCU), "-aet", "PACS", "-aec", "SIDECAR", "-to", "5",
+                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0
+
+
+def test_pynetdicom_clients_with_and_without_certificates(
+    pki: Pki, tls_node: Callable[..., tuple[Config, int]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, port = tls_node()
+    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+    with caplog.at_level("WARNING", logger="sidecar.dicom_scp.tls"):
+        assert pynetdicom_echo(port, client_context(pki, None, None)) is None
+        assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
+        assert pynetdicom_echo(port, None) is None  # plain DICOM on the TLS port
+    failures = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(failures) == 3, failures
+    assert any("CERTIFICATE" in m for m in failures), failures
+    # the node still serves good clients afterwards
+    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+
+
+def test_without_required_client_certificates_any_tls_client_is_served(
+    pki: Pki, tls_node: Callable[..., tuple[Config, int]],
+) -> None:
+    _, port = tls_node(require_client_certificate=False, ca_certificates=None)
+    assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
+    assert pynetdicom_echo(port, None) is None  # still TLS only
+
+
+def test_a_stalled_handshake_delays_no_one_and_times_out(
+    pki: Pki, tls_node: Callable[..., tuple[Config, int]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, port = tls_node(handshake_timeout=1.5)
+    good = client_context(pki, pki.client_cert, pki.client_key)
+    with caplog.at_level("WARNING", logger="sidecar.dicom_scp.tls"), \
+            socket.create_connection(("127.0.0.1", port)):  # connects, then says nothing
+        started = time.monotonic()
+        assert pynetdicom_echo(port, good) == 0
+        assert time.monotonic() - started < 1.5, "the stalled client held up the handshake"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(
+                "timed out" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    assert any("TLS handshake with 127.0.0.1 timed out" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_bad_tls_files_are_named_by_check_config_and_at_start(
+    pki: Pki, config_factory: Callable[..., Config], tmp_path: Path,
+) -> None:
+    conf = tmp_path / "sidecar.yaml"
+    # the key of another certificate
+    conf.write_text(
+        "dicom:\n  tls:\n    enabled: true\n"
+        f"    certificate: {pki.server_cert}\n    private_key: {pki.client_key}\n"
+        f"    ca_certificates: {pki.ca}\n"
+    )
+    result = CliRunner().invoke(main, ["check-config", "--config", str(conf)])
+    assert result.exit_code == 1 and "cannot use certificate" in result.output, result.output
+    conf.write_text(
+        "dicom:\n  tls:\n    enabled: true\n"
+        f"    certificate: {pki.server_cert}\n    private_key: {pki.server_key}\n"
+        "    ca_certificates: missing-ca.pem\n"
+    )
+    result = CliRunner().invoke(main, ["check-config", "--config", str(conf)])
+    assert result.exit_code == 1 and f"{tmp_path / 'missing-ca.pem'} does not exist" in \
+        result.output, result.output
+    cfg = config_factory({"dicom": {"tls": tls_settings(pki, private_key=str(pki.rogue_key))}})
+    with pytest.raises(ConfigError, match="cannot use certificate"):
+        Sidecar(cfg)
+    with pytest.raises(ConfigError, match="ca_certificates are not set|ca_certificates is not"):
+        config_factory({"dicom": {"tls": {"enabled": True, "certificate": "c.pem",
+                                          "private_key": "k.pem"}}})
+
+
+def test_receiver_processes_serve_tls_too(
+    pki: Pki, config_factory: Callable[..., Config],
+) -> None:
+    cfg = config_factory({"dicom": {"tls": tls_settings(pki)}})
+    app = Sidecar(cfg, receiver_processes=2)
+    app.start()
+    try:
+        good = client_context(pki, pki.client_cert, pki.client_key)
+        deadline = time.monotonic() + 30.0
+        while pynetdicom_echo(cfg.dicom.port, good) != 0:  # children still starting
+            assert time.monotonic() < deadline, "no TLS echo from the receiver processes"
+            time.sleep(0.2)
+        assert all(pynetdicom_echo(cfg.dicom.port, good) == 0 for _ in range(4))
+        assert pynetdicom_echo(cfg.dicom.port, None) is None
+    finally:
+        app.stop()
