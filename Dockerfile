@@ -97,8 +97,10 @@ STOPSIGNAL SIGTERM
 # Health: GET /healthz when the HTTP API is on (database, receivers, scheduler,
 # index: 503 fails the check); otherwise a DICOM C-ECHO to our own AE title over
 # loopback (dicom.allow_loopback, on by default), which proves the receivers
-# accept associations. Not `sidecar status`: it would open the catalogue and run
-# migrations from a second process and says nothing about the DICOM port.
+# accept associations; with dicom.tls on, a TCP connection to the DICOM port (it
+# refuses plain DICOM; enable the HTTP API for the deeper check). Not `sidecar
+# status`: it would open the catalogue and run migrations from a second process
+# and says nothing about the DICOM port.
 # Standard library and pynetdicom only (the image has no curl).
 HEALTHCHECK --interval=30s --timeout=15s --start-period=120s --retries=3 \
     CMD ["python", "-c", "\
@@ -109,6 +111,7 @@ local = lambda a: ('::1' if ':' in a else '127.0.0.1') if ipaddress.ip_address(a
 web = local(cfg.http.bind_address)\n\
 web = f'[{web}]' if ':' in web else web\n\
 if cfg.http.enabled: urllib.request.urlopen(f'http://{web}:{cfg.http.port}/healthz', timeout=10); sys.exit(0)\n\
+if cfg.dicom.tls.enabled: import socket; socket.create_connection((local(cfg.dicom.bind_address), cfg.dicom.port), timeout=10).close(); sys.exit(0)\n\
 from pynetdicom import AE\n\
 ae = AE(ae_title='HEALTHCHECK')\n\
 ae.add_requested_context('1.2.840.10008.1.1')\n\

@@ -64,9 +64,27 @@ class Modality:
     ae_title: str
     host: str
     port: int
+    use_tls: bool = False
+    """Orthanc calls it over DICOM TLS (needs :attr:`OrthancPacs.tls`)."""
 
     def as_orthanc(self) -> dict[str, Any]:
-        return {"AET": self.ae_title, "Host": self.host, "Port": self.port}
+        entry: dict[str, Any] = {"AET": self.ae_title, "Host": self.host, "Port": self.port}
+        if self.use_tls:
+            entry["UseDicomTls"] = True
+        return entry
+
+
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM TLS files (PEM): its certificate and key, the peers' trusted CAs.
+
+    With them Orthanc's own DICOM port speaks TLS, and it calls the modalities
+    marked ``use_tls`` over TLS, presenting its certificate (Orthanc 1.9.0 or later).
+    """
+
+    certificate: Path
+    private_key: Path
+    trusted_certificates: Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -133,6 +151,7 @@ class OrthancPacs:
     dicom_port: int = 0
     binary: str = ORTHANC_BINARY
     host: str = "127.0.0.1"
+    tls: OrthancTls | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -170,7 +189,16 @@ class OrthancPacs:
             modalities[SIDECAR_MODALITY] = self.sidecar.as_orthanc()
             lua.append(str(self.workdir / "forward-stable-studies.lua"))
         storage = str(self.workdir / "storage")
-        return {
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.certificate),
+                "DicomTlsPrivateKey": str(self.tls.private_key),
+                "DicomTlsTrustedCertificates": str(self.tls.trusted_certificates),
+                "DicomTlsRemoteCertificateRequired": True,
+            }
+        return {**tls,
             "Name": f"pacs-sidecar Orthanc ({self.ae_title})",
             "StorageDirectory": storage,
             "IndexDirectory": storage,

@@ -16,6 +16,7 @@ if [ "$want_test" = 1 ]; then
     missing=()
     [ -x /usr/bin/storescu ] || missing+=(dcmtk)
     [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+    command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py's certificates
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "setup: installing ${missing[*]} (apt)" >&2

@@ -95,6 +95,8 @@ class TlsHandshakeInThread:
             return
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.__class__.__name__
+            detail = getattr(exc, "verify_message", None)  # why a certificate was not trusted
+            reason = f"{reason} ({detail})" if detail else reason
             logger.warning("TLS handshake with %s failed: %s", host, reason)
             _close(request)
             return
