@@ -42,6 +42,10 @@ Receivers
   that a stray override cannot change the figures; use ``--sidecar-set
   section.key=value`` for a deliberate override (it is printed in the report).
 
+``--tls``: both receivers serve mutual TLS with a throw-away PKI made by
+``scripts/tls_pki.py`` (``storescp +tls``; the sidecar's ``dicom.tls``), and
+``storescu``/``echoscu`` present a client certificate.
+
 Both receivers get unique AE titles and kernel-chosen ports, because other people's
 tests may run DICOM traffic on this machine at the same time; stray instances would
 show up as "extra" in the verification and fail the run.
@@ -93,6 +97,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts.tls_pki import Pki, make_pki  # noqa: E402 - the repository on the path first
+
 DCMTK = Path("/usr/bin")
 STORESCU = DCMTK / "storescu"
 STORESCP = DCMTK / "storescp"
@@ -374,9 +381,10 @@ class Receiver:
     name = ""
     ready_marker = ""  # a line the receiver logs once fully started ("" = none)
 
-    def __init__(self, run_dir: Path, ready_timeout: float) -> None:
+    def __init__(self, run_dir: Path, ready_timeout: float, pki: Pki | None = None) -> None:
         self.run_dir = run_dir
         self.ready_timeout = ready_timeout
+        self.pki = pki
         self.ae_title = ""
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -410,8 +418,8 @@ class Receiver:
     def _wait_ready(self) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + self.ready_timeout
-        cmd = [str(ECHOSCU), "-to", "5", "-aet", "BENCHECHO", "-aec", self.ae_title,
-               "127.0.0.1", str(self.port)]
+        cmd = [str(ECHOSCU), *self.client_tls(), "-to", "5", "-aet", "BENCHECHO",
+               "-aec", self.ae_title, "127.0.0.1", str(self.port)]
         while True:
             if self.proc.poll() is not None:
                 raise BenchError(f"{self.name} exited with code {self.proc.returncode} "
@@ -432,6 +440,13 @@ class Receiver:
                                  f"{self.ready_timeout:.0f} s; log:\n{tail(self.log_path)}")
             time.sleep(0.1)  # poll interval
 
+    def client_tls(self) -> list[str]:
+        """DCMTK client options for this receiver (with ``--tls``: the client certificate)."""
+        if self.pki is None:
+            return []
+        return ["+tls", str(self.pki.client_key), str(self.pki.client_cert),
+                "+cf", str(self.pki.ca)]
+
     def stop(self) -> None:
         if self.proc is not None:
             self.exit_code = stop_process(self.proc)
@@ -447,14 +462,16 @@ class Receiver:
 class StoreSCP(Receiver):
     name = "storescp"
 
-    def __init__(self, run_dir: Path, ready_timeout: float) -> None:
-        super().__init__(run_dir, ready_timeout)
+    def __init__(self, run_dir: Path, ready_timeout: float, pki: Pki | None = None) -> None:
+        super().__init__(run_dir, ready_timeout, pki)
         self.ae_title = f"SCP{secrets.token_hex(4).upper()}"
         self.out_dir = run_dir / "out"
         self.out_dir.mkdir()
 
     def command(self) -> list[str]:
-        return [str(STORESCP), "--fork", "+B", "-pdu", str(MAX_PDU), "-dhl",
+        tls = [] if self.pki is None else [
+            "+tls", str(self.pki.server_key), str(self.pki.server_cert), "+cf", str(self.pki.ca)]
+        return [str(STORESCP), "--fork", "+B", "-pdu", str(MAX_PDU), "-dhl", *tls,
                 "-aet", self.ae_title, "-od", str(self.out_dir), str(self.port)]
 
     def env(self) -> dict[str, str]:
@@ -471,8 +488,8 @@ class SidecarServe(Receiver):
     ready_marker = "sidecar ready:"
 
     def __init__(self, run_dir: Path, ready_timeout: float, exe: Path,
-                 overrides: dict[str, str]) -> None:
-        super().__init__(run_dir, ready_timeout)
+                 overrides: dict[str, str], pki: Pki | None = None) -> None:
+        super().__init__(run_dir, ready_timeout, pki)
         self.exe = exe
         self.overrides = overrides
         self.ae_title = f"SC{secrets.token_hex(4).upper()}"
@@ -487,6 +504,10 @@ class SidecarServe(Receiver):
             "storage": {"data_dir": str(self.data_dir), "min_free_mb": 16, "fsync": True},
             "logging": {"level": "WARNING"},
         }
+        if self.pki is not None:
+            cfg["dicom"]["tls"] = {
+                "enabled": True, "certificate": str(self.pki.server_cert),
+                "private_key": str(self.pki.server_key), "ca_certificates": str(self.pki.ca)}
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return [str(self.exe), "--config", str(self.config_path), "serve"]
 
@@ -570,7 +591,8 @@ def send(receiver: Receiver, dirs: Sequence[Path], run_dir: Path,
             logp = run_dir / f"storescu{k}.log"
             with logp.open("wb") as logf:
                 procs.append((subprocess.Popen(
-                    [str(STORESCU), "--max-send-pdu", str(MAX_PDU), "-aet", "BENCHSCU",
+                    [str(STORESCU), *receiver.client_tls(), "--max-send-pdu", str(MAX_PDU),
+                     "-aet", "BENCHSCU",
                      "-aec", receiver.ae_title, "+sd", "127.0.0.1", str(receiver.port), str(d)],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
                     start_new_session=True,
@@ -639,10 +661,10 @@ def run_once(kind: str, assoc: int, repeat: int, dirs: Sequence[Path],
     run_dir = Path(tempfile.mkdtemp(prefix=f"{kind}-x{assoc}-r{repeat}-", dir=work))
     receiver: Receiver
     if kind == "storescp":
-        receiver = StoreSCP(run_dir, args.ready_timeout)
+        receiver = StoreSCP(run_dir, args.ready_timeout, args.pki)
     else:
         receiver = SidecarServe(run_dir, args.ready_timeout, args.sidecar_exe,
-                                args.sidecar_overrides)
+                                args.sidecar_overrides, args.pki)
     watcher: ChildWatcher | None = None
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
@@ -779,6 +801,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="seconds allowed for one run's senders (default 600)")
     p.add_argument("--ready-timeout", type=float, default=60.0,
                    help="seconds allowed for a receiver to answer C-ECHO (default 60)")
+    p.add_argument("--tls", action="store_true",
+                   help="both receivers serve DICOM over TLS (mutual, a throw-away PKI made with "
+                        "openssl; storescu and echoscu present a client certificate)")
     p.add_argument("--keep", action="store_true",
                    help="keep run directories (logs, received files) for inspection")
     args = p.parse_args(argv)
@@ -918,6 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, work: Path) -> int:
     args.sidecar_exe = find_sidecar()
+    args.pki = make_pki(work / "pki") if args.tls else None
     fsync_on = str(args.sidecar_overrides.get("SIDECAR__STORAGE__FSYNC", "true")).lower() \
         not in ("false", "no", "off", "0")
     facts = machine_facts(work)
@@ -931,7 +957,8 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         "ingest", facts, work, args,
         f"{args.count} instances, associations {args.assoc_counts}, "
         f"{args.repeats} repeat(s); storescp (no fsync) then sidecar "
-        f"(fsync {'on' if fsync_on else 'OFF'}) alternately",
+        f"(fsync {'on' if fsync_on else 'OFF'}) alternately"
+        + ("; both over TLS (mutual)" if args.tls else ""),
     )
 
     t0 = time.perf_counter()
@@ -983,7 +1010,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
                        "associations": args.assoc_counts, "seed": args.seed,
                        "instance_bytes_mean": size / len(instances),
                        "max_send_pdu": MAX_PDU, "storescp_max_pdu": MAX_PDU,
-                       "sidecar_fsync": fsync_on,
+                       "sidecar_fsync": fsync_on, "tls": args.tls,
                        "sidecar_overrides": args.sidecar_overrides},
             "runs": [asdict(r) for r in runs],
             "summary": summary,

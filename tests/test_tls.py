@@ -1,20 +1,18 @@
 """DICOM over TLS (``dicom.tls``): DCMTK and pynetdicom clients against the real node.
 
-A throw-away PKI is made with the ``openssl`` command: a CA standing for the
-PACS's, a server certificate for 127.0.0.1, a client certificate signed by the
-CA and one signed by another CA. Skipped without ``openssl``; the DCMTK cases
-also without DCMTK.
+A throw-away PKI comes from ``scripts.tls_pki.py`` (the ``openssl`` command): a
+CA standing for the PACS's, a server certificate for 127.0.0.1, a client
+certificate signed by the CA and one signed by another CA. Skipped without
+``openssl``; the DCMTK cases also without DCMTK, the Orthanc case without Orthanc.
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,13 +22,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from scripts.orthanc_pacs import Modality, OrthancPacs, OrthancTls, orthanc_available, wait_until
+from scripts.tls_pki import OPENSSL, Pki, make_pki
 from sidecar.app import Sidecar
 from sidecar.cli import main
 from sidecar.config import Config
 from sidecar.errors import ConfigError
 from tests.conftest import make_ct, part10
 
-OPENSSL = shutil.which("openssl")
 ECHOSCU = Path("/usr/bin/echoscu")
 STORESCU = Path("/usr/bin/storescu")
 VERIFICATION = "1.2.840.10008.1.1"
@@ -40,48 +38,9 @@ needs_dcmtk = pytest.mark.skipif(not (ECHOSCU.exists() and STORESCU.exists()),
                                  reason="DCMTK (echoscu, storescu) not installed")
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path  # signed by another CA
-    rogue_key: Path
-
-
-def _openssl(*args: str | Path) -> None:
-    assert OPENSSL is not None
-    subprocess.run([OPENSSL, *map(str, args)], check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, cert = d / f"{name}.key", d / f"{name}.pem"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-             "-days", "2", "-subj", f"/CN={name}")
-    return cert, key
-
-
-def _signed(d: Path, name: str, ca: tuple[Path, Path], san: str | None = None) -> tuple[Path, Path]:
-    key, csr, cert = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem"
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-             "-subj", f"/CN={name}")
-    ext = d / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-             "-out", cert, "-days", "2", "-extfile", ext)
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca = _ca(d, "pacs-ca")
-    server = _signed(d, "sidecar", ca, san="IP:127.0.0.1,DNS:localhost")
-    client = _signed(d, "pacs", ca)
-    rogue = _signed(d, "rogue", _ca(d, "other-ca"))
-    return Pki(ca[0], server[0], server[1], client[0], client[1], rogue[0], rogue[1])
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_settings(pki: Pki, **extra: object) -> dict[str, object]:
