@@ -29,6 +29,7 @@ from sidecar.errors import (
 )
 from sidecar.files import walk_files
 from sidecar.logsetup import configure_logging
+from sidecar.sdnotify import notify
 
 logger = logging.getLogger("sidecar")
 
@@ -131,10 +132,12 @@ def serve(ctx: click.Context) -> None:
         raise click.ClickException(f"cannot start: {exc}") from exc
     click.echo(f"sidecar ready: AE {cfg.dicom.ae_title} on {host}:{port}, data in {cfg.data_dir}",
                err=True)
+    notify(f"READY=1\nSTATUS=AE {cfg.dicom.ae_title} on {host}:{port}")
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        notify("STOPPING=1")
         app.stop()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from sidecar.sdnotify import notify
 from tests.conftest import CT_IMAGE_STORAGE, free_port, make_ct
 
 SIDECAR = str(Path(sys.executable).with_name("sidecar"))
@@ -212,3 +214,57 @@ def test_serve_answers_similarity_over_dicom_and_http(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_systemd_is_told_ready_only_once_the_port_answers_and_then_stopping(
+    tmp_path: Path,
+) -> None:
+    """Type=notify (deploy/pacs-sidecar.service): READY=1 once the DICOM port accepts
+    associations, STOPPING=1 when SIGTERM arrives; a socket stands in for systemd's."""
+    port = free_port()
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "dicom": {"port": port, "receiver_processes": 2}, "worker": {"enabled": False},
+        "storage": {"data_dir": "data", "min_free_mb": 1},
+    }))
+    address = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(address))
+        systemd.settimeout(60)
+        proc = subprocess.Popen(
+            [SIDECAR, "--config", str(cfg), "serve"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, env={**_env(), "NOTIFY_SOCKET": str(address)},
+            start_new_session=True,
+        )
+        try:
+            ready = systemd.recv(4096).decode()
+            assert ready.startswith("READY=1\n") and f"127.0.0.1:{port}" in ready, ready
+            # ready means ready: both listening sockets are there, an echo succeeds now
+            assert listeners(port) == 2
+            ae = AE(ae_title="SYSTEMD")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", port, ae_title="SIDECAR")
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+            proc.send_signal(signal.SIGTERM)
+            assert systemd.recv(4096) == b"STOPPING=1"
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_notify_abstract_socket_and_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"pacs-sidecar-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind("\0" + name)
+        systemd.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("STATUS=x") is True
+        assert systemd.recv(100) == b"STATUS=x"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify("READY=1") is False  # a terminal or a container: nothing to tell
+    monkeypatch.setenv("NOTIFY_SOCKET", "relative/path")
+    assert notify("READY=1") is False
