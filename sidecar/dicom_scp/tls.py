@@ -6,8 +6,9 @@ export, RC4 or NULL suites) and, by default, peers authenticated by a
 certificate signed by ``dicom.tls.ca_certificates`` (mutual TLS).
 
 pynetdicom's association server wraps each accepted socket and completes the
-handshake in its one accepting thread, so a client that connects and stalls
-would hold up every other connection for the socket timeout.
+handshake in its one accepting thread, so a client that connects and sends
+nothing holds up every other connection (indefinitely: the accepted socket
+has no timeout; ``tests/test_tls.py`` hangs that way without this class).
 :class:`TlsHandshakeInThread` wraps without handshaking and does the handshake
 in the connection's own thread, bounded by ``dicom.tls.handshake_timeout``.
 """
