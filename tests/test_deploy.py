@@ -1,4 +1,4 @@
-"""deploy/pacs-sidecar.service: systemd accepts the unit as written.
+"""deploy/: systemd accepts the units as written.
 
 ``systemd-analyze verify`` checks every key and that the commands exist; the
 unit's /opt/pacs-sidecar paths are pointed at this checkout's virtualenv for
@@ -15,20 +15,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-UNIT = REPO / "deploy" / "pacs-sidecar.service"
+DEPLOY = REPO / "deploy"
 ANALYZE = shutil.which("systemd-analyze")
 
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
-def test_unit_verifies_clean(tmp_path: Path) -> None:
-    text = UNIT.read_text()
-    assert "Type=notify" in text and "ExecStart=/opt/pacs-sidecar/.venv/bin/sidecar serve" in text
+def test_units_verify_clean(tmp_path: Path) -> None:
+    units = sorted(DEPLOY.glob("pacs-sidecar*.*"))
+    assert [u.name for u in units] == [
+        "pacs-sidecar-verify.service", "pacs-sidecar-verify.timer", "pacs-sidecar.service"]
+    service = (DEPLOY / "pacs-sidecar.service").read_text()
+    assert "Type=notify" in service
+    assert "ExecStart=/opt/pacs-sidecar/.venv/bin/sidecar serve" in service
+    assert "ExecStart=/opt/pacs-sidecar/.venv/bin/sidecar verify --checksums" in \
+        (DEPLOY / "pacs-sidecar-verify.service").read_text()
     here = Path(sys.executable).parent / "sidecar"
-    local = tmp_path / UNIT.name
-    local.write_text(text.replace("/opt/pacs-sidecar/.venv/bin/sidecar", str(here)))
+    local = []
+    for unit in units:  # the timer finds its service by name in the same folder
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/opt/pacs-sidecar/.venv/bin/sidecar", str(here)))
+        local.append(str(copy))
     assert ANALYZE is not None
-    done = subprocess.run([ANALYZE, "verify", str(local)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([ANALYZE, "verify", *local], capture_output=True, text=True, timeout=60)
     # unknown or misspelt keys are only warnings: any output at all fails the test
     assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), \
         done.stdout + done.stderr
