@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     """The TLS context of the DICOM port; a :class:`ConfigError` names a bad file."""
-    assert cfg.certificate is not None and cfg.private_key is not None  # the schema checks
+    if cfg.certificate is None or cfg.private_key is None:
+        raise ConfigError(["dicom.tls: certificate and private_key are needed for TLS"])
     for name in ("certificate", "private_key", "ca_certificates"):
         path: Path | None = getattr(cfg, name)
         if path is not None and not path.is_file():
