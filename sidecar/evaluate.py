@@ -1011,8 +1011,8 @@ def pipeline_config(base: Config, data_dir: Path, *, top_k: int, examples: int,
     """A configuration for an in-process evaluation sidecar.
 
     ``base`` with a temporary data directory and SQLite database, a free
-    loopback port, no fsync, the scheduled embedding job and the HTTP API
-    off (the harness drives the worker), ``query.max_k >= top_k``, query by
+    loopback port without TLS, no fsync, the scheduled embedding job and the
+    HTTP API off (the harness drives the worker), ``query.max_k >= top_k``, query by
     example on and room for ``examples`` example images. Pre-processing and
     embedding settings are kept: they are what is evaluated.
     """
@@ -1022,6 +1022,7 @@ def pipeline_config(base: Config, data_dir: Path, *, top_k: int, examples: int,
     data["dicom"].update(port=_free_port(), bind_address="127.0.0.1", allow_loopback=True,
                          tcp_nodelay=True,
                          max_associations=max(int(data["dicom"]["max_associations"]), 2))
+    data["dicom"]["tls"]["enabled"] = False  # loopback, and the harness's client is plain
     example_ae = data["query"]["example_ae_title"] or "SIDECAR_QUERY"
     if example_ae == data["dicom"]["ae_title"]:
         example_ae = "EVAL_QUERY"

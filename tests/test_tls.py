@@ -245,3 +245,16 @@ def test_orthanc_forwards_over_tls(
         assert [(j["Type"], j["State"]) for j in jobs] == [("DicomModalityStore", "Success")]
     finally:
         pacs.stop()
+
+
+def test_the_evaluation_sidecar_runs_without_tls_on_a_tls_site(
+    pki: Pki, config_factory: Callable[..., Config], tmp_path: Path,
+) -> None:
+    """`sidecar evaluate` path (b) starts its own loopback sidecar and talks plain DICOM
+    to it: a site's TLS settings must not reach that sidecar."""
+    from sidecar.evaluate import pipeline_config
+
+    site = config_factory({"dicom": {"tls": tls_settings(pki)}})
+    cfg = pipeline_config(site, tmp_path / "eval", top_k=5, examples=1, gallery=10)
+    assert site.dicom.tls.enabled and not cfg.dicom.tls.enabled
+    assert cfg.dicom.bind_address == "127.0.0.1"
