@@ -105,8 +105,9 @@ class TlsConfig(_Section):
     require_client_certificate: bool = Field(
         True,
         description="Peers must present a certificate signed by ca_certificates (mutual "
-        "TLS, as for an IHE ATNA secure node). false: any client may connect over TLS "
-        "(encryption without peer authentication; allowed_peers still applies).",
+        "TLS, as for an IHE ATNA secure node). false: clients without a certificate are "
+        "served too (encryption without peer authentication; a certificate that is "
+        "presented must still chain to ca_certificates when set; allowed_peers still applies).",
     )
     handshake_timeout: float = Field(
         10.0,

@@ -142,6 +142,11 @@ def test_without_required_client_certificates_any_tls_client_is_served(
     _, port = tls_node(require_client_certificate=False, ca_certificates=None)
     assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
     assert pynetdicom_echo(port, None) is None  # still TLS only
+    # with the CA given, a certificate is optional, but one that is presented must be valid
+    _, port = tls_node(require_client_certificate=False)
+    assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
+    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+    assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
 
 
 def test_a_stalled_handshake_delays_no_one_and_times_out(

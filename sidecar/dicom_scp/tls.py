@@ -56,7 +56,12 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
                 f"dicom.tls.ca_certificates: {cfg.ca_certificates} holds no PEM certificate "
                 f"({getattr(exc, 'reason', None) or exc})"
             ]) from exc
-    context.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_certificate else ssl.CERT_NONE
+    if cfg.require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif cfg.ca_certificates is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL  # a certificate that is presented must be valid
+    else:
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
