@@ -93,28 +93,21 @@ class TlsHandshakeInThread:
             request.do_handshake()
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
             logger.debug("TLS connection from %s closed during the handshake: %s", host, exc)
-            _close(request)
-            return
         except TimeoutError:
             logger.warning("TLS handshake with %s timed out after %g s", host,
                            self.tls_handshake_timeout)
-            _close(request)
-            return
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.__class__.__name__
             detail = getattr(exc, "verify_message", None)  # why a certificate was not trusted
             reason = f"{reason} ({detail})" if detail else reason
             logger.warning("TLS handshake with %s failed: %s", host, reason)
-            _close(request)
+        else:
+            request.settimeout(previous)
+            logger.debug("TLS connection from %s: %s, %s", host, request.version(),
+                         (request.cipher() or ("?",))[0])
+            super().finish_request(request, client_address)  # type: ignore[misc]
             return
-        request.settimeout(previous)
-        logger.debug("TLS connection from %s: %s, %s", host, request.version(),
-                     (request.cipher() or ("?",))[0])
-        super().finish_request(request, client_address)  # type: ignore[misc]
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
+        try:
+            request.close()
+        except OSError:
+            pass
