@@ -27,15 +27,11 @@ from sidecar.app import Sidecar
 from sidecar.cli import main
 from sidecar.config import Config
 from sidecar.errors import ConfigError
-from tests.conftest import make_ct, part10
+from tests.conftest import dcmtk_env, dcmtk_tool, make_ct, part10
 
-ECHOSCU = Path("/usr/bin/echoscu")
-STORESCU = Path("/usr/bin/storescu")
 VERIFICATION = "1.2.840.10008.1.1"
 
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl command not installed")
-needs_dcmtk = pytest.mark.skipif(not (ECHOSCU.exists() and STORESCU.exists()),
-                                 reason="DCMTK (echoscu, storescu) not installed")
 
 
 @pytest.fixture(scope="module")
@@ -82,38 +78,40 @@ def pynetdicom_echo(port: int, ctx: ssl.SSLContext | None) -> int | None:
         assoc.release()
 
 
-def dcmtk(tool: Path, pki: Pki, port: int, *args: str | Path,
+def dcmtk(tool: str, pki: Pki | None, port: int, *args: str | Path,
           cert: Path | None = None, key: Path | None = None) -> subprocess.CompletedProcess[str]:
-    tls = ["+tls", str(key or pki.client_key), str(cert or pki.client_cert), "+cf", str(pki.ca)]
+    """A DCMTK client over TLS with ``pki``'s client certificate (or ``cert``/``key``);
+    ``pki`` None: plain DICOM."""
+    tls = [] if pki is None else [
+        "+tls", str(key or pki.client_key), str(cert or pki.client_cert), "+cf", str(pki.ca)]
     return subprocess.run(
-        [str(tool), *tls, "-aet", "PACS", "-aec", "SIDECAR", "-to", "10",
+        [dcmtk_tool(tool), *tls, "-aet", "PACS", "-aec", "SIDECAR", "-to", "10",
          "127.0.0.1", str(port), *map(str, args)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=dcmtk_env(),
     )
 
 
 # ----------------------------------------------------------------- tests
-@needs_dcmtk
+@pytest.mark.dcmtk
 def test_dcmtk_echo_and_store_over_mutual_tls(
     pki: Pki, tls_node: Callable[..., tuple[Config, int]], tmp_path: Path,
 ) -> None:
     cfg, port = tls_node()
-    echo = dcmtk(ECHOSCU, pki, port)
+    echo = dcmtk("echoscu", pki, port)
     assert echo.returncode == 0, echo.stderr
     ds = make_ct(study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1)
     path = tmp_path / "ct.dcm"
     path.write_bytes(part10(ds))
-    store = dcmtk(STORESCU, pki, port, path)
+    store = dcmtk("storescu", pki, port, path)
     assert store.returncode == 0, store.stderr
     stored = list(cfg.storage_dir.rglob(f"{ds.SOPInstanceUID}.dcm"))
     assert len(stored) == 1
     assert dcmread(stored[0]).PixelData == ds.PixelData
     # a certificate from another CA is refused at the handshake
-    rogue = dcmtk(ECHOSCU, pki, port, cert=pki.rogue_cert, key=pki.rogue_key)
+    rogue = dcmtk("echoscu", pki, port, cert=pki.rogue_cert, key=pki.rogue_key)
     assert rogue.returncode != 0
     # a plain DICOM client gets no association
-    plain = subprocess.run([str(ECHOSCU), "-aet", "PACS", "-aec", "SIDECAR", "-to", "5",
-                            "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    plain = dcmtk("echoscu", None, port)
     assert plain.returncode != 0
 
 
