@@ -686,26 +686,21 @@ def _apply_override(data: dict[str, Any], keys: list[str], value: Any, env_name:
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
-    data_dir = cfg.storage.data_dir
-    if not data_dir.is_absolute():
-        data_dir = (base / data_dir).resolve()
-    storage = cfg.storage.model_copy(update={"data_dir": data_dir})
-    update: dict[str, Any] = {"storage": storage}
-    model_path = cfg.embedding.model_path
-    if model_path is not None and not model_path.is_absolute():
-        update["embedding"] = cfg.embedding.model_copy(
-            update={"model_path": (base / model_path).resolve()}
-        )
-    audit = cfg.query.audit_log
-    if audit is not None and not audit.is_absolute():
-        update["query"] = cfg.query.model_copy(update={"audit_log": (base / audit).resolve()})
+    """``cfg`` with every relative path setting resolved against ``base``."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else (base / path).resolve()
+
     tls = cfg.dicom.tls
-    tls_files = {name: (base / path).resolve() for name in ("certificate", "private_key",
-                                                            "ca_certificates")
-                 if (path := getattr(tls, name)) is not None and not path.is_absolute()}
-    if tls_files:
-        update["dicom"] = cfg.dicom.model_copy(update={"tls": tls.model_copy(update=tls_files)})
-    return cfg.model_copy(update=update)
+    tls_files = {name: absolute(getattr(tls, name))
+                 for name in ("certificate", "private_key", "ca_certificates")}
+    return cfg.model_copy(update={
+        "storage": cfg.storage.model_copy(update={"data_dir": absolute(cfg.storage.data_dir)}),
+        "embedding": cfg.embedding.model_copy(
+            update={"model_path": absolute(cfg.embedding.model_path)}),
+        "query": cfg.query.model_copy(update={"audit_log": absolute(cfg.query.audit_log)}),
+        "dicom": cfg.dicom.model_copy(update={"tls": tls.model_copy(update=tls_files)}),
+    })
 
 
 def _format_errors(exc: ValidationError, from_env: Mapping[str, str]) -> list[str]:
