@@ -26,12 +26,16 @@ deletion.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Engine, select
 
 from sidecar.config import Config
@@ -99,6 +103,40 @@ class VerifyReport:
         }
 
 
+def _path_key(rel: str) -> int:
+    """64 bits of a relative path's BLAKE2b digest."""
+    return int.from_bytes(hashlib.blake2b(rel.encode("utf-8", "surrogateescape"),
+                                          digest_size=8).digest(), "little")
+
+
+class _RecordedPaths:
+    """The catalogue's file paths as a sorted array of 64-bit digests.
+
+    8 bytes a row instead of a Python string: a million rows of 148-character
+    paths take 8 MB (16 MB while sorting) instead of 230 MB as a set of
+    strings (measured with tracemalloc), so an archive of ten million
+    instances is checked in well under 200 MB. The chance that two of
+    ten million paths share a digest is about 3 in a million, and such a pair
+    would only hide one orphan from the report: a recorded file is never
+    taken for an orphan.
+    """
+
+    def __init__(self) -> None:
+        self._keys = array("Q")
+        self._sorted: npt.NDArray[np.uint64] | None = None
+
+    def add(self, rel: str) -> None:
+        self._keys.append(_path_key(rel))
+
+    def __contains__(self, rel: str) -> bool:
+        if self._sorted is None:
+            self._sorted = np.sort(np.frombuffer(self._keys, dtype=np.uint64))
+            self._keys = array("Q")
+        key = np.uint64(_path_key(rel))
+        i = int(np.searchsorted(self._sorted, key))
+        return i < self._sorted.size and self._sorted[i] == key
+
+
 def verify_storage(
     config: Config, engine: Engine, *, checksums: bool = False, min_age: float = 300.0,
     now: float | None = None,
@@ -123,7 +161,7 @@ def verify_storage(
     root = config.storage_dir
     clock = time.time() if now is None else now
     report = VerifyReport(checksums=checksums)
-    recorded: set[str] = set()
+    recorded = _RecordedPaths()
     with engine.connect() as conn:
         rows = conn.execution_options(yield_per=2000).execute(
             select(INSTANCE.c.file_path, INSTANCE.c.file_size, INSTANCE.c.sha256)

@@ -169,3 +169,17 @@ def test_the_service_removes_temporaries_an_interrupted_store_left_at_start(
     assert not stale.exists() and fresh.exists()
     job = app.scheduler.get_job("clear_temporaries")
     assert job is not None and job.trigger.interval.total_seconds() == 3600.0
+
+
+def test_recorded_paths_are_found_and_others_are_not() -> None:
+    # The catalogue's paths are held as 64-bit digests (8 bytes a row): every
+    # recorded path must be found, and paths never recorded must not be.
+    from sidecar.verify import _RecordedPaths
+
+    recorded = _RecordedPaths()
+    paths = [f"1.2.840.{s}/1.3.{s}.{i}/{i:08d}.dcm" for s in range(50) for i in range(400)]
+    for rel in paths:
+        recorded.add(rel)
+    assert all(rel in recorded for rel in paths)
+    assert not any(f"{rel}.orphan" in recorded for rel in paths[:2000])
+    assert "é/ü/odd name.dcm" not in recorded
