@@ -760,7 +760,7 @@ class _Slices:
     model_id: str
     dim: int
     count: int
-    signature: tuple[int, int]  # mean_signature("series") when last checked
+    signature: tuple[int, int]  # mean_signature() when last checked
     seen_top: int  # highest slice key ever seen in the database (monotonic)
     checked_at: float
     labels: IntArray
@@ -854,7 +854,7 @@ class _SliceCache:
             if self._fresh(view, model_id, dim, need, now):
                 assert view is not None
                 return view
-            signature = self._queries.mean_signature("series", model_id)
+            signature = self._queries.mean_signature(model_id)
             if view is None or view.model_id != model_id or view.dim != dim:
                 view = self._load(model_id, dim, signature)
             elif signature != view.signature:
@@ -904,7 +904,7 @@ class _SliceCache:
         if signature[0] != view.signature[0] + new_series:
             # series means were deleted (a deleted study), or rows were committed
             # while this ran: keep the studies that still have means
-            live = self._queries.studies_with_means("series", view.model_id)
+            live = self._queries.studies_with_means(view.model_id)
             for study in [s for s in by_study if s not in live]:
                 rows = by_study.pop(study)
                 for key in np.unique(view.series[rows]).tolist():
@@ -1358,7 +1358,7 @@ class SearchService:
             return cached
         with self._means_lock:
             cached = self._means
-            signature = self._queries.mean_signature("series", model_id)
+            signature = self._queries.mean_signature(model_id)
             fresh: _Means | None = None
             if cached is not None and cached.model_id == model_id:
                 if cached.signature == signature:
@@ -1366,7 +1366,7 @@ class SearchService:
                 elif signature[1] > cached.signature[1] and signature[0] >= cached.signature[0]:
                     fresh = self._merged_means(cached, signature, dim, now)
             if fresh is None:
-                rows = self._queries.mean_vectors("series", model_id)
+                rows = self._queries.mean_vectors(model_id)
                 keys, study_keys, matrix = _mean_rows(rows, dim)
                 fresh = _Means(model_id, signature, now, keys, study_keys, matrix)
                 logger.debug("loaded %d series mean vectors of model %s", keys.size, model_id)

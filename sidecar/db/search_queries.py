@@ -21,7 +21,6 @@ from sidecar.db.models import SERIES as _SERIES
 from sidecar.db.models import SERIES_VECTOR as _SERIES_VEC
 from sidecar.db.models import SLICE_VECTOR as _SLICE
 from sidecar.db.models import STUDY as _STUDY
-from sidecar.db.models import STUDY_VECTOR as _STUDY_VEC
 from sidecar.db.models import (
     InstanceState,
 )
@@ -29,7 +28,6 @@ from sidecar.db.models import (
 _CHUNK = 900  # bound parameters per IN list (SQLite allows 32766, older builds 999)
 
 RefKind = Literal["instance", "series", "study"]
-MeanLevel = Literal["study", "series"]
 
 
 def _chunks(values: Iterable[int]) -> Iterator[list[int]]:
@@ -294,12 +292,11 @@ class SearchQueries:
         out.sort(key=lambda r: r.label)
         return out
 
-    def studies_with_means(self, level: MeanLevel, model_id: str) -> set[int]:
-        """Keys of the studies that have study (or series) mean vectors of a model."""
-        table = _STUDY_VEC if level == "study" else _SERIES_VEC
+    def studies_with_means(self, model_id: str) -> set[int]:
+        """Keys of the studies that have series mean vectors of a model."""
         with self._engine.connect() as conn:
             return {int(pk) for pk in conn.execute(
-                select(table.c.study_pk).where(table.c.model_id == model_id).distinct()
+                select(_SERIES_VEC.c.study_pk).where(_SERIES_VEC.c.model_id == model_id).distinct()
             ).scalars()}
 
     def slice_table(
@@ -356,17 +353,10 @@ class SearchQueries:
                 ).scalars())
         return sorted(out)
 
-    def mean_vectors(self, level: MeanLevel, model_id: str) -> list[tuple[int, int, bytes]]:
-        """Every (key, study key, blob) of a model's study or series mean vectors.
-
-        For studies the key is the study's key (twice).
-        """
-        if level == "study":
-            q = select(_STUDY_VEC.c.study_pk, _STUDY_VEC.c.study_pk, _STUDY_VEC.c.vector)
-            q = q.where(_STUDY_VEC.c.model_id == model_id).order_by(_STUDY_VEC.c.study_pk)
-        else:
-            q = select(_SERIES_VEC.c.series_pk, _SERIES_VEC.c.study_pk, _SERIES_VEC.c.vector)
-            q = q.where(_SERIES_VEC.c.model_id == model_id).order_by(_SERIES_VEC.c.series_pk)
+    def mean_vectors(self, model_id: str) -> list[tuple[int, int, bytes]]:
+        """Every (series key, study key, blob) of a model's series mean vectors."""
+        q = select(_SERIES_VEC.c.series_pk, _SERIES_VEC.c.study_pk, _SERIES_VEC.c.vector)
+        q = q.where(_SERIES_VEC.c.model_id == model_id).order_by(_SERIES_VEC.c.series_pk)
         with self._engine.connect() as conn:
             return [(int(a), int(b), bytes(c)) for a, b, c in conn.execute(q)]
 
@@ -388,15 +378,14 @@ class SearchQueries:
         with self._engine.connect() as conn:
             return [(int(a), int(b), bytes(c)) for a, b, c in conn.execute(q)]
 
-    def mean_signature(self, level: MeanLevel, model_id: str) -> tuple[int, int]:
-        """(number of mean vectors of the model, highest slice vector key).
+    def mean_signature(self, model_id: str) -> tuple[int, int]:
+        """(number of series mean vectors of the model, highest slice vector key).
 
         Slice keys are never reused, so a new series or a replaced file moves
         the second number; a deleted study moves the first.
         """
-        table = _STUDY_VEC if level == "study" else _SERIES_VEC
         count = (
-            select(func.count()).select_from(table).where(table.c.model_id == model_id)
+            select(func.count()).select_from(_SERIES_VEC).where(_SERIES_VEC.c.model_id == model_id)
         ).scalar_subquery()
         top = select(func.coalesce(func.max(_SLICE.c.id), 0)).scalar_subquery()
         with self._engine.connect() as conn:
