@@ -135,16 +135,23 @@ def test_pynetdicom_clients_with_and_without_certificates(
 
 
 def test_without_required_client_certificates_any_tls_client_is_served(
-    pki: Pki, tls_node: Callable[..., tuple[Config, int]],
+    pki: Pki, tls_node: Callable[..., tuple[Config, int]], caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, port = tls_node(require_client_certificate=False, ca_certificates=None)
     assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
     assert pynetdicom_echo(port, None) is None  # still TLS only
     # with the CA given, a certificate is optional, but one that is presented must be valid
     _, port = tls_node(require_client_certificate=False)
-    assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
-    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+    with caplog.at_level("INFO", logger="sidecar.dicom_scp.server"):
+        assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
+        assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
     assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
+    # the association log line says how each peer was authenticated
+    accepted = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert len(accepted) == 2, accepted
+    assert "accepted over TLSv1." in accepted[0] and accepted[0].endswith(
+        ", no client certificate"), accepted
+    assert accepted[1].endswith(", client certificate CN=pacs"), accepted
 
 
 def test_a_stalled_handshake_delays_no_one_and_times_out(

@@ -44,7 +44,7 @@ from sidecar.dicom_scp.find import (
 from sidecar.dicom_scp.similarity import status_for
 from sidecar.dicom_scp.statuses import Status, error_comment
 from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
-from sidecar.dicom_scp.tls import TlsHandshakeInThread, server_context
+from sidecar.dicom_scp.tls import TlsHandshakeInThread, peer_summary, server_context
 from sidecar.errors import (
     InvalidDataset,
     InvalidQuery,
@@ -310,9 +310,12 @@ class DicomNode:
         assoc = event.assoc
         with self._stats_lock:
             self._stats[assoc] = _AssocStats()
+        transport = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket else None
+        tls = peer_summary(transport)
         logger.info(
-            "association from %s@%s:%s accepted",
+            "association from %s@%s:%s accepted%s",
             str(assoc.requestor.ae_title).strip(), assoc.requestor.address, assoc.requestor.port,
+            f" over {tls}" if tls else "",
         )
 
     def _on_closed(self, event: evt.Event, how: str) -> None:

@@ -65,6 +65,33 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+_NAME_KEYS = {
+    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+    "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+}
+
+
+def peer_summary(sock: object) -> str | None:
+    """How a connection is protected, for the association log line.
+
+    ``"TLSv1.3, client certificate CN=pacs, O=Hospital"`` (the subject of a
+    certificate the peer presented and the CA vouched for), ``"TLSv1.3, no
+    client certificate"``, or ``None`` for plain TCP.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()
+        version = sock.version() or "TLS"
+    except (ValueError, OSError):  # closed meanwhile
+        return None
+    subject: Any = cert.get("subject", ()) if cert else ()
+    names = ", ".join(f"{_NAME_KEYS.get(str(key), str(key))}={value}"
+                      for rdn in subject for key, value in rdn)
+    return f"{version}, client certificate {names}" if names else \
+        f"{version}, no client certificate"
+
+
 class TlsHandshakeInThread:
     """Mixin for a pynetdicom ``AssociationServer``: TLS with the handshake per connection.
 
