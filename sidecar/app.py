@@ -32,7 +32,7 @@ from sidecar.dicom_scp.storage import (
     remove_temporaries,
     stale_temporaries,
 )
-from sidecar.dicom_scp.tls import server_context
+from sidecar.dicom_scp.tls import EXPIRY_WARNING_DAYS, checked_certificate
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.query import QueryService
 from sidecar.query_ipc import QueryServer
@@ -371,6 +371,8 @@ class Sidecar:
         embedder: Embedder | None = None,
     ) -> None:
         self.config = config
+        # bad TLS files fail here, named, before anything opens (not in each receiver)
+        tls_cert = checked_certificate(config.dicom.tls) if config.dicom.tls.enabled else None
         self.engine, self.repository = open_catalogue(config)
         self.store = InstanceStore(config, self.repository)
         n = effective_receivers(config) if receiver_processes is None else receiver_processes
@@ -381,6 +383,12 @@ class Sidecar:
             else None
         )
         self.metrics = Metrics(catalogue=self.catalogue_figures)
+        if tls_cert is not None:
+            self.metrics.tls_certificate_expires(tls_cert.not_after.timestamp())
+            soon = tls_cert.days_left() < EXPIRY_WARNING_DAYS
+            logger.log(logging.WARNING if soon else logging.INFO,
+                       "DICOM TLS certificate %s%s", tls_cert.describe(),
+                       ": renew it, then restart the service" if soon else "")
         self.search = SearchService(config, self.engine, self.embedding)
         self.query = QueryService(config, self.search, metrics=self.metrics)
         self.query_server: QueryServer | None = None
@@ -397,8 +405,6 @@ class Sidecar:
             )
             if n == 1 else None
         )
-        if n > 1 and config.dicom.tls.enabled:
-            server_context(config.dicom.tls)  # a bad file fails here, not in each receiver
         self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
         self.http: HttpServer | None = None
         if config.http.enabled:

@@ -81,19 +81,27 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
 def check_config(ctx: click.Context, config_path: Path | None) -> None:
     """Validate the configuration and print the effective settings.
 
-    With dicom.tls.enabled, also loads the certificate, key and CA files.
+    With dicom.tls.enabled, also loads the certificate, key and CA files and
+    prints until when the certificate is valid (a warning within 30 days; an
+    expired one is an error).
     """
     if config_path is not None:
         ctx.obj["config_path"] = config_path
     cfg = _load(ctx)
+    cert_line = None
     if cfg.dicom.tls.enabled:
-        from sidecar.dicom_scp.tls import server_context
+        from sidecar.dicom_scp.tls import EXPIRY_WARNING_DAYS, checked_certificate
 
         try:
-            server_context(cfg.dicom.tls)
+            cert = checked_certificate(cfg.dicom.tls)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
+        soon = cert.days_left() < EXPIRY_WARNING_DAYS
+        cert_line = (f"# {'WARNING: ' if soon else ''}DICOM TLS certificate {cert.describe()}"
+                     + (": renew it soon" if soon else ""))
     click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))
+    if cert_line is not None:
+        click.echo(cert_line, err=True)
     click.echo("# configuration OK", err=True)
 
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -140,6 +140,18 @@ class Metrics:
         )
         if catalogue is not None:
             self.registry.register(_CatalogueCollector(catalogue))
+
+    def tls_certificate_expires(self, when: float) -> None:
+        """Publish when the DICOM TLS certificate in use expires (Unix time; call once).
+
+        Only a node with TLS has the metric; alert on it minus ``time()``
+        falling under a few weeks.
+        """
+        Gauge(
+            "sidecar_tls_certificate_expiry_timestamp_seconds",
+            "When the DICOM TLS certificate in use expires (Unix time).",
+            registry=self.registry,
+        ).set(when)
 
     def observe_query(self, interface: str, level: str, outcome: str, seconds: float) -> None:
         """Record one similarity query."""

@@ -8,6 +8,7 @@ certificate signed by the CA and one signed by another CA. Skipped without
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import subprocess
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -268,3 +273,74 @@ def test_the_evaluation_sidecar_runs_without_tls_on_a_tls_site(
     cfg = pipeline_config(site, tmp_path / "eval", top_k=5, examples=1, gallery=10)
     assert site.dicom.tls.enabled and not cfg.dicom.tls.enabled
     assert cfg.dicom.bind_address == "127.0.0.1"
+
+
+def tls_yaml(cert: Path, key: Path, ca: Path) -> str:
+    return ("dicom:\n  tls:\n    enabled: true\n"
+            f"    certificate: {cert}\n    private_key: {key}\n    ca_certificates: {ca}\n")
+
+
+def self_signed(directory: Path, name: str, not_before: dt.datetime,
+                not_after: dt.datetime) -> tuple[Path, Path]:
+    """A self-signed certificate valid between two dates, and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(not_before).not_valid_after(not_after)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_the_certificate_validity_is_checked_reported_and_exported(
+    pki: Pki, config_factory: Callable[..., Config],
+    sidecar_factory: Callable[[Config], Sidecar], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, cli_isolation: None,
+) -> None:
+    # The test PKI's certificates live two days: valid, within the warning period.
+    # The running node logs that and exports the expiry for monitoring.
+    with caplog.at_level("INFO", logger="sidecar.app"):
+        app = sidecar_factory(config_factory({"dicom": {"tls": tls_settings(pki)}}))
+    assert any(r.levelname == "WARNING" and "DICOM TLS certificate CN=sidecar, valid until "
+               in r.getMessage() and "(2 days): renew it" in r.getMessage()
+               for r in caplog.records), caplog.text
+    not_after = x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).not_valid_after_utc
+    exported = [line for line in app.metrics.render().decode().splitlines()
+                if line.startswith("sidecar_tls_certificate_expiry_timestamp_seconds ")]
+    assert len(exported) == 1 and float(exported[0].split()[1]) == not_after.timestamp()
+    plain = sidecar_factory(config_factory())
+    assert "sidecar_tls_certificate_expiry" not in plain.metrics.render().decode()
+    # check-config says the same (the CLI sets logging up: after the caplog part)
+    conf = tmp_path / "sidecar.yaml"
+    conf.write_text(tls_yaml(pki.server_cert, pki.server_key, pki.ca))
+    result = CliRunner().invoke(main, ["check-config", "--config", str(conf)])
+    assert result.exit_code == 0, result.output
+    assert "# WARNING: DICOM TLS certificate CN=sidecar, valid until " in result.stderr
+    assert "(2 days): renew it soon" in result.stderr
+    # an expired certificate, or one not valid yet, is refused by check-config and at start
+    now = dt.datetime.now(dt.UTC)
+    for name, start, end, problem in (
+        ("expired", now - dt.timedelta(days=30), now - dt.timedelta(days=1), "expired on"),
+        ("future", now + dt.timedelta(days=1), now + dt.timedelta(days=400), "not valid before"),
+    ):
+        cert, key = self_signed(tmp_path, name, start, end)
+        conf.write_text(tls_yaml(cert, key, pki.ca))
+        result = CliRunner().invoke(main, ["check-config", "--config", str(conf)])
+        assert result.exit_code == 1 and problem in result.output, result.output
+        bad = config_factory({"dicom": {"tls": tls_settings(
+            pki, certificate=str(cert), private_key=str(key))}})
+        with pytest.raises(ConfigError, match=problem):
+            Sidecar(bad)
+    # a year-long certificate is reported without a warning
+    cert, key = self_signed(tmp_path, "year", now - dt.timedelta(days=1),
+                            now + dt.timedelta(days=365))
+    conf.write_text(tls_yaml(cert, key, pki.ca))
+    result = CliRunner().invoke(main, ["check-config", "--config", str(conf)])
+    assert result.exit_code == 0, result.output
+    assert "# DICOM TLS certificate CN=year, valid until " in result.stderr
+    assert "(365 days)" in result.stderr and "WARNING" not in result.stderr

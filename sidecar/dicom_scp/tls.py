@@ -15,17 +15,81 @@ in the connection's own thread, bounded by ``dicom.tls.handshake_timeout``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+from cryptography import x509
 
 from sidecar.config import TlsConfig
 from sidecar.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+EXPIRY_WARNING_DAYS: Final = 30
+"""A node certificate that expires within this many days is warned about."""
+
+
+@dataclass(frozen=True)
+class NodeCertificate:
+    """The node's own certificate (the first one of ``dicom.tls.certificate``)."""
+
+    subject: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    def days_left(self, now: dt.datetime | None = None) -> float:
+        """Days until it expires (negative: expired)."""
+        now = dt.datetime.now(dt.UTC) if now is None else now
+        return (self.not_after - now).total_seconds() / 86400.0
+
+    def describe(self, now: dt.datetime | None = None) -> str:
+        """``"CN=sidecar, valid until 2027-01-31 12:00 UTC (67 days)"``."""
+        return (f"{self.subject or '(no subject)'}, valid until "
+                f"{self.not_after:%Y-%m-%d %H:%M} UTC ({self.days_left(now):.0f} days)")
+
+
+def node_certificate(path: Path, now: dt.datetime | None = None) -> NodeCertificate:
+    """Read and date-check the node's certificate; a :class:`ConfigError` names the problem.
+
+    Not yet valid or expired: every TLS client would refuse the handshake,
+    so the node must not start with it.
+    """
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (ValueError, OSError) as exc:
+        raise ConfigError([f"dicom.tls.certificate: {path} holds no PEM certificate ({exc})"]) \
+            from exc
+    info = NodeCertificate(cert.subject.rfc4514_string(), cert.not_valid_before_utc,
+                           cert.not_valid_after_utc)
+    now = dt.datetime.now(dt.UTC) if now is None else now
+    if now >= info.not_after:
+        raise ConfigError([f"dicom.tls.certificate: {path} expired on "
+                           f"{info.not_after:%Y-%m-%d %H:%M} UTC ({info.subject})"])
+    if now < info.not_before:
+        raise ConfigError([f"dicom.tls.certificate: {path} is not valid before "
+                           f"{info.not_before:%Y-%m-%d %H:%M} UTC ({info.subject})"])
+    return info
+
+
+def checked_certificate(cfg: TlsConfig) -> NodeCertificate:
+    """Check every TLS file as :func:`server_context` does; the node's certificate.
+
+    Raises
+    ------
+    ConfigError
+        A file is missing, unreadable or unusable, or the certificate is
+        expired or not yet valid.
+    """
+    server_context(cfg)
+    if cfg.certificate is None:  # server_context refused that already
+        raise ConfigError(["dicom.tls: certificate and private_key are needed for TLS"])
+    return node_certificate(cfg.certificate)
 
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
@@ -38,6 +102,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
             raise ConfigError([f"dicom.tls.{name}: {path} does not exist or is not a file"])
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError([f"dicom.tls.{name}: {path} cannot be read (permissions)"])
+    node_certificate(cfg.certificate)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
