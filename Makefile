@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality train-default clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling train-default clean
 
 setup:
 	@scripts/setup.sh
@@ -56,6 +56,12 @@ bench-quality: setup-test
 	@for set in breastmnist pneumoniamnist; do \
 	  if [ ! -f $(MEDMNIST)/$$set.npz ]; then echo "bench-quality: $(MEDMNIST)/$$set.npz absent, skipped"; continue; fi; \
 	  $(BIN)/sidecar --log-level WARNING evaluate --path both $(MEDMNIST)/$$set.npz || exit 1; echo; \
+	done
+
+## Diagnostic, not in `bench`: the same network trained WITH labels (3 seeds, ~30 min on 2 cores).
+bench-ceiling: setup-test
+	@for seed in 0 1 2; do \
+	  $(BIN)/python bench/quality_ceiling.py --seed $$seed $(MEDMNIST)/breastmnist.npz $(MEDMNIST)/pneumoniamnist.npz || exit 1; \
 	done
 
 bench-query: setup-test
