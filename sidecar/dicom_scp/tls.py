@@ -86,14 +86,15 @@ def checked_certificate(cfg: TlsConfig) -> NodeCertificate:
         A file is missing, unreadable or unusable, or the certificate is
         expired or not yet valid.
     """
-    server_context(cfg)
-    if cfg.certificate is None:  # server_context refused that already
-        raise ConfigError(["dicom.tls: certificate and private_key are needed for TLS"])
-    return node_certificate(cfg.certificate)
+    return _context(cfg)[1]
 
 
 def server_context(cfg: TlsConfig) -> ssl.SSLContext:
     """The TLS context of the DICOM port; a :class:`ConfigError` names a bad file."""
+    return _context(cfg)[0]
+
+
+def _context(cfg: TlsConfig) -> tuple[ssl.SSLContext, NodeCertificate]:
     if cfg.certificate is None or cfg.private_key is None:
         raise ConfigError(["dicom.tls: certificate and private_key are needed for TLS"])
     for name in ("certificate", "private_key", "ca_certificates"):
@@ -102,7 +103,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
             raise ConfigError([f"dicom.tls.{name}: {path} does not exist or is not a file"])
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError([f"dicom.tls.{name}: {path} cannot be read (permissions)"])
-    node_certificate(cfg.certificate)
+    cert = node_certificate(cfg.certificate)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -127,7 +128,7 @@ def server_context(cfg: TlsConfig) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_OPTIONAL  # a certificate that is presented must be valid
     else:
         context.verify_mode = ssl.CERT_NONE
-    return context
+    return context, cert
 
 
 _NAME_KEYS = {
