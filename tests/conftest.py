@@ -233,6 +233,25 @@ def dcmtk_tool(name: str) -> str:
     return str(path)
 
 
+#: storescu option that proposes one transfer syntax, so a file is sent as it is
+#: (``-R`` alone proposes only uncompressed syntaxes and would make storescu try
+#: to decompress the file).
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+}
+
+
 def dcmtk_env() -> dict[str, str]:
     """Environment for DCMTK clients: Nagle off (see FIELD_NOTES)."""
     env = dict(os.environ)

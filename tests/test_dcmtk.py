@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from sidecar.app import Sidecar
 from sidecar.db.models import Instance
-from tests.conftest import dcmtk_env, dcmtk_tool, make_ct
+from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
 
 pytestmark = pytest.mark.dcmtk
 
@@ -99,22 +99,6 @@ def test_storescu_wrong_called_ae_title(running: Sidecar, tmp_path: Path) -> Non
     assert stored_files(running) == []
 
 
-#: storescu option that proposes a transfer syntax first (``-R`` alone proposes only
-#: uncompressed syntaxes and would make storescu try to decompress the file).
-PROPOSE = {
-    "1.2.840.10008.1.2.1": "-xe",
-    "1.2.840.10008.1.2": "-xi",
-    "1.2.840.10008.1.2.2": "-xb",
-    "1.2.840.10008.1.2.1.99": "-xd",
-    "1.2.840.10008.1.2.5": "-xr",
-    "1.2.840.10008.1.2.4.50": "-xy",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
-}
 
 
 @pytest.mark.shared_data
@@ -137,7 +121,7 @@ def test_storescu_compressed_files_keep_their_transfer_syntax(
     assert {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
             "1.2.840.10008.1.2.4.90"} <= compressed
     for ts, group in sorted(by_ts.items()):
-        res = run_tool("storescu", "-R", PROPOSE[ts], "-aet", "DCMTKSCU", "-aec",
+        res = run_tool("storescu", "-R", STORESCU_PROPOSE[ts], "-aet", "DCMTKSCU", "-aec",
                        running.config.dicom.ae_title, *peer(running), *map(str, group))
         assert res.returncode == 0, (ts, res.stderr)
         assert "convert" not in res.stdout + res.stderr, (ts, res.stderr)

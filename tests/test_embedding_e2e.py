@@ -33,7 +33,7 @@ from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Series, SliceVector, Study
 from sidecar.embeddings.index import from_blob, read_saved_facts
-from tests.conftest import CT_IMAGE_STORAGE, dcmtk_env, dcmtk_tool, make_ct
+from tests.conftest import CT_IMAGE_STORAGE, STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
 
 LIVE = {
     "worker": {"enabled": True, "interval": 0.2},
@@ -41,19 +41,6 @@ LIVE = {
     "index": {"save_interval": 0.5},
     # every slice: the tests below count and compare slices one by one
     "preprocess": {"slice_spacing_mm": 0, "max_slices_per_series": 64},
-}
-#: storescu option that proposes one transfer syntax (see tests/test_dcmtk.py).
-PROPOSE = {
-    "1.2.840.10008.1.2.1": "-xe",
-    "1.2.840.10008.1.2": "-xi",
-    "1.2.840.10008.1.2.2": "-xb",
-    "1.2.840.10008.1.2.5": "-xr",
-    "1.2.840.10008.1.2.4.57": "-xs",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
 }
 
 
@@ -282,9 +269,9 @@ def test_storescu_real_ct_and_mr_studies(live: Callable[[], Sidecar], shared_dat
     for f in mr_files:
         by_ts.setdefault(str(headers[f].file_meta.TransferSyntaxUID), []).append(f)
     for ts, group in sorted(by_ts.items()):
-        if ts not in PROPOSE:
+        if ts not in STORESCU_PROPOSE:
             pytest.skip(f"no storescu option for transfer syntax {ts}")
-        storescu(app, group, "-R", PROPOSE[ts])
+        storescu(app, group, "-R", STORESCU_PROPOSE[ts])
 
     n = len(ct_files) + len(mr_files)
     wait_for(lambda: all_embedded(app, n), what=f"{n} instances embedded and indexed")
