@@ -478,12 +478,17 @@ class Sidecar:
         return removed
 
     def catalogue_figures(self) -> CatalogueFigures:
-        """Catalogue, index and example counts for the metrics (read at scrape time)."""
+        """Catalogue, index, example, quarantine and disk figures (read at scrape time)."""
         rep = self.repository.status()
         vectors = None
         if self.embedding is not None:
             vectors = len(self.embedding.serving.index)
         quarantine = quarantine_usage(self.config.quarantine_dir)
+        try:
+            free: int | None = self.store.free_bytes()
+        except OSError:
+            logger.warning("metrics: cannot examine the storage filesystem", exc_info=True)
+            free = None
         return CatalogueFigures(
             instances_by_state=dict(rep.instances_by_state),
             studies=rep.studies,
@@ -493,6 +498,8 @@ class Sidecar:
             examples=len(self.query.examples),
             quarantine_datasets=quarantine.datasets,
             quarantine_bytes=quarantine.bytes,
+            disk_free_bytes=free,
+            disk_min_free_bytes=self.store.min_free_bytes,
         )
 
     def health(self) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class CatalogueFigures:
     examples: int | None = None
     quarantine_datasets: int | None = None
     quarantine_bytes: int | None = None
+    disk_free_bytes: int | None = None
+    disk_min_free_bytes: int | None = None
 
 
 class _CatalogueCollector(Collector):
@@ -100,6 +102,20 @@ class _CatalogueCollector(Collector):
                                      "Bytes in the quarantine directory (datasets and notes).")
             size.add_metric([], fig.quarantine_bytes)
             yield size
+        if fig.disk_free_bytes is not None and fig.disk_min_free_bytes is not None:
+            free = GaugeMetricFamily(
+                "sidecar_disk_free_bytes",
+                "Free bytes on the storage filesystem (stores are refused below "
+                "sidecar_disk_min_free_bytes).",
+            )
+            free.add_metric([], fig.disk_free_bytes)
+            yield free
+            floor = GaugeMetricFamily(
+                "sidecar_disk_min_free_bytes",
+                "The free-disk watermark (storage.min_free_mb) in bytes.",
+            )
+            floor.add_metric([], fig.disk_min_free_bytes)
+            yield floor
         if fig.examples is not None:
             examples = GaugeMetricFamily(
                 "sidecar_query_examples", "Example images held for query by example."

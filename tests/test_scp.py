@@ -403,6 +403,14 @@ def test_watermark_refuses_with_out_of_resources(
     assert files_under(storage_dir(app)) == []
     assert files_under(quarantine_dir(app)) == []
     assert rows(app) == []
+    # /metrics shows what to alert on before refusals start: free bytes and the watermark
+    values = {line.split()[0]: float(line.split()[1])
+              for line in app.metrics.render().decode().splitlines()
+              if line.startswith("sidecar_disk_")}
+    assert values["sidecar_disk_min_free_bytes"] == (free_mb + 1_000_000) * 2**20
+    st = os.statvfs(tmp_path)
+    assert abs(values["sidecar_disk_free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20
+    assert values["sidecar_disk_free_bytes"] < values["sidecar_disk_min_free_bytes"]
 
 
 # -------------------------------------------------------------- bad datasets

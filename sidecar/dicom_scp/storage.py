@@ -126,13 +126,28 @@ class InstanceStore:
         return self._repo
 
     # ---------------------------------------------------------------- public
+    @property
+    def min_free_bytes(self) -> int:
+        """The free-disk watermark (``storage.min_free_mb``) in bytes."""
+        return self._min_free
+
+    def free_bytes(self) -> int:
+        """Bytes free for the store on its filesystem (as the watermark counts them).
+
+        Raises
+        ------
+        OSError
+            The storage directory cannot be examined.
+        """
+        st = os.statvfs(self._root)
+        return st.f_bavail * st.f_frsize
+
     def check_free_space(self) -> None:
         """Raise :class:`OutOfResources` when free disk is below the watermark."""
         try:
-            st = os.statvfs(self._root)
+            free = self.free_bytes()
         except OSError as exc:
             raise OutOfResources(f"cannot stat storage: {exc.strerror}") from exc
-        free = st.f_bavail * st.f_frsize
         if free < self._min_free:
             raise OutOfResources(
                 f"free disk {free // 2**20} MiB below watermark {self._min_free // 2**20} MiB"
