@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -468,8 +467,3 @@ def quarantine_usage(directory: Path) -> QuarantineUsage:
     except FileNotFoundError:
         pass
     return QuarantineUsage(datasets, total)
-
-
-def disk_usage(path: Path) -> shutil._ntuple_diskusage:
-    """Total/used/free bytes of the filesystem holding ``path``."""
-    return shutil.disk_usage(path)
