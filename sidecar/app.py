@@ -383,12 +383,10 @@ class Sidecar:
             else None
         )
         self.metrics = Metrics(catalogue=self.catalogue_figures)
+        self.tls_certificate = tls_cert
         if tls_cert is not None:
             self.metrics.tls_certificate_expires(tls_cert.not_after.timestamp())
-            soon = tls_cert.days_left() < EXPIRY_WARNING_DAYS
-            logger.log(logging.WARNING if soon else logging.INFO,
-                       "DICOM TLS certificate %s%s", tls_cert.describe(),
-                       ": renew it, then restart the service" if soon else "")
+            self.report_tls_certificate(at_start=True)
         self.search = SearchService(config, self.engine, self.embedding)
         self.query = QueryService(config, self.search, metrics=self.metrics)
         self.query_server: QueryServer | None = None
@@ -424,6 +422,16 @@ class Sidecar:
             max_instances=1,
             coalesce=True,
         )
+        if tls_cert is not None:
+            # Daily: the certificate in use, until it is renewed and the service restarted.
+            self.scheduler.add_job(
+                self.report_tls_certificate,
+                "interval",
+                days=1,
+                id="report_tls_certificate",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.add_job(
             self.mark_stable,
             "interval",
@@ -463,6 +471,23 @@ class Sidecar:
                 logger.info("on-site adaptation scheduled: %s (UTC)",
                             config.adaptation.schedule)
         self.address: tuple[str, int] | None = None
+
+    def report_tls_certificate(self, at_start: bool = False) -> None:
+        """Log the DICOM TLS certificate in use: WARNING within
+        :data:`EXPIRY_WARNING_DAYS` of its end, ERROR once it has expired (TLS
+        peers then refuse every handshake), otherwise INFO at start only."""
+        cert = self.tls_certificate
+        if cert is None:
+            return
+        days = cert.days_left()
+        if days <= 0:
+            logger.error("DICOM TLS certificate %s has expired: TLS peers refuse every "
+                         "association; renew it, then restart the service", cert.describe())
+        elif days < EXPIRY_WARNING_DAYS:
+            logger.warning("DICOM TLS certificate %s: renew it, then restart the service",
+                           cert.describe())
+        elif at_start:
+            logger.info("DICOM TLS certificate %s", cert.describe())
 
     def clear_temporaries(self) -> int:
         """Remove the storage's temporary files older than :data:`STALE_TEMPORARY_AGE`.

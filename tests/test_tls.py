@@ -8,6 +8,7 @@ certificate signed by the CA and one signed by another CA. Skipped without
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import socket
 import ssl
@@ -315,6 +316,18 @@ def test_the_certificate_validity_is_checked_reported_and_exported(
     assert len(exported) == 1 and float(exported[0].split()[1]) == not_after.timestamp()
     plain = sidecar_factory(config_factory())
     assert "sidecar_tls_certificate_expiry" not in plain.metrics.render().decode()
+    # ... and says it again every day while the service runs, ERROR once it has expired
+    job = app.scheduler.get_job("report_tls_certificate")
+    assert job is not None and job.trigger.interval == dt.timedelta(days=1)
+    assert plain.scheduler.get_job("report_tls_certificate") is None
+    assert app.tls_certificate is not None
+    app.tls_certificate = dataclasses.replace(
+        app.tls_certificate, not_after=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sidecar.app"):
+        app.report_tls_certificate()
+    assert [(r.levelname, "has expired: TLS peers refuse every association" in r.getMessage())
+            for r in caplog.records] == [("ERROR", True)], caplog.text
     # check-config says the same (the CLI sets logging up: after the caplog part)
     conf = tmp_path / "sidecar.yaml"
     conf.write_text(tls_yaml(pki.server_cert, pki.server_key, pki.ca))
