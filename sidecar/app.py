@@ -531,8 +531,9 @@ class Sidecar:
         """Whether the service can do its job now, part by part (for ``/healthz``).
 
         Returns ``{"ok": bool, "checks": {name: {"ok": bool, "detail": str}}}``:
-        the database answers, the DICOM receivers listen, the scheduler runs,
-        and (when embedding is on) the serving index is loaded.
+        the database answers, the DICOM receivers listen, the storage has free
+        disk above the watermark (below it every store is refused), the
+        scheduler runs, and (when embedding is on) the serving index is loaded.
         """
         checks: dict[str, dict[str, Any]] = {}
         try:
@@ -549,6 +550,14 @@ class Sidecar:
             listening = self.node is not None and self.node.listening
             checks["dicom"] = {"ok": listening,
                                "detail": "listening" if listening else "not listening"}
+        floor = self.store.min_free_bytes
+        try:
+            free = self.store.free_bytes()
+            checks["storage"] = {"ok": free >= floor,
+                                 "detail": f"{free // 2**20} MiB free, stores refused below "
+                                           f"{floor // 2**20} MiB (storage.min_free_mb)"}
+        except OSError as exc:
+            checks["storage"] = {"ok": False, "detail": f"cannot examine: {exc.strerror}"}
         checks["scheduler"] = {"ok": bool(self.scheduler.running),
                                "detail": "running" if self.scheduler.running else "stopped"}
         if self.embedding is not None:

@@ -411,6 +411,12 @@ def test_watermark_refuses_with_out_of_resources(
     st = os.statvfs(tmp_path)
     assert abs(values["sidecar_disk_free_bytes"] - st.f_bavail * st.f_frsize) < 256 * 2**20
     assert values["sidecar_disk_free_bytes"] < values["sidecar_disk_min_free_bytes"]
+    # ... and /healthz says the node cannot do its job
+    health = app.health()
+    assert health["ok"] is False
+    assert health["checks"]["storage"]["ok"] is False
+    assert "stores refused below" in health["checks"]["storage"]["detail"]
+    assert all(c["ok"] for name, c in health["checks"].items() if name != "storage"), health
 
 
 # -------------------------------------------------------------- bad datasets
