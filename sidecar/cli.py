@@ -197,6 +197,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "quarantine_max_bytes": cfg.storage.quarantine_max_mb * 2**20,
         "disk_free_bytes": disk.free,
         "disk_total_bytes": disk.total,
+        "disk_min_free_bytes": cfg.storage.min_free_mb * 2**20,
         "data_dir": str(cfg.data_dir),
     }
     if as_json:
@@ -212,8 +213,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"studies: {rep.studies} ({rep.studies_stable} stable, "
                f"{rep.studies - rep.studies_stable} receiving)")
     click.echo(f"series: {rep.series}   patients: {rep.patients}")
+    floor = cfg.storage.min_free_mb * 2**20
+    refusing = "   STORES ARE REFUSED: below" if disk.free < floor else ", stores refused below"
     click.echo(f"stored: {_human(rep.stored_bytes)}   disk free: {_human(disk.free)} "
-               f"of {_human(disk.total)}")
+               f"of {_human(disk.total)}{refusing} {_human(floor)} (storage.min_free_mb)")
     click.echo(f"quarantine: {quarantine.datasets} refused dataset(s), "
                f"{_human(quarantine.bytes)} of {_human(cfg.storage.quarantine_max_mb * 2**20)} "
                f"({cfg.quarantine_dir})")

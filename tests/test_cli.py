@@ -163,7 +163,19 @@ def test_status_on_a_fresh_data_dir(cfg_path: Path, data_dir: Path) -> None:
     assert re.search(r"^instances: 0$", out, re.MULTILINE)
     assert "studies: 0 (0 stable, 0 receiving)" in out
     assert f"data directory: {data_dir}" in out
+    assert re.search(r"disk free: .+ of .+, stores refused below 1\.0 MiB "
+                     r"\(storage\.min_free_mb\)$", out, re.MULTILINE), out
     assert (data_dir / "sidecar.db").is_file()
+
+
+def test_status_says_when_the_disk_is_below_the_watermark(cfg_path: Path) -> None:
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["storage"]["min_free_mb"] = 10**9  # 954 TiB: more than any disk here
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    result = cli(cfg_path, "status")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"disk free: .+ of .+   STORES ARE REFUSED: below 953\.7 TiB "
+                     r"\(storage\.min_free_mb\)$", result.stdout, re.MULTILINE), result.stdout
 
 
 def test_status_json(cfg_path: Path, data_dir: Path) -> None:
@@ -175,6 +187,7 @@ def test_status_json(cfg_path: Path, data_dir: Path) -> None:
     assert data["stored_bytes"] == 0
     assert data["data_dir"] == str(data_dir)
     assert 0 < data["disk_free_bytes"] <= data["disk_total_bytes"]
+    assert data["disk_min_free_bytes"] == 2**20
     assert (data["quarantine_datasets"], data["quarantine_bytes"]) == (0, 0)
     assert data["quarantine_max_bytes"] == 1024 * 2**20
 
