@@ -32,7 +32,7 @@ from sidecar.dicom_scp.storage import (
     remove_temporaries,
     stale_temporaries,
 )
-from sidecar.dicom_scp.tls import EXPIRY_WARNING_DAYS, checked_certificate
+from sidecar.dicom_scp.tls import checked_certificate
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.query import QueryService
 from sidecar.query_ipc import QueryServer
@@ -473,17 +473,16 @@ class Sidecar:
         self.address: tuple[str, int] | None = None
 
     def report_tls_certificate(self, at_start: bool = False) -> None:
-        """Log the DICOM TLS certificate in use: WARNING within
-        :data:`EXPIRY_WARNING_DAYS` of its end, ERROR once it has expired (TLS
-        peers then refuse every handshake), otherwise INFO at start only."""
+        """Log the DICOM TLS certificate in use: WARNING when it expires soon
+        (``NodeCertificate.expires_soon``), ERROR once it has expired (TLS peers
+        then refuse every handshake), otherwise INFO at start only."""
         cert = self.tls_certificate
         if cert is None:
             return
-        days = cert.days_left()
-        if days <= 0:
+        if cert.days_left() <= 0:
             logger.error("DICOM TLS certificate %s has expired: TLS peers refuse every "
                          "association; renew it, then restart the service", cert.describe())
-        elif days < EXPIRY_WARNING_DAYS:
+        elif cert.expires_soon():
             logger.warning("DICOM TLS certificate %s: renew it, then restart the service",
                            cert.describe())
         elif at_start:

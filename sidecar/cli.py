@@ -90,13 +90,13 @@ def check_config(ctx: click.Context, config_path: Path | None) -> None:
     cfg = _load(ctx)
     cert_line = None
     if cfg.dicom.tls.enabled:
-        from sidecar.dicom_scp.tls import EXPIRY_WARNING_DAYS, checked_certificate
+        from sidecar.dicom_scp.tls import checked_certificate
 
         try:
             cert = checked_certificate(cfg.dicom.tls)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
-        soon = cert.days_left() < EXPIRY_WARNING_DAYS
+        soon = cert.expires_soon()
         cert_line = (f"# {'WARNING: ' if soon else ''}DICOM TLS certificate {cert.describe()}"
                      + (": renew it soon" if soon else ""))
     click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))

@@ -48,6 +48,10 @@ class NodeCertificate:
         now = dt.datetime.now(dt.UTC) if now is None else now
         return (self.not_after - now).total_seconds() / 86400.0
 
+    def expires_soon(self, now: dt.datetime | None = None) -> bool:
+        """Within :data:`EXPIRY_WARNING_DAYS` of its end (or past it)."""
+        return self.days_left(now) < EXPIRY_WARNING_DAYS
+
     def describe(self, now: dt.datetime | None = None) -> str:
         """``"CN=sidecar, valid until 2027-01-31 12:00 UTC (67 days)"``."""
         return (f"{self.subject or '(no subject)'}, valid until "
