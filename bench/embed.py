@@ -13,7 +13,7 @@ Part A: embedding throughput (in this process)
    temporary data directory; ``storage.fsync`` is off for this set-up only
    (untimed; the worker's own SQLite commits are ``synchronous=FULL`` whatever
    it says). The studies are marked stable with ``Repository.mark_stable_studies``.
-2. Builds ``sidecar.app.Embedding(config, engine)`` with the REAL built-in model
+2. Builds ``sidecar.service.app.Embedding(config, engine)`` with the REAL built-in model
    and ``preprocess.slice_spacing_mm: 0``, ``max_slices_per_series`` >= the
    largest series, so EVERY slice is embedded; other settings are the schema
    defaults (``embedding.threads`` 1 unless ``--threads``, batch 32, input 128,
@@ -243,9 +243,9 @@ def load_cfg(path: Path, data: dict[str, Any], overrides: dict[str, str]) -> Any
 
 def store_all(cfg: Any, items: Iterator[tuple[str, bytes]]) -> tuple[set[str], int]:
     """Store Part-10 byte strings with InstanceStore and mark every study stable."""
-    from sidecar.app import open_catalogue
+    from sidecar.archive.store import InstanceStore, Origin, Outcome
     from sidecar.db.repository import utcnow
-    from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
+    from sidecar.service.app import open_catalogue
 
     engine, repo = open_catalogue(cfg)
     try:
@@ -280,10 +280,10 @@ def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from pydicom import dcmread
 
-    from sidecar.app import Embedding, open_catalogue
     from sidecar.embeddings import preprocess
     from sidecar.embeddings.model import load_weights
     from sidecar.embeddings.worker import WorkStats
+    from sidecar.service.app import Embedding, open_catalogue
 
     root = work / "part-a"
     root.mkdir()

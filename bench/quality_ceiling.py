@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidecar import evaluate as ev
 from sidecar.config import Config
 from sidecar.embeddings import model as m
-from sidecar.embeddings import training as tr
+from sidecar.lab import evaluate as ev
+from sidecar.training import selfsup as tr
 
 
 def prepared(images: np.ndarray, config: Config, name: str, size: int) -> np.ndarray:

@@ -285,7 +285,7 @@ def scratch_engine(cfg: Any) -> tuple[Any, Any]:
     """The repository on an engine whose SQLite connections skip fsync (build only)."""
     from sqlalchemy import event
 
-    from sidecar.app import open_catalogue
+    from sidecar.service.app import open_catalogue
 
     engine, repo = open_catalogue(cfg)
 
@@ -644,8 +644,8 @@ def exact_study_ranking(ar: Archive, m16: np.ndarray, q: np.ndarray, own: int) -
 
 def in_process(ar: Archive, cfg: Any, refs: dict[str, list[Reference]], gen: Generator,
                args: argparse.Namespace) -> dict[str, Any]:
-    import sidecar.search as search_mod
-    from sidecar.app import open_catalogue
+    import sidecar.search.service as search_mod
+    from sidecar.service.app import open_catalogue
 
     engine, _ = open_catalogue(cfg, migrate=False)
     try:
@@ -703,7 +703,7 @@ def in_process(ar: Archive, cfg: Any, refs: dict[str, list[Reference]], gen: Gen
             results["example"] = lat
         else:
             results["example"] = Latency("SearchService.search, example (held-out vectors)",
-                                         note="no query by example in sidecar.search")
+                                         note="no query by example in sidecar.search.service")
         # after the timed queries: numpy's exact ranking would disturb their timing
         for r in refs["series"][:min(args.queries, args.pipeline_recall_queries)]:
             lo, hi = ar.series_start[r.index], ar.series_start[r.index + 1]

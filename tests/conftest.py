@@ -15,8 +15,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from sidecar.app import Sidecar
 from sidecar.config import Config, load_config
+from sidecar.service.app import Sidecar
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SIDECAR_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import PeerConfig
-from sidecar.dicom_scp.access import AccessPolicy
+from sidecar.dicom.access import AccessPolicy
 
 LOOPBACKS = ["127.0.0.1", "127.5.5.5", "127.255.255.254", "::1", "::ffff:127.0.0.1"]
 

@@ -27,19 +27,10 @@ import torch
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
-from sidecar.app import Embedding, Sidecar, open_catalogue
-from sidecar.cli import main
+from sidecar.archive.store import InstanceStore, Origin
+from sidecar.cli.main import main
 from sidecar.config import Config, load_config
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.dicom_scp.storage import InstanceStore, Origin
-from sidecar.embeddings import adapt
-from sidecar.embeddings.adapt import (
-    ADAPTED_MODEL_KEY,
-    ModelRecord,
-    TrainingLibrary,
-    model_history,
-    record_adapted_model,
-)
 from sidecar.embeddings.model import (
     WEIGHTS_FORMAT,
     Embedder,
@@ -50,7 +41,16 @@ from sidecar.embeddings.model import (
     serialise_state_dict,
 )
 from sidecar.errors import ConfigError
-from sidecar.search import Reference, SearchService
+from sidecar.search.service import Reference, SearchService
+from sidecar.service.app import Embedding, Sidecar, open_catalogue
+from sidecar.training import adapt
+from sidecar.training.adapt import (
+    ADAPTED_MODEL_KEY,
+    ModelRecord,
+    TrainingLibrary,
+    model_history,
+    record_adapted_model,
+)
 from tests.conftest import make_ct, part10
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")  # env, cwd and logging restored
@@ -135,7 +135,7 @@ class StandIn:
 
     def train_model(self, images: np.ndarray, recipe: Any, *, init_state: Any = None,
                     groups: Any = None, progress: Any = None, studies: Any = None) -> Any:
-        from sidecar.embeddings.training import TrainResult
+        from sidecar.training.selfsup import TrainResult
 
         self.calls.append({"images": images, "recipe": recipe, "init_state": init_state,
                            "groups": groups, "studies": studies})
@@ -145,7 +145,7 @@ class StandIn:
         return TrainResult(state, file_model_id(serialise_state_dict(self.target)), [0.5], 0.01)
 
     def library(self) -> TrainingLibrary:
-        from sidecar.embeddings import training
+        from sidecar.training import selfsup as training
 
         save = getattr(training, "save_weights", None) or _stand_in_save
         return TrainingLibrary(recipe_type=training.TrainRecipe, train_model=self.train_model,
@@ -322,7 +322,7 @@ def test_start_up_loads_the_recorded_adapted_model(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     site = make_site(config_factory, proper_model(1))
-    with caplog.at_level(logging.INFO, logger="sidecar.embeddings.adapt"):
+    with caplog.at_level(logging.INFO, logger="sidecar.training.adapt"):
         emb = opened(site.config)
     assert emb.model.model_id == site.base_id
     assert "instead of the shipped weights" in caplog.text
@@ -335,7 +335,7 @@ def test_start_up_loads_the_recorded_adapted_model(
     cfg = site.config.model_copy(update={"embedding": site.config.embedding.model_copy(
         update={"model_path": ts})})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sidecar.embeddings.adapt"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.training.adapt"):
         emb2 = opened(cfg)
     assert emb2.model.model_id != site.base_id
     assert "is not used" in caplog.text
@@ -355,7 +355,7 @@ def test_better_model_is_accepted_reembedded_in_background_then_swapped_and_rest
     query_ds = make_ct(seed=5)
 
     stand_in = StandIn(proper_model(7))
-    with caplog.at_level(logging.INFO, logger="sidecar.embeddings.adapt"):
+    with caplog.at_level(logging.INFO, logger="sidecar.training.adapt"):
         outcome = emb.adapt(library=stand_in.library())
     assert outcome.accepted, outcome.reason
     new_id = outcome.candidate_model_id
@@ -465,7 +465,7 @@ def test_worse_candidate_is_rejected_and_logged(
     embed_all(emb)
     vectors = VectorRepository(emb.engine)
     history = vectors.get_setting("embedding.model_history")
-    with caplog.at_level(logging.INFO, logger="sidecar.embeddings.adapt"):
+    with caplog.at_level(logging.INFO, logger="sidecar.training.adapt"):
         outcome = emb.adapt(library=StandIn(collapsed_model(9)).library())
     assert not outcome.accepted
     assert outcome.current_score is not None and outcome.candidate_score is not None
@@ -557,7 +557,7 @@ def test_cli_adapt_offline_reembeds_and_refuses_beside_a_running_service(
 def test_real_training_library_end_to_end(
     config_factory: Callable[..., Config], opened: Callable[[Config], Embedding],
 ) -> None:
-    from sidecar.embeddings import training
+    from sidecar.training import selfsup as training
 
     if not all(hasattr(training, n) for n in ("save_weights", "label_free_score")):
         pytest.skip("the training library has no save_weights/label_free_score yet")
@@ -580,7 +580,7 @@ def test_real_training_library_end_to_end(
 def test_cli_adapt_from_npz_keeps_the_candidate_for_evaluation(
     config_factory: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sidecar import evaluate
+    from sidecar.lab import evaluate
 
     cfg = config_factory(OVERRIDES)
     config_path = cfg.data_dir.parent / "sidecar.yaml"

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from sidecar.cli import main
+from sidecar.cli.main import main
 from tests.conftest import make_ct, make_sr
 
 STATES = ("pending", "embedded", "failed", "skipped")

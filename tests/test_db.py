@@ -493,10 +493,10 @@ def test_postgresql_url_with_percent_encoded_password(pg_port: int, pg_database:
 def test_postgresql_catalogue_verify_and_newest_instance(
     pg_port: int, pg_database: str, config_factory: Callable[..., Config]
 ) -> None:
-    from sidecar.app import open_catalogue
+    from sidecar.archive.store import InstanceStore, Origin
+    from sidecar.archive.verify import verify_storage
     from sidecar.db.vectors import VectorRepository
-    from sidecar.dicom_scp.storage import InstanceStore, Origin
-    from sidecar.verify import verify_storage
+    from sidecar.service.app import open_catalogue
     from tests.conftest import make_ct, part10
 
     cfg = config_factory({"database": {

@@ -16,8 +16,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sidecar.app import Sidecar
 from sidecar.db.models import Instance
+from sidecar.service.app import Sidecar
 from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
 
 pytestmark = pytest.mark.dcmtk

@@ -12,12 +12,12 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from sidecar.app import Embedding, open_catalogue
-from sidecar.cli import main
+from sidecar.archive.store import InstanceStore, Origin
+from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.db.models import Instance, Patient, SliceVector, Study
-from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings.model import TinyEmbedder
+from sidecar.service.app import Embedding, open_catalogue
 from tests.conftest import make_ct
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")

@@ -29,10 +29,10 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Series, SliceVector, Study
 from sidecar.embeddings.index import from_blob, read_saved_facts
+from sidecar.service.app import Sidecar
 from tests.conftest import CT_IMAGE_STORAGE, STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
 
 LIVE = {
@@ -223,7 +223,7 @@ def test_cstore_series_is_embedded_searchable_and_survives_a_restart(
     stop(app)  # saves the index
     saved = read_saved_facts(config.index_dir / app.embedding.embedder.model_id)
     assert saved["count"] == 12
-    with caplog.at_level(logging.INFO, logger="sidecar.app"):
+    with caplog.at_level(logging.INFO, logger="sidecar.service.app"):
         again = live()
         # the search's in-memory vectors are loaded at start, before any query
         wait_for(lambda: again.search.cache_loaded, what="search vectors loaded at start")

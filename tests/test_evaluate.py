@@ -21,10 +21,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from sidecar import evaluate as ev
-from sidecar.cli import main
+from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.embeddings.model import TinyEmbedder, builtin_weights_path
+from sidecar.lab import evaluate as ev
 from tests.conftest import SHARED_DATA
 
 MEDMNIST = SHARED_DATA / "medmnist"

@@ -33,13 +33,13 @@ from pynetdicom.sop_class import (
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
-from sidecar.app import Sidecar
+from sidecar.archive.store import Origin
 from sidecar.config import Config, load_config
-from sidecar.dicom_scp import find
-from sidecar.dicom_scp.find import CatalogueFind, FindAnswer, FindRequest, Level
-from sidecar.dicom_scp.server import DicomNode
-from sidecar.dicom_scp.storage import Origin
+from sidecar.dicom import find
+from sidecar.dicom.find import CatalogueFind, FindAnswer, FindRequest, Level
+from sidecar.dicom.node import DicomNode
 from sidecar.errors import InvalidQuery, QueryError
+from sidecar.service.app import Sidecar
 from tests.conftest import dcmtk_env, dcmtk_tool, free_port, make_ct, part10
 
 # Queries with wildcards in CS values and bad dates on purpose.

@@ -1,4 +1,4 @@
-"""The HTTP API (``sidecar.http_api``), over real HTTP on loopback.
+"""The HTTP API (``sidecar.http.app``), over real HTTP on loopback.
 
 One small archive per module, built with the tiny deterministic embedder
 (``tests/test_search.py`` explains the construction: slices are noisy copies
@@ -41,10 +41,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from sidecar.config import HttpConfig, QueryConfig
-from sidecar.http_api import HttpServer, HttpServerError, create_app
+from sidecar.http.app import HttpServer, HttpServerError, create_app
 from sidecar.metrics import CatalogueFigures, Metrics
-from sidecar.query import QueryService
-from sidecar.search import Reference, SearchService
+from sidecar.search.front import QueryService
+from sidecar.search.service import Reference, SearchService
 from tests.conftest import free_port
 from tests.test_search import LAYOUT, Archive, build_archive, ct_slice, make_sr, part10
 
@@ -333,7 +333,7 @@ def test_unexpected_error_is_a_bare_500_and_logged(
 
     monkeypatch.setattr(broken.search_service, "search", fail)
     try:
-        with caplog.at_level(logging.ERROR, logger="sidecar.http_api"):
+        with caplog.at_level(logging.ERROR, logger="sidecar.http.app"):
             answer = other_server(broken).get("/v1/similar", study=api.uid("R"))
     finally:
         broken.close()
@@ -341,7 +341,7 @@ def test_unexpected_error_is_a_bare_500_and_logged(
     assert answer.error["kind"] == "internal"
     assert b"boom" not in answer.body and b"Doe" not in answer.body
     assert b"Traceback" not in answer.body
-    logged = [r for r in caplog.records if r.name == "sidecar.http_api" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "sidecar.http.app" and r.exc_info]
     assert len(logged) == 1 and "GET /v1/similar" in logged[0].getMessage()
     assert isinstance(logged[0].exc_info[1], RuntimeError)  # type: ignore[index]
 
@@ -557,11 +557,11 @@ def test_no_uids_in_logs_at_info(api: Api, caplog: pytest.LogCaptureFixture) -> 
         assert api.client.get("/v1/similar", study=api.uid("P")).status == 409
     shown = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.INFO]
     assert not any(r.uid in msg or api.uid("P") in msg for msg in shown), shown
-    with caplog.at_level(logging.DEBUG, logger="sidecar.http_api"):
+    with caplog.at_level(logging.DEBUG, logger="sidecar.http.app"):
         assert api.client.get("/v1/similar", study=r.uid).status == 200
         deadline = time.monotonic() + 5  # logged once the answer is sent: wait for it
         while time.monotonic() < deadline:
-            debug = [rec.getMessage() for rec in caplog.records if rec.name == "sidecar.http_api"]
+            debug = [rec.getMessage() for rec in caplog.records if rec.name == "sidecar.http.app"]
             if any(msg.startswith("HTTP GET /v1/similar -> 200") for msg in debug):
                 break
             time.sleep(0.01)

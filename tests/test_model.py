@@ -168,7 +168,7 @@ def test_weights_json_documents_how_the_shipped_model_was_trained() -> None:
 
 
 def test_regenerating_random_weights_gives_same_files(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "sidecar.embeddings.make_initial_weights"]
+    cmd = [sys.executable, "-m", "sidecar.training.make_initial_weights"]
     made = []
     for out in (tmp_path / "a", tmp_path / "b"):
         proc = subprocess.run([*cmd, "--out-dir", str(out)], cwd=REPO, capture_output=True,

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import numpy as np
 from pydicom.uid import generate_uid
 
-from sidecar.app import Embedding, open_catalogue
+from sidecar.archive.store import InstanceStore, Origin
 from sidecar.config import Config
 from sidecar.db.vectors import ACTIVE_MODEL_KEY
-from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings.model import TinyEmbedder
+from sidecar.service.app import Embedding, open_catalogue
 from tests.conftest import make_ct, part10
 
 OVERRIDES = {"preprocess": {"slice_spacing_mm": 0, "max_slices_per_series": 64}}

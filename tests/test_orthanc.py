@@ -34,9 +34,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from scripts.orthanc_pacs import Modality, OrthancPacs, orthanc_available, wait_until
-from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.embeddings.model import TinyEmbedder
+from sidecar.service.app import Sidecar
 from tests.conftest import dcmtk_tool, free_port
 from tests.test_search import ct_slice, part10
 

@@ -12,8 +12,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from sidecar.archive.parse import IMAGE_SOP_CLASSES, extract_meta, is_valid_uid, read_header
 from sidecar.db.repository import InstanceMeta
-from sidecar.dicom_scp.parse import IMAGE_SOP_CLASSES, extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset
 from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
 

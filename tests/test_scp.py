@@ -36,9 +36,9 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
-from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.db.models import Instance, Patient, Series, Study
+from sidecar.service.app import Sidecar
 from tests.conftest import CT_IMAGE_STORAGE, make_ct
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -1,4 +1,4 @@
-"""The similarity search service (``sidecar.search``) and ``sidecar search``.
+"""The similarity search service (``sidecar.search.service``) and ``sidecar search``.
 
 One archive is built per module with the tiny deterministic embedder: every
 slice is a noisy copy (8 HU of noise) of one of a few distinct *base* images
@@ -44,18 +44,17 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-import sidecar.search as search_mod
-from sidecar.app import Embedding, open_catalogue
-from sidecar.cli import main
+import sidecar.search.service as search_mod
+from sidecar.archive.store import InstanceStore, Origin
+from sidecar.cli.main import main
 from sidecar.config import Config, load_config
 from sidecar.db.models import Study, StudyVector
 from sidecar.db.repository import Repository
-from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.index import VectorIndex, from_blob, read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService
-from sidecar.search import (
+from sidecar.search.service import (
     BadQuery,
     IndexUnavailable,
     NotEmbedded,
@@ -66,6 +65,7 @@ from sidecar.search import (
     SearchService,
     UnknownReference,
 )
+from sidecar.service.app import Embedding, open_catalogue
 from tests.conftest import free_port, make_ct, part10
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -810,7 +810,7 @@ def test_series_means_follow_new_recomputed_and_deleted_series(
         small.repo.mark_stable_studies(0.0)
         while small.emb.run_job().series:
             pass
-        with caplog.at_level("DEBUG", logger="sidecar.search"):
+        with caplog.at_level("DEBUG", logger="sidecar.search.service"):
             hits = service.search(Reference.study(a.uid), k=5)
         assert any("1 recomputed, 1 new" in m for m in caplog.messages), caplog.messages
         assert not any("loaded" in m and "series mean" in m for m in caplog.messages)
@@ -820,7 +820,7 @@ def test_series_means_follow_new_recomputed_and_deleted_series(
         # a deleted study: everything is read again
         assert small.repo.delete_study(small.studies["B"].uid) is not None
         caplog.clear()
-        with caplog.at_level("DEBUG", logger="sidecar.search"):
+        with caplog.at_level("DEBUG", logger="sidecar.search.service"):
             hits = service.search(Reference.study(a.uid), k=5)
         assert any("loaded 4 series mean vectors" in m for m in caplog.messages), caplog.messages
         assert small.studies["B"].uid not in {h.study_instance_uid for h in hits.hits}

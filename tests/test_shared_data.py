@@ -34,16 +34,16 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.db.models import Instance
+from sidecar.service.app import Sidecar
 from tests.conftest import CT_IMAGE_STORAGE, make_ct
 
 pytestmark = pytest.mark.shared_data
 
 VERIFICATION = "1.2.840.10008.1.1"
 UNHANDLED = 0xC211
-#: Failure statuses the node documents (README, sidecar/dicom_scp/statuses.py).
+#: Failure statuses the node documents (README, sidecar/dicom/statuses.py).
 SPECIFIC_FAILURES = {0xA700, 0xA900, 0xC000, 0xC210, 0x0110, 0x0117}
 DEFLATED_IMAGE = "dicomParser-testImages/deflate/image_dfl"
 #: Valid files the node refuses today, each with a strict-xfail test of its own.

@@ -26,19 +26,19 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from sidecar.archive.store import InstanceStore
 from sidecar.config import Config
-from sidecar.dicom_scp.find import STUDY_ROOT_FIND
-from sidecar.dicom_scp.server import DicomNode
-from sidecar.dicom_scp.similarity import (
+from sidecar.dicom.find import STUDY_ROOT_FIND
+from sidecar.dicom.node import DicomNode
+from sidecar.dicom.similarity import (
     PRIVATE_TAGS,
     SimilarityFind,
     dcmtk_dictionary,
     parse_similarity,
 )
-from sidecar.dicom_scp.storage import InstanceStore
 from sidecar.metrics import Metrics
-from sidecar.query import AuditLog, ExampleStore, QueryService
-from sidecar.search import SearchService
+from sidecar.search.front import AuditLog, ExampleStore, QueryService
+from sidecar.search.service import SearchService
 from tests.conftest import dcmtk_tool, free_port, make_sr
 from tests.test_search import LAYOUT, Archive, build_archive, ct_slice, part10, query_image
 
@@ -601,8 +601,8 @@ def test_receiver_processes_forward_queries_and_examples(
     config_factory: Callable[..., Config],
 ) -> None:
     """With receivers in child processes, C-FIND and examples reach the main process's index."""
-    from sidecar.app import Sidecar
     from sidecar.embeddings.model import TinyEmbedder
+    from sidecar.service.app import Sidecar
 
     cfg = config_factory({
         "dicom": {"retrieve_ae_title": PACS_AE},

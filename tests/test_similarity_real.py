@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 
-from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.embeddings.model import load_embedder
+from sidecar.service.app import Sidecar
 from tests.conftest import SHARED_DATA
 from tests.test_similarity_find import EXAMPLE_AE, SUCCESS, c_find, similarity
 

@@ -21,12 +21,12 @@ from pydicom.uid import (
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from sidecar.app import open_catalogue
+from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
-from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+from sidecar.service.app import open_catalogue
 from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
@@ -37,7 +37,7 @@ def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
     env_factory: Callable[..., Env], caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sidecar.dicom_scp import storage
+    from sidecar.archive import store as storage
 
     env = env_factory({"storage": {"quarantine_max_mb": 1}})
     env.quarantine.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def test_quarantine_stops_keeping_at_its_cap_and_refusals_go_on(
     filler.write_bytes(b"\0" * (2**20 - 100))  # almost full
     bad = make_ct()
     del bad.StudyInstanceUID
-    with caplog.at_level(logging.WARNING, logger="sidecar.dicom_scp.storage"), \
+    with caplog.at_level(logging.WARNING, logger="sidecar.archive.store"), \
             pytest.raises(InvalidDataset) as info:
         env.store.store(part10(bad), None, PACS)
     assert info.value.kind == "missing"  # refused as before, with its reason

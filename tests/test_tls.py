@@ -29,10 +29,10 @@ from pynetdicom import AE
 
 from scripts.orthanc_pacs import Modality, OrthancPacs, OrthancTls, orthanc_available, wait_until
 from scripts.tls_pki import OPENSSL, Pki, make_pki
-from sidecar.app import Sidecar
-from sidecar.cli import main
+from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.errors import ConfigError
+from sidecar.service.app import Sidecar
 from tests.conftest import dcmtk_env, dcmtk_tool, make_ct, part10
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -126,7 +126,7 @@ def test_pynetdicom_clients_with_and_without_certificates(
 ) -> None:
     _, port = tls_node()
     assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
-    with caplog.at_level("WARNING", logger="sidecar.dicom_scp.tls"):
+    with caplog.at_level("WARNING", logger="sidecar.dicom.tls"):
         assert pynetdicom_echo(port, client_context(pki, None, None)) is None
         assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
         assert pynetdicom_echo(port, None) is None  # plain DICOM on the TLS port
@@ -148,7 +148,7 @@ def test_without_required_client_certificates_any_tls_client_is_served(
     assert pynetdicom_echo(port, None) is None  # still TLS only
     # with the CA given, a certificate is optional, but one that is presented must be valid
     _, port = tls_node(require_client_certificate=False)
-    with caplog.at_level("INFO", logger="sidecar.dicom_scp.server"):
+    with caplog.at_level("INFO", logger="sidecar.dicom.node"):
         assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
         assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
     assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
@@ -165,7 +165,7 @@ def test_a_stalled_handshake_delays_no_one_and_times_out(
 ) -> None:
     _, port = tls_node(handshake_timeout=1.5)
     good = client_context(pki, pki.client_cert, pki.client_key)
-    with caplog.at_level("WARNING", logger="sidecar.dicom_scp.tls"), \
+    with caplog.at_level("WARNING", logger="sidecar.dicom.tls"), \
             socket.create_connection(("127.0.0.1", port)):  # connects, then says nothing
         started = time.monotonic()
         assert pynetdicom_echo(port, good) == 0
@@ -268,7 +268,7 @@ def test_the_evaluation_sidecar_runs_without_tls_on_a_tls_site(
 ) -> None:
     """`sidecar evaluate` path (b) starts its own loopback sidecar and talks plain DICOM
     to it: a site's TLS settings must not reach that sidecar."""
-    from sidecar.evaluate import pipeline_config
+    from sidecar.lab.evaluate import pipeline_config
 
     site = config_factory({"dicom": {"tls": tls_settings(pki)}})
     cfg = pipeline_config(site, tmp_path / "eval", top_k=5, examples=1, gallery=10)
@@ -305,7 +305,7 @@ def test_the_certificate_validity_is_checked_reported_and_exported(
 ) -> None:
     # The test PKI's certificates live two days: valid, within the warning period.
     # The running node logs that and exports the expiry for monitoring.
-    with caplog.at_level("INFO", logger="sidecar.app"):
+    with caplog.at_level("INFO", logger="sidecar.service.app"):
         app = sidecar_factory(config_factory({"dicom": {"tls": tls_settings(pki)}}))
     assert any(r.levelname == "WARNING" and "DICOM TLS certificate CN=sidecar, valid until "
                in r.getMessage() and "(2 days): renew it" in r.getMessage()
@@ -324,7 +324,7 @@ def test_the_certificate_validity_is_checked_reported_and_exported(
     app.tls_certificate = dataclasses.replace(
         app.tls_certificate, not_after=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     caplog.clear()
-    with caplog.at_level("INFO", logger="sidecar.app"):
+    with caplog.at_level("INFO", logger="sidecar.service.app"):
         app.report_tls_certificate()
     assert [(r.levelname, "has expired: TLS peers refuse every association" in r.getMessage())
             for r in caplog.records] == [("ERROR", True)], caplog.text

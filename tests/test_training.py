@@ -1,4 +1,4 @@
-"""Self-supervised training (``sidecar.embeddings.training``, ``sidecar train``).
+"""Self-supervised training (``sidecar.training.selfsup``, ``sidecar train``).
 
 Tiny recipes on synthetic images (a few seconds each): the loss falls, a seed
 gives the same weights twice, saved weights load back with their model id,
@@ -19,10 +19,8 @@ import torch
 from click.testing import CliRunner
 from pydicom.uid import generate_uid
 
-from sidecar import evaluate as ev
-from sidecar.cli import main
+from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.embeddings import training as tr
 from sidecar.embeddings.model import (
     SliceNetV1,
     SliceNetV1Params,
@@ -30,6 +28,8 @@ from sidecar.embeddings.model import (
     load_weights,
 )
 from sidecar.files import sha256_file
+from sidecar.lab import evaluate as ev
+from sidecar.training import selfsup as tr
 from tests.conftest import make_ct
 
 SIZE = 32

@@ -1,4 +1,4 @@
-"""``sidecar verify``: the catalogue against the stored files (``sidecar.verify``).
+"""``sidecar verify``: the catalogue against the stored files (``sidecar.archive.verify``).
 
 A small archive stored through the real store; then files are removed,
 changed, added by hand and left half-written, and the check must name each
@@ -18,11 +18,11 @@ import pytest
 from click.testing import CliRunner, Result
 from pydicom.uid import generate_uid
 
-from sidecar.app import Sidecar, open_catalogue
-from sidecar.cli import main
+from sidecar.archive.store import InstanceStore, Origin
+from sidecar.archive.verify import verify_storage
+from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.dicom_scp.storage import InstanceStore, Origin
-from sidecar.verify import verify_storage
+from sidecar.service.app import Sidecar, open_catalogue
 from tests.conftest import make_ct, part10
 
 OLD = time.time() - 3600.0
@@ -174,7 +174,7 @@ def test_the_service_removes_temporaries_an_interrupted_store_left_at_start(
 def test_recorded_paths_are_found_and_others_are_not() -> None:
     # The catalogue's paths are held as 64-bit digests (8 bytes a row): every
     # recorded path must be found, and paths never recorded must not be.
-    from sidecar.verify import _RecordedPaths
+    from sidecar.archive.verify import _RecordedPaths
 
     recorded = _RecordedPaths()
     paths = [f"1.2.840.{s}/1.3.{s}.{i}/{i:08d}.dcm" for s in range(50) for i in range(400)]

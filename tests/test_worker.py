@@ -30,8 +30,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sidecar.app import Embedding, open_catalogue
-from sidecar.cli import main
+from sidecar.archive.store import InstanceStore, Origin
+from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.db.models import (
     Instance,
@@ -44,11 +44,11 @@ from sidecar.db.models import (
 )
 from sidecar.db.repository import utcnow
 from sidecar.db.vectors import NewVector, VectorRepository
-from sidecar.dicom_scp.storage import InstanceStore, Origin
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.index import from_blob, read_saved_facts, to_blob
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
+from sidecar.service.app import Embedding, open_catalogue
 from tests.conftest import make_ct, part10
 from tests.conftest import make_sr as make_sr_base
 
@@ -358,7 +358,7 @@ class _Waits:
 def test_worker_pauses_after_each_series_while_instances_arrive(
     node_factory: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, share: float
 ) -> None:
-    from sidecar import app
+    from sidecar.service import app
 
     node = node_factory({**every_slice(), "worker": {"ingest_share": share}})
     node.put(*ct_series(4), *ct_series(4, seed0=50), *ct_series(4, seed0=90))
@@ -893,7 +893,7 @@ import sys
 import time
 from pathlib import Path
 
-from sidecar.app import Embedding, open_catalogue
+from sidecar.service.app import Embedding, open_catalogue
 from sidecar.config import load_config
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexService

@@ -1,4 +1,4 @@
-"""Read-only catalogue queries of the similarity search service (``sidecar.search``).
+"""Read-only catalogue queries of the similarity search service (``sidecar.search.service``).
 
 Nothing here writes: every function opens a connection, reads and closes it.
 Vectors come back as the stored float16 blobs; the caller unpacks them.

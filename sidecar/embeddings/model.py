@@ -16,7 +16,7 @@ Models
   weights and how they were made. The shipped weights were trained by our
   own code without labels (``sidecar train``; recipe, seed and data manifest
   in the JSON). Untrained, seeded random weights for comparison:
-  ``python -m sidecar.embeddings.make_initial_weights``.
+  ``python -m sidecar.training.make_initial_weights``.
 * ``embedding.model_path``: a TorchScript file (input ``N x 1 x S x S`` in
   ``[0, 1]``, output ``N x D``) replaces the built-in model. ``D`` is found by a
   dry run. :func:`export_torchscript` writes such a file from any module.

@@ -16,7 +16,7 @@ position. For each series, in an order that survives a crash at any point:
 5. only then add the vectors to the index.
 
 Pacing: after each series the worker calls ``pace(seconds the series took)``
-(:meth:`sidecar.app.Embedding.pace`: while instances are arriving, a pause
+(:meth:`sidecar.service.app.Embedding.pace`: while instances are arriving, a pause
 that keeps the job at ``worker.ingest_share`` of the time), so a backlog of
 embedding never slows the DICOM receivers down much on a small machine.
 

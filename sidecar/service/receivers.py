@@ -46,12 +46,12 @@ def _receiver_main(
     stop: mp.synchronize.Event,
     query_endpoint: tuple[str, bytes] | None,
 ) -> None:  # pragma: no cover - runs in a child process (exercised by tests via serve)
-    from sidecar.app import open_catalogue
-    from sidecar.dicom_scp.server import DicomNode
-    from sidecar.dicom_scp.similarity import SimilarityFind
-    from sidecar.dicom_scp.storage import InstanceStore
+    from sidecar.archive.store import InstanceStore
+    from sidecar.dicom.node import DicomNode
+    from sidecar.dicom.similarity import SimilarityFind
     from sidecar.logsetup import configure_logging
-    from sidecar.query_ipc import QueryClient
+    from sidecar.search.ipc import QueryClient
+    from sidecar.service.app import open_catalogue
 
     configure_logging(log_level)
     terminated = threading.Event()

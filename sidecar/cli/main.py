@@ -90,7 +90,7 @@ def check_config(ctx: click.Context, config_path: Path | None) -> None:
     cfg = _load(ctx)
     cert_line = None
     if cfg.dicom.tls.enabled:
-        from sidecar.dicom_scp.tls import checked_certificate
+        from sidecar.dicom.tls import checked_certificate
 
         try:
             cert = checked_certificate(cfg.dicom.tls)
@@ -109,7 +109,7 @@ def check_config(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the DICOM node and the scheduled jobs in the foreground until stopped."""
-    from sidecar.app import Sidecar
+    from sidecar.service.app import Sidecar
 
     cfg = _load(ctx)
     stop = threading.Event()
@@ -162,8 +162,8 @@ def _human(n: float) -> str:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Instance counts by state, studies and disk use."""
-    from sidecar.app import open_catalogue
-    from sidecar.dicom_scp.storage import quarantine_usage
+    from sidecar.archive.store import quarantine_usage
+    from sidecar.service.app import open_catalogue
 
     cfg = _load(ctx)
     from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
@@ -236,8 +236,8 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
     Files that are not DICOM Part-10 files are skipped and counted. The exit
     code is 1 when any DICOM file was refused or failed.
     """
-    from sidecar.app import open_catalogue
-    from sidecar.dicom_scp.storage import InstanceStore, Origin
+    from sidecar.archive.store import InstanceStore, Origin
+    from sidecar.service.app import open_catalogue
 
     cfg = _load(ctx)
     engine, repo = open_catalogue(cfg)
@@ -304,9 +304,9 @@ def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
     2 when only orphans or stale temporaries are left (never acknowledged;
     --repair tidies them).
     """
-    from sidecar.app import open_catalogue
-    from sidecar.embeddings.adapt import index_in_use
-    from sidecar.verify import repair_storage, verify_storage
+    from sidecar.archive.verify import repair_storage, verify_storage
+    from sidecar.service.app import open_catalogue
+    from sidecar.training.adapt import index_in_use
 
     cfg = _load(ctx)
     if repair and index_in_use(cfg):
@@ -364,7 +364,7 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
     """Delete a study: its files, rows and vectors (the index drops them on its
     next reconciliation: at once when no `sidecar serve` runs, else within
     index.save_interval seconds)."""
-    from sidecar.app import open_catalogue
+    from sidecar.service.app import open_catalogue
 
     cfg = _load(ctx)
     if not yes:
@@ -396,8 +396,8 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
 
 def _open_embedding(ctx: click.Context) -> Any:
     """Catalogue + embedding parts for a one-shot command (index lock taken)."""
-    from sidecar.app import Embedding, open_catalogue
     from sidecar.embeddings.service import IndexBusy
+    from sidecar.service.app import Embedding, open_catalogue
 
     cfg = _load(ctx)
     engine, repo = open_catalogue(cfg)
@@ -494,9 +494,9 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     queries), `>` the model the next start of `sidecar serve` loads (they
     differ while a model change re-embeds).
     """
-    from sidecar.app import open_catalogue
     from sidecar.db.vectors import VectorRepository
-    from sidecar.embeddings.adapt import describe, list_models
+    from sidecar.service.app import open_catalogue
+    from sidecar.training.adapt import describe, list_models
 
     cfg = _load(ctx)
     engine, _ = open_catalogue(cfg)
@@ -532,8 +532,8 @@ def model_restore(ctx: click.Context, model_id: str | None) -> None:
     missing series are embedded in the background, then it becomes active.
     Refused while embedding.model_path is set (the configuration chooses).
     """
-    from sidecar.app import open_catalogue
-    from sidecar.embeddings.adapt import index_in_use, restore_model
+    from sidecar.service.app import open_catalogue
+    from sidecar.training.adapt import index_in_use, restore_model
 
     cfg = _load(ctx)
     running = index_in_use(cfg)
@@ -598,7 +598,7 @@ def adapt(
     candidate in DIR whether accepted or not, and prints both scores; then
     `sidecar evaluate FILE --model DIR/<id>.pt` measures what adaptation adds.
     """
-    from sidecar.embeddings.adapt import AdaptationBusy, adapt_npz, index_in_use
+    from sidecar.training.adapt import AdaptationBusy, adapt_npz, index_in_use
 
     cfg = _load(ctx)
     if npz is not None:
@@ -666,7 +666,7 @@ def _cut(text: str, width: int) -> str:
 
 
 def _print_result(result: Any) -> None:
-    from sidecar.search import SearchResult
+    from sidecar.search.service import SearchResult
 
     res: SearchResult = result
     ref = res.reference
@@ -744,15 +744,15 @@ def search(
     hit), 1 the query failed (unknown or not yet embedded reference, no
     index), 2 usage.
     """
-    from sidecar.app import open_catalogue
-    from sidecar.query import QueryService, Requester, SimilarityRequest
-    from sidecar.search import (
+    from sidecar.search.front import QueryService, Requester, SimilarityRequest
+    from sidecar.search.service import (
         Level,
         ReadOnlyEmbedding,
         Reference,
         SearchFilters,
         SearchService,
     )
+    from sidecar.service.app import open_catalogue
 
     given = [x for x in (file_or_folder, study_uid, series_uid, instance_uid) if x]
     if len(given) != 1:
@@ -766,7 +766,7 @@ def search(
 
     def _embedder() -> Any:
         from sidecar.db.vectors import VectorRepository
-        from sidecar.embeddings.adapt import load_service_embedder
+        from sidecar.training.adapt import load_service_embedder
 
         return load_service_embedder(cfg, VectorRepository(engine))
 
@@ -840,9 +840,9 @@ def train(
     seed, data manifest (SHA-256 of every input), torch version and time
     taken; use them with `sidecar evaluate --model PATH`.
     """
-    from sidecar.embeddings import training
     from sidecar.embeddings.model import load_weights
     from sidecar.files import sha256_file
+    from sidecar.training import selfsup as training
 
     cfg = _load(ctx)
     try:
@@ -936,7 +936,7 @@ def evaluate(
     baseline and the majority-class rate. Path (b) runs a sidecar in-process
     on a temporary directory; the configured data directory is not touched.
     """
-    from sidecar import evaluate as ev
+    from sidecar.lab import evaluate as ev
 
     cfg = _load(ctx)
     try:

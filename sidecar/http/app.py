@@ -47,7 +47,7 @@ Routes
 
 Answers and errors
 ------------------
-A search answers 200 with :meth:`sidecar.search.SearchResult.to_dict` (the
+A search answers 200 with :meth:`sidecar.search.service.SearchResult.to_dict` (the
 same object ``sidecar search --json`` prints). Every error is JSON
 ``{"error": {"kind": KIND, "message": TEXT}}`` (``NotEmbedded`` adds
 ``state`` and ``counts``):
@@ -73,7 +73,7 @@ status  kind                        when
                                     model change under way)
 ======  ==========================  ===============================================
 
-Every query that reaches :class:`sidecar.query.QueryService` (all but the
+Every query that reaches :class:`sidecar.search.front.QueryService` (all but the
 parameter and body errors above, which are refused before a query exists) is
 audited and measured there, with interface ``http`` and the client address.
 
@@ -118,8 +118,8 @@ from uvicorn.server import ServerState
 from sidecar.config import HttpConfig
 from sidecar.errors import SidecarError
 from sidecar.metrics import CONTENT_TYPE, Metrics
-from sidecar.query import ERROR_KINDS, QueryService, Requester, SimilarityRequest
-from sidecar.search import (
+from sidecar.search.front import ERROR_KINDS, QueryService, Requester, SimilarityRequest
+from sidecar.search.service import (
     BadQuery,
     IndexUnavailable,
     Level,

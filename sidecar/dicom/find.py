@@ -99,7 +99,7 @@ from sidecar.db.models import INSTANCE as _INSTANCE
 from sidecar.db.models import PATIENT as _PATIENT
 from sidecar.db.models import SERIES as _SERIES
 from sidecar.db.models import STUDY as _STUDY
-from sidecar.dicom_scp.statuses import Status
+from sidecar.dicom.statuses import Status
 from sidecar.errors import InvalidQuery, QueryRefused
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Write UNTRAINED SliceNetV1 weights: a seeded random initialisation.
 
-``python -m sidecar.embeddings.make_initial_weights --out-dir DIR [--seed N]``
+``python -m sidecar.training.make_initial_weights --out-dir DIR [--seed N]``
 writes ``DIR/slicenet-v1-initial-random-seed<N>.pt`` and its JSON
 description: :meth:`SliceNetV1.reset_parameters` with a ``torch.Generator``
 seeded with ``--seed``, never trained. They are a baseline for experiments
@@ -83,7 +83,7 @@ def write_initial_weights(out_dir: Path, seed: int = 0) -> tuple[Path, Path, str
             "BatchNorm: weight 1, bias 0, running mean 0, running var 1; "
             "linear: normal(0, 1/sqrt(fan_in)), bias 0"
         ),
-        "made_by": f"python -m sidecar.embeddings.make_initial_weights --seed {seed}",
+        "made_by": f"python -m sidecar.training.make_initial_weights --seed {seed}",
         "torch_version": torch.__version__,
         "weights_file": weights_path.name,
         "weights_sha256": hashlib.sha256(data).hexdigest(),

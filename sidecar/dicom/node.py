@@ -2,7 +2,7 @@
 
 Handlers are thin: they translate between DIMSE and the services that do the
 work (:class:`InstanceStore` for storage, the C-FIND branches of
-:mod:`sidecar.dicom_scp.find`). Each handler lists the statuses it can return.
+:mod:`sidecar.dicom.find`). Each handler lists the statuses it can return.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
+from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
-from sidecar.dicom_scp.access import AccessPolicy
-from sidecar.dicom_scp.find import (
+from sidecar.dicom.access import AccessPolicy
+from sidecar.dicom.find import (
     PATIENT_ROOT_FIND,
     STUDY_ROOT_FIND,
     CatalogueFind,
@@ -41,10 +42,9 @@ from sidecar.dicom_scp.find import (
     is_similarity_query,
     model_name,
 )
-from sidecar.dicom_scp.similarity import status_for
-from sidecar.dicom_scp.statuses import Status, error_comment
-from sidecar.dicom_scp.storage import InstanceStore, Origin, Outcome
-from sidecar.dicom_scp.tls import TlsHandshakeInThread, peer_summary, server_context
+from sidecar.dicom.similarity import status_for
+from sidecar.dicom.statuses import Status, error_comment
+from sidecar.dicom.tls import TlsHandshakeInThread, peer_summary, server_context
 from sidecar.errors import (
     InvalidDataset,
     InvalidQuery,
@@ -53,8 +53,8 @@ from sidecar.errors import (
     QueryRefused,
     StorageFailure,
 )
-from sidecar.query import Requester, SimilarityBackend
-from sidecar.search import IndexUnavailable, SearchError
+from sidecar.search.front import Requester, SimilarityBackend
+from sidecar.search.service import IndexUnavailable, SearchError
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ class DicomNode:
 
         An identifier carrying the ``PACS SIDECAR SIMILARITY`` private block
         goes to the similarity branch, any other to the ordinary one (matching
-        rules in :mod:`sidecar.dicom_scp.find`). C-CANCEL is checked before
+        rules in :mod:`sidecar.dicom.find`). C-CANCEL is checked before
         every match is sent.
 
         Yields

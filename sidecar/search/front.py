@@ -1,6 +1,6 @@
 """The query front: similarity requests from every door, with examples, audit and metrics.
 
-:class:`QueryService` wraps :class:`sidecar.search.SearchService` for the
+:class:`QueryService` wraps :class:`sidecar.search.service.SearchService` for the
 three front doors (C-FIND, HTTP, CLI). For every request it
 
 * applies the configured top-K default and cap (``query.default_k``,
@@ -18,7 +18,7 @@ three front doors (C-FIND, HTTP, CLI). For every request it
 
 Receiver processes (``dicom.receiver_processes`` > 1) hold no index: they
 forward similarity queries and examples to the main process through
-:mod:`sidecar.query_ipc`, whose client has the same two methods
+:mod:`sidecar.search.ipc`, whose client has the same two methods
 (:class:`SimilarityBackend`).
 """
 
@@ -43,7 +43,7 @@ from pydicom.errors import InvalidDicomError
 
 from sidecar.config import Config, QueryConfig
 from sidecar.metrics import Metrics
-from sidecar.search import (
+from sidecar.search.service import (
     BadQuery,
     EmbeddedImages,
     IndexUnavailable,
@@ -138,7 +138,7 @@ class SimilarityBackend(Protocol):
     """Answers similarity queries and takes example images (in-process or remote)."""
 
     def search(self, request: SimilarityRequest, requester: Requester) -> SearchResult:
-        """Answer a query or raise a :class:`sidecar.search.SearchError`."""
+        """Answer a query or raise a :class:`sidecar.search.service.SearchError`."""
         ...
 
     def add_example(self, data: bytes, requester: Requester) -> ExampleInfo:
@@ -240,7 +240,7 @@ class AuditLog:
     number of hits, the Study Instance UIDs of the hits, model id and latency.
     The hits are those the search disclosed to the front door; a similarity
     C-FIND that matches other keys after ranking (see
-    :mod:`sidecar.dicom_scp.similarity`) may send fewer of them.
+    :mod:`sidecar.dicom.similarity`) may send fewer of them.
     The file is created with mode 0600; each record is written with one
     ``write`` on a descriptor opened with ``O_APPEND`` (whole lines, even
     with several writers), without fsync.
@@ -330,8 +330,8 @@ class QueryService:
 
         Raises
         ------
-        sidecar.search.SearchError
-            As :meth:`sidecar.search.SearchService.search`.
+        sidecar.search.service.SearchError
+            As :meth:`sidecar.search.service.SearchService.search`.
         """
         start = time.perf_counter()
         ref = request.reference

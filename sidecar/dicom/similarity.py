@@ -47,7 +47,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sidecar.config import QueryConfig
-from sidecar.dicom_scp.find import (
+from sidecar.dicom.find import (
     KEYS,
     PK_LABEL,
     SIMILARITY_CREATOR,
@@ -61,10 +61,10 @@ from sidecar.dicom_scp.find import (
     parse_query,
     response_identifier,
 )
-from sidecar.dicom_scp.statuses import Status
+from sidecar.dicom.statuses import Status
 from sidecar.errors import InvalidQuery, QueryError, QueryRefused, ReferenceNotUsable
-from sidecar.query import Requester, SimilarityBackend, SimilarityRequest, effective_k
-from sidecar.search import (
+from sidecar.search.front import Requester, SimilarityBackend, SimilarityRequest, effective_k
+from sidecar.search.service import (
     BadQuery,
     Hit,
     IndexUnavailable,
@@ -75,7 +75,7 @@ from sidecar.search import (
     SearchResult,
     UnknownReference,
 )
-from sidecar.search import Level as SearchLevel
+from sidecar.search.service import Level as SearchLevel
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ _LEVELS: dict[Level, SearchLevel] = {
 _HIT_UID = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
             Level.IMAGE: "SOPInstanceUID"}
 _LEVEL_ORDER: Final = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
-#: Standard keys whose values a :class:`~sidecar.search.Hit` carries, as the
+#: Standard keys whose values a :class:`~sidecar.search.service.Hit` carries, as the
 #: catalogue would give them (the search read them from it moments before).
 _HIT_VALUES: Final[dict[str, Callable[[Hit], Any]]] = {
     "PatientID": lambda h: h.patient_id,
@@ -162,7 +162,7 @@ def dcmtk_dictionary() -> str:
     """The block as a DCMTK data dictionary (for ``DCMDICTPATH``; see docs/conformance.md)."""
     lines = [
         "# pacs-sidecar similarity C-FIND private block, for DCMTK tools (findscu, dcmdump).",
-        "# Generated from sidecar/dicom_scp/similarity.py (PRIVATE_TAGS); do not edit.",
+        "# Generated from sidecar/dicom/similarity.py (PRIVATE_TAGS); do not edit.",
         "# Use: DCMDICTPATH=/usr/share/libdcmtk17/dicom.dic:/usr/share/libdcmtk17/private.dic:"
         "THIS_FILE",
     ]
@@ -361,13 +361,13 @@ def search_error_to_query_error(exc: SearchError, reference: Reference) -> Query
 
 # ----------------------------------------------------------------- responses
 class SimilarityFind:
-    """The similarity C-FIND branch of a :class:`~sidecar.dicom_scp.server.DicomNode`.
+    """The similarity C-FIND branch of a :class:`~sidecar.dicom.node.DicomNode`.
 
     Parameters
     ----------
     backend
-        Answers the search (:class:`sidecar.query.QueryService` in the main
-        process, :class:`sidecar.query_ipc.QueryClient` in a receiver process).
+        Answers the search (:class:`sidecar.search.front.QueryService` in the main
+        process, :class:`sidecar.search.ipc.QueryClient` in a receiver process).
     engine
         The process's engine, to read the requested standard keys of the hits.
     query_config

@@ -5,8 +5,8 @@ process, but the index, the embedder and the example images live in the main
 process (one copy, kept current by the worker). A child's C-FIND similarity
 branch and its example AE title therefore use :class:`QueryClient`, which
 sends the request to the main process's :class:`QueryServer` and returns its
-answer: the same two methods as :class:`sidecar.query.QueryService`
-(:class:`sidecar.query.SimilarityBackend`).
+answer: the same two methods as :class:`sidecar.search.front.QueryService`
+(:class:`sidecar.search.front.SimilarityBackend`).
 
 Transport: ``multiprocessing.connection`` over a Unix socket in a private
 directory (mode 0700), authenticated with a random key that the main process
@@ -15,8 +15,8 @@ hands to its children (never on a command line). Messages are pickled tuples:
 * ``("search", SimilarityRequest, Requester)`` → ``("ok", SearchResult)``
 * ``("example", bytes, Requester)`` → ``("ok", ExampleInfo)``
 * failures → ``("error", kind, message, state)`` with the kinds of
-  :data:`sidecar.query.ERROR_KINDS`; the client raises the same
-  :class:`sidecar.search.SearchError` subclass.
+  :data:`sidecar.search.front.ERROR_KINDS`; the client raises the same
+  :class:`sidecar.search.service.SearchError` subclass.
 
 Each client thread keeps one connection (pynetdicom runs one thread per
 association) and reconnects once when it breaks; the server runs one thread
@@ -35,7 +35,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from sidecar.query import (
+from sidecar.search.front import (
     ExampleInfo,
     QueryService,
     Requester,
@@ -43,7 +43,7 @@ from sidecar.query import (
     error_from_kind,
     error_kind,
 )
-from sidecar.search import IndexUnavailable, NotEmbedded, SearchError, SearchResult
+from sidecar.search.service import IndexUnavailable, NotEmbedded, SearchError, SearchResult
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Order of operations for one instance (nothing is acknowledged before the end):
 
 If step 4 or 5 fails, the new file is removed and the caller answers a
 failure status: no half-written file and no orphan row. File names come only
-from UIDs that passed :func:`sidecar.dicom_scp.parse.is_valid_uid` (digits and
+from UIDs that passed :func:`sidecar.archive.parse.is_valid_uid` (digits and
 dots), and the final path is checked to lie inside the storage directory.
 """
 
@@ -34,9 +34,9 @@ from typing import Final
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from sidecar.archive.parse import extract_meta, is_valid_uid, read_header
 from sidecar.config import Config
 from sidecar.db.repository import InstanceMeta, Repository, StoredFile
-from sidecar.dicom_scp.parse import extract_meta, is_valid_uid, read_header
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 
 logger = logging.getLogger(__name__)

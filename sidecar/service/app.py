@@ -13,39 +13,39 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine
 
-from sidecar.config import Config
-from sidecar.db.engine import make_engine, make_session_factory
-from sidecar.db.migrate import upgrade
-from sidecar.db.repository import Repository
-from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.dicom_scp.receivers import (
-    ReceiverPool,
-    effective_receivers,
-    share_of_associations,
-)
-from sidecar.dicom_scp.server import DicomNode
-from sidecar.dicom_scp.similarity import SimilarityFind
-from sidecar.dicom_scp.storage import (
+from sidecar.archive.store import (
     STALE_TEMPORARY_AGE,
     InstanceStore,
     quarantine_usage,
     remove_temporaries,
     stale_temporaries,
 )
-from sidecar.dicom_scp.tls import checked_certificate
+from sidecar.config import Config
+from sidecar.db.engine import make_engine, make_session_factory
+from sidecar.db.migrate import upgrade
+from sidecar.db.repository import Repository
+from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.dicom.node import DicomNode
+from sidecar.dicom.similarity import SimilarityFind
+from sidecar.dicom.tls import checked_certificate
 from sidecar.metrics import CatalogueFigures, Metrics
-from sidecar.query import QueryService
-from sidecar.query_ipc import QueryServer
-from sidecar.search import SearchService
+from sidecar.search.front import QueryService
+from sidecar.search.ipc import QueryServer
+from sidecar.search.service import SearchService
+from sidecar.service.receivers import (
+    ReceiverPool,
+    effective_receivers,
+    share_of_associations,
+)
 
 if TYPE_CHECKING:  # torch is imported only when embedding is on
     from collections.abc import Callable
 
-    from sidecar.embeddings.adapt import AdaptationOutcome, TrainingLibrary
     from sidecar.embeddings.model import Embedder
     from sidecar.embeddings.service import IndexService
     from sidecar.embeddings.worker import EmbeddingWorker, WorkStats
-    from sidecar.http_api import HttpServer
+    from sidecar.http.app import HttpServer
+    from sidecar.training.adapt import AdaptationOutcome, TrainingLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,13 @@ class Embedding:
         A ready embedder (tests); ``None`` loads the model the configuration
         and the catalogue name (``embedding.model_path``, else the adapted
         model recorded by on-site adaptation, else the shipped weights; see
-        :func:`sidecar.embeddings.adapt.load_service_embedder`).
+        :func:`sidecar.training.adapt.load_service_embedder`).
     """
 
     def __init__(self, config: Config, engine: Engine, embedder: Embedder | None = None) -> None:
-        from sidecar.embeddings.adapt import load_service_embedder
         from sidecar.embeddings.service import IndexService
         from sidecar.embeddings.worker import EmbeddingWorker, IngestWatch
+        from sidecar.training.adapt import load_service_embedder
 
         self.config = config
         self.engine = engine
@@ -283,14 +283,14 @@ class Embedding:
         """One on-site adaptation run; an accepted model is switched to (``switch_model``).
 
         Skipped (with the reason in the outcome, logged at INFO) while a model
-        change re-embeds. See :mod:`sidecar.embeddings.adapt`.
+        change re-embeds. See :mod:`sidecar.training.adapt`.
 
         Raises
         ------
-        sidecar.embeddings.adapt.AdaptationBusy
+        sidecar.training.adapt.AdaptationBusy
             Another adaptation run is in progress.
         """
-        from sidecar.embeddings.adapt import AdaptationOutcome, run_adaptation
+        from sidecar.training.adapt import AdaptationOutcome, run_adaptation
 
         if self.reembedding:
             reason = (f"skipped: a model change to {self.model.model_id} is still re-embedding; "
@@ -345,8 +345,8 @@ class Sidecar:
     storage and the index is saved last.
 
     Every similarity query (C-FIND, HTTP) is answered by this process's
-    :class:`~sidecar.query.QueryService`; receiver processes forward theirs
-    through :class:`~sidecar.query_ipc.QueryServer`.
+    :class:`~sidecar.search.front.QueryService`; receiver processes forward theirs
+    through :class:`~sidecar.search.ipc.QueryServer`.
 
     Parameters
     ----------
@@ -406,7 +406,7 @@ class Sidecar:
         self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
         self.http: HttpServer | None = None
         if config.http.enabled:
-            from sidecar.http_api import HttpServer, create_app
+            from sidecar.http.app import HttpServer, create_app
 
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
@@ -569,7 +569,7 @@ class Sidecar:
 
     def adapt(self) -> None:
         """Scheduled job: one on-site adaptation run (errors are logged, never raised)."""
-        from sidecar.embeddings.adapt import AdaptationBusy
+        from sidecar.training.adapt import AdaptationBusy
 
         if self.embedding is None:
             return

@@ -14,7 +14,7 @@ One run (:func:`run_adaptation`), bounded in slices, epochs and time:
    (``adaptation.holdout_fraction``); no series is on both sides, nor any
    study when the sample spans two studies or more.
 3. **Fine-tune** from the current model's weights (``init_state``) with the
-   training library (:mod:`sidecar.embeddings.training`), self-supervised, for
+   training library (:mod:`sidecar.training.selfsup`), self-supervised, for
    ``adaptation.epochs`` epochs within what is left of
    ``adaptation.time_budget_minutes``.
 4. **Score** the current and the fine-tuned model on the held-out slices with
@@ -28,7 +28,7 @@ One run (:func:`run_adaptation`), bounded in slices, epochs and time:
    and checked, and only then recorded in the catalogue's settings
    (:data:`MODEL_HISTORY_KEY`, then :data:`ADAPTED_MODEL_KEY`, the commit
    point). The caller switches the running service to it
-   (``sidecar.app.Embedding.switch_model``: background re-embedding while the
+   (``sidecar.service.app.Embedding.switch_model``: background re-embedding while the
    old index serves, then an atomic swap).
 
 An interrupted run leaves at most unreferenced files in ``models/``: nothing
@@ -421,7 +421,7 @@ def split_by_series(
 # ==================================================================== training
 @dataclass(frozen=True)
 class TrainingLibrary:
-    """The training functions a run uses (:mod:`sidecar.embeddings.training`; tests swap them)."""
+    """The training functions a run uses (:mod:`sidecar.training.selfsup`; tests swap them)."""
 
     recipe_type: Any
     train_model: Callable[..., Any]
@@ -431,7 +431,7 @@ class TrainingLibrary:
 
 def training_library() -> TrainingLibrary:
     """The real training library (imports it)."""
-    from sidecar.embeddings import training
+    from sidecar.training import selfsup as training
 
     return TrainingLibrary(
         recipe_type=training.TrainRecipe,
@@ -801,7 +801,7 @@ def fine_tune(
 
     out.created_at = _utc_iso()
     manifest: dict[str, Any] = {
-        "made_by": "on-site adaptation (sidecar.embeddings.adapt)",
+        "made_by": "on-site adaptation (sidecar.training.adapt)",
         "parent_model_id": current.model_id,
         "accepted": accept,
         "slices": out.slices,
@@ -854,7 +854,7 @@ def adapt_npz(
     config
         The configuration (``adaptation``, ``embedding``, ``preprocess``).
     npz
-        The labelled set (MedMNIST layout, :func:`sidecar.evaluate.load_labelled_npz`).
+        The labelled set (MedMNIST layout, :func:`sidecar.lab.evaluate.load_labelled_npz`).
     out_dir
         Where the candidate's ``.pt`` and ``.json`` go.
     weights
@@ -862,7 +862,7 @@ def adapt_npz(
     library
         The training functions (default: :func:`training_library`).
     """
-    from sidecar import evaluate as ev
+    from sidecar.lab import evaluate as ev
 
     start = time.monotonic()
     weights = weights or builtin_weights_path()

@@ -22,7 +22,7 @@ Two paths
     ``preprocess.prepare(ds, cfg.preprocess, embedder.input_size, frames=[0])``
     then ``embedder.embed``; the ranking is exact cosine over every gallery
     vector (:func:`cosine_ranking`).
-(b) **The product** (:func:`evaluate_pipeline`): a :class:`~sidecar.app.Sidecar`
+(b) **The product** (:func:`evaluate_pipeline`): a :class:`~sidecar.service.app.Sidecar`
     runs in-process (one receiver, a temporary data directory, SQLite, the
     same embedder); the gallery is sent by C-STORE (one study and one
     distinct PatientID per image, a StudyDescription that says nothing about
@@ -1050,7 +1050,7 @@ def _no_delay(assoc: Any) -> None:
 
 
 def _similarity_identifier(sop_uid: str, top_k: int) -> Dataset:
-    from sidecar.dicom_scp.find import SIMILARITY_CREATOR
+    from sidecar.dicom.find import SIMILARITY_CREATOR
 
     ident = Dataset()
     ident.QueryRetrieveLevel = "STUDY"
@@ -1206,9 +1206,9 @@ def run_pipeline(
     EvaluationError
         An association, a C-STORE, the embedding or a C-FIND failed.
     """
-    from sidecar.app import Sidecar
-    from sidecar.dicom_scp.find import SIMILARITY_CREATOR
-    from sidecar.dicom_scp.similarity import RANK, SCORE
+    from sidecar.dicom.find import SIMILARITY_CREATOR
+    from sidecar.dicom.similarity import RANK, SCORE
+    from sidecar.service.app import Sidecar
 
     study_index = {str(ds.StudyInstanceUID): i for i, ds in enumerate(gallery)}
     ks = [top_k] * len(queries) if isinstance(top_k, int) else [int(k) for k in top_k]

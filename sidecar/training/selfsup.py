@@ -728,7 +728,7 @@ def prepare_npz(path: Path, cfg: Any, size: int) -> tuple[F32, dict[str, Any]]:
     ``cfg`` (a :class:`~sidecar.config.Config`), as ``sidecar evaluate``'s path
     (a) does. Only ``train_images`` is read: never labels, val or test.
     """
-    from sidecar import evaluate as ev
+    from sidecar.lab import evaluate as ev
 
     raw = npz_train_images(path)
     datasets = [ev.image_dataset(im, key=f"{path.stem}/train/{i}", patient_id=f"TRAIN{i:06d}")
@@ -952,7 +952,7 @@ def save_weights(
         "trained": True,
         "status": (
             "Trained without labels (self-supervised contrastive learning, "
-            "sidecar.embeddings.training); see 'training' for the recipe and the data."
+            "sidecar.training.selfsup); see 'training' for the recipe and the data."
         ),
         "architecture": SliceNetV1.ARCHITECTURE,
         "hparams": params.to_json(),
@@ -962,7 +962,7 @@ def save_weights(
         "dim": params.dim,
         "parameters": net.parameter_count(),
         "seed": recipe.seed,
-        "made_by": "sidecar train (sidecar.embeddings.training.train_model)",
+        "made_by": "sidecar train (sidecar.training.selfsup.train_model)",
         "torch_version": torch.__version__,
         "weights_file": path.name,
         "weights_sha256": hashlib.sha256(data).hexdigest(),

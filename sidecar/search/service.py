@@ -539,7 +539,7 @@ class ServingIndex(Protocol):
 
 
 class EmbeddingParts(Protocol):
-    """What the service needs of ``sidecar.app.Embedding`` (or :class:`ReadOnlyEmbedding`)."""
+    """What the service needs of ``service.app.Embedding`` (or :class:`ReadOnlyEmbedding`)."""
 
     @property
     def serving(self) -> ServingIndex:
@@ -946,7 +946,7 @@ class SearchService:
     engine
         The process's engine (read only).
     embedding
-        The embedding parts (``sidecar.app.Embedding`` in a service,
+        The embedding parts (``sidecar.service.app.Embedding`` in a service,
         :class:`ReadOnlyEmbedding` in a one-shot command); ``None`` when
         embedding is off: every query raises :class:`IndexUnavailable`.
     refresh_interval

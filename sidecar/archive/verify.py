@@ -1,7 +1,7 @@
 """Storage check: does every catalogue row have its file, and every file its row?
 
 ``sidecar verify`` (the administrator's ``fsck``). The store writes a file,
-fsyncs it and only then commits its row (:mod:`sidecar.dicom_scp.storage`),
+fsyncs it and only then commits its row (:mod:`sidecar.archive.store`),
 so after a crash, a full disk or a hand-made change the two can disagree:
 
 * **missing**: a row whose file is gone. An acknowledged instance is lost;
@@ -38,9 +38,9 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Engine, select
 
+from sidecar.archive.store import TMP_DIR, remove_temporaries, stale_temporaries
 from sidecar.config import Config
 from sidecar.db.models import INSTANCE
-from sidecar.dicom_scp.storage import TMP_DIR, remove_temporaries, stale_temporaries
 from sidecar.files import sha256_file, walk_files
 
 logger = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""The DICOM node: association handling, C-ECHO/C-STORE handlers and durable storage."""
