@@ -10,7 +10,7 @@
 #
 # The mounted configuration must set dicom.bind_address: 0.0.0.0 (127.0.0.1 inside
 # a container is unreachable through a published port) and list the PACS under
-# dicom.allowed_peers; see "Running in a container" in README.md.
+# dicom.allowed_peers; see "Running in a container" in docs/admin-guide.md.
 # scripts/check-docker-steps.sh replays these install and run steps without Docker.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -88,7 +88,7 @@ WORKDIR /data
 VOLUME /data
 
 # DICOM (dicom.port) and the optional HTTP API (http.port).
-EXPOSE 11112 8042
+EXPOSE 11112 8142
 
 # `sidecar serve` stops cleanly on SIGTERM: receivers first, then it waits for a
 # running embedding job and saves the index. Give it time (docker run --stop-timeout 60).

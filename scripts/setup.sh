@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Set up everything pacs-sidecar needs on a fresh Debian machine, idempotently.
-#   scripts/setup.sh            runtime: virtualenv + pinned Python dependencies
-#   scripts/setup.sh --test     also the test/benchmark/demo tools (DCMTK, Orthanc) via apt when root
+# Set up everything pacs-sidecar needs on a fresh Debian/Ubuntu machine, idempotently.
+#   scripts/setup.sh            runtime (`make run`): virtualenv + pinned Python dependencies,
+#                               and, when root, the Debian packages they and the quick start
+#                               need: g++ and python3-dev (hnswlib compiles from source),
+#                               python3-venv, dcmtk (echoscu/storescu)
+#   scripts/setup.sh --test     (`make test`, `make demo`, benchmarks) also orthanc, openssl
+#                               and postgresql (tests/test_db.py's throwaway server)
+# Not root: nothing is installed with apt; what is missing is named (the virtualenv
+# cannot be built without the first three; tests that need the others skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,44 +16,69 @@ want_test=0
 
 VENV=${VENV:-.venv}
 STAMP="$VENV/.installed"
+stale() {  # the pinned Python dependencies need (re)installing
+    [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt "$STAMP" ] \
+        || [ build-constraints.txt -nt "$STAMP" ]
+}
 
-# ---- system packages (tests, benchmarks and the demo drive real DICOM programs) ----
-if [ "$want_test" = 1 ]; then
-    missing=()
-    [ -x /usr/bin/storescu ] || missing+=(dcmtk)
-    [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
-    command -v openssl >/dev/null || missing+=(openssl)  # tests/test_tls.py's certificates
-    if [ ${#missing[@]} -gt 0 ]; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "setup: installing ${missing[*]} (apt)" >&2
-            apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-            # Only the binary is used (tests and demo run their own Orthanc on free
-            # ports); the package's service would hold 8042, the sidecar's HTTP port.
-            if [[ " ${missing[*]} " == *" orthanc "* ]] && command -v systemctl >/dev/null \
-                    && systemctl is-active --quiet orthanc 2>/dev/null; then
-                echo "setup: stopping and disabling the orthanc system service" >&2
-                systemctl disable --now orthanc >/dev/null 2>&1 || true
-            fi
-        else
-            echo "setup: ${missing[*]} not found and not root: tests that need them will be skipped" >&2
-        fi
-    fi
-fi
-
-# ---- Python virtualenv with pinned dependencies ----
+# ---- which Python ----
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
     for cand in python3.11 python3.12 python3; do
         if command -v "$cand" >/dev/null; then PYTHON=$cand; break; fi
     done
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "setup: creating $VENV with $PYTHON" >&2
-    "$PYTHON" -m venv "$VENV"
+
+# ---- system packages (Debian names) ----
+missing=()
+if [ -z "$PYTHON" ]; then
+    missing+=(python3 python3-venv python3-dev g++)
+    PYTHON=python3
+elif stale; then
+    # Building the virtualenv: venv + ensurepip, and a C++ compiler with Python's
+    # headers for hnswlib (a source distribution only).
+    "$PYTHON" -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
+    "$PYTHON" -c "import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+        || missing+=(python3-dev)
+    command -v g++ >/dev/null || missing+=(g++)
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt "$STAMP" ] \
-        || [ build-constraints.txt -nt "$STAMP" ]; then
+{ [ -x /usr/bin/echoscu ] && [ -x /usr/bin/storescu ]; } || missing+=(dcmtk)  # the quick start's client
+if [ "$want_test" = 1 ]; then
+    [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)                # tests/test_orthanc.py, make demo
+    command -v openssl >/dev/null || missing+=(openssl)           # tests/test_tls.py's certificates
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # tests/test_db.py
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing ${missing[*]} (apt)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # Only the programs are used: the tests and the demo run their own Orthanc
+        # and PostgreSQL on free ports. Stop the system services the packages
+        # just started (Orthanc's would hold 4242 and 8042, PostgreSQL's 5432).
+        for svc in orthanc postgresql; do
+            if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null \
+                    && systemctl is-active --quiet "$svc" 2>/dev/null; then
+                echo "setup: stopping and disabling the $svc system service" >&2
+                systemctl disable --now "$svc" >/dev/null 2>&1 || true
+            fi
+        done
+    else
+        echo "setup: missing Debian packages: ${missing[*]}" >&2
+        echo "setup: not root, so not installed; as root: apt-get install ${missing[*]}" >&2
+        echo "setup: (without g++, python3-dev or python3-venv the virtualenv cannot be built;" >&2
+        echo "setup:  without dcmtk, orthanc, openssl or postgresql the tests that need them skip)" >&2
+    fi
+fi
+
+# ---- Python virtualenv with pinned dependencies ----
+command -v "$PYTHON" >/dev/null || { echo "setup: no python3 (3.11 or 3.12) found" >&2; exit 1; }
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    # also after a first try without python3-venv, which leaves a virtualenv without pip
+    echo "setup: creating $VENV with $PYTHON" >&2
+    "$PYTHON" -m venv --clear "$VENV"
+fi
+if stale; then
     echo "setup: installing Python dependencies (first time: a few minutes, hnswlib compiles)" >&2
     # pip itself and the build environments (hnswlib compiles from source) are
     # pinned too, in build-constraints.txt.

@@ -544,7 +544,7 @@ class HttpConfig(_Section):
         "address needs allow_remote: true (put a reverse proxy with TLS and authentication "
         "in front).",
     )
-    port: int = Field(8042, ge=1, le=65535, description="TCP port of the HTTP API.")
+    port: int = Field(8142, ge=1, le=65535, description="TCP port of the HTTP API.")
     allow_remote: bool = Field(
         False, description="Allow a bind_address other than loopback (no authentication!)."
     )
