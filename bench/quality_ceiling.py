@@ -45,24 +45,26 @@ from torch import nn
 from sidecar.config import Config
 from sidecar.embeddings import model as m
 from sidecar.lab import evaluate as ev
+from sidecar.lab import metrics
+from sidecar.training import npz
 from sidecar.training import selfsup as tr
 
 
 def prepared(images: np.ndarray, config: Config, name: str, size: int) -> np.ndarray:
     """Model input for ``images``, through the worker's DICOM path (as path (a))."""
-    datasets = [ev.image_dataset(im, key=f"{name}/{i}", patient_id=f"P{i:06d}")
+    datasets = [npz.image_dataset(im, key=f"{name}/{i}", patient_id=f"P{i:06d}")
                 for i, im in enumerate(images)]
-    return ev.prepare_datasets(datasets, config, size)[:, None]
+    return npz.prepare_datasets(datasets, config, size)[:, None]
 
 
 def retrieval(g_vec: np.ndarray, g_lab: np.ndarray, q_vec: np.ndarray,
               q_lab: np.ndarray) -> dict[str, float]:
     """P@1, P@10 and Mahbod's mAP@5 of cosine retrieval (percentages)."""
-    order, _ = ev.cosine_ranking(q_vec, g_vec, k=10)
-    rel = ev.relevance(g_lab[order], q_lab)
-    return {"p@1": 100 * float(ev.precision_at_k(rel, 1).mean()),
-            "p@10": 100 * float(ev.precision_at_k(rel, 10).mean()),
-            "map@5_mahbod": 100 * float(ev.mahbod_map_at_k(rel, 5).mean())}
+    order, _ = metrics.cosine_ranking(q_vec, g_vec, k=10)
+    rel = metrics.relevance(g_lab[order], q_lab)
+    return {"p@1": 100 * float(metrics.precision_at_k(rel, 1).mean()),
+            "p@10": 100 * float(metrics.precision_at_k(rel, 10).mean()),
+            "map@5_mahbod": 100 * float(metrics.mahbod_map_at_k(rel, 5).mean())}
 
 
 def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
@@ -171,7 +173,7 @@ def main() -> int:
             print(f"{path}: absent, skipped")
             continue
         t0 = time.perf_counter()
-        data = ev.load_labelled_npz(path)
+        data = npz.load_labelled_npz(path)
         prep = {}
         for split in ("train", "val", "test"):
             img, lab = data.split(split)

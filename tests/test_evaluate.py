@@ -20,11 +20,14 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from pydicom.uid import JPEGLSNearLossless
 
 from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.embeddings.model import TinyEmbedder, builtin_weights_path
 from sidecar.lab import evaluate as ev
+from sidecar.lab import metrics, neardup
+from sidecar.training import npz
 from tests.conftest import SHARED_DATA
 
 MEDMNIST = SHARED_DATA / "medmnist"
@@ -77,15 +80,15 @@ def tiny() -> TinyEmbedder:
 # ------------------------------------------------------------------ metrics
 def test_cosine_ranking_exact_with_ties_by_gallery_index() -> None:
     gallery = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
-    order, scores = ev.cosine_ranking(np.array([[3.0, 0.0]]), gallery)
+    order, scores = metrics.cosine_ranking(np.array([[3.0, 0.0]]), gallery)
     # 0 and 2 tie at 1.0 (lower index first), then 45 degrees, then the zero row and
     # the orthogonal one (both 0: gallery order)
     assert order.tolist() == [[0, 2, 3, 1, 4]]
     np.testing.assert_allclose(scores[0], [1.0, 1.0, np.sqrt(0.5), 0.0, 0.0])
-    top, _ = ev.cosine_ranking(np.array([[0.0, 1.0], [1.0, 0.0]]), gallery, k=2)
+    top, _ = metrics.cosine_ranking(np.array([[0.0, 1.0], [1.0, 0.0]]), gallery, k=2)
     assert top.tolist() == [[1, 3], [0, 2]]
     with pytest.raises(ValueError, match="dimensions"):
-        ev.cosine_ranking(np.ones((1, 3)), gallery)
+        metrics.cosine_ranking(np.ones((1, 3)), gallery)
 
 
 REL = np.array([[1, 0, 1, 0, 0],
@@ -93,35 +96,35 @@ REL = np.array([[1, 0, 1, 0, 0],
 
 
 def test_precision_at_k() -> None:
-    assert ev.precision_at_k(REL, 1).tolist() == [1.0, 0.0]
-    assert ev.precision_at_k(REL, 1).mean() == 0.5
-    np.testing.assert_allclose(ev.precision_at_k(REL, 3), [2 / 3, 1 / 3])
+    assert metrics.precision_at_k(REL, 1).tolist() == [1.0, 0.0]
+    assert metrics.precision_at_k(REL, 1).mean() == 0.5
+    np.testing.assert_allclose(metrics.precision_at_k(REL, 3), [2 / 3, 1 / 3])
     with pytest.raises(ValueError, match="P@6"):
-        ev.precision_at_k(REL, 6)
+        metrics.precision_at_k(REL, 6)
 
 
 def test_average_precision_divides_by_all_relevant_images() -> None:
     # query 0: hits at 1 and 3 of R = 2 -> (1/1 + 2/3) / 2 = 5/6
     # query 1: hits at 2 and 5 of R = 4 -> (1/2 + 2/5) / 4 = 0.225 (two never retrieved)
-    ap = ev.average_precision(REL, np.array([2, 4]))
+    ap = metrics.average_precision(REL, np.array([2, 4]))
     np.testing.assert_allclose(ap, [5 / 6, 0.225])
     assert ap.mean() == pytest.approx((5 / 6 + 0.225) / 2)
-    assert ev.average_precision(REL, np.array([0, 0])).tolist() == [0.0, 0.0]
+    assert metrics.average_precision(REL, np.array([0, 0])).tolist() == [0.0, 0.0]
 
 
 def test_mahbod_map_at_5_divides_by_hits_in_the_top_5() -> None:
     # query 0: (1/1 + 2/3) / 2 = 5/6; query 1: (1/2 + 2/5) / 2 = 0.45 (standard AP: 0.225)
-    np.testing.assert_allclose(ev.mahbod_map_at_k(REL, 5), [5 / 6, 0.45])
-    lenient = ev.mahbod_map_at_k(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=bool))
+    np.testing.assert_allclose(metrics.mahbod_map_at_k(REL, 5), [5 / 6, 0.45])
+    lenient = metrics.mahbod_map_at_k(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=bool))
     assert lenient.tolist() == [1.0, 0.0]  # one hit at rank 1 is perfect; none is 0
     with pytest.raises(ValueError, match="mAP@5"):
-        ev.mahbod_map_at_k(REL[:, :4], 5)
+        metrics.mahbod_map_at_k(REL[:, :4], 5)
 
 
 def test_accuracy_at_1_and_majority_rate() -> None:
-    assert ev.accuracy_at_1(REL).tolist() == [1.0, 0.0]
-    assert ev.majority_rate(np.array([0, 1, 1]), np.array([1, 0, 1, 1])) == 0.75
-    assert ev.majority_rate(np.array([2, 2, 0]), np.array([1, 0])) == 0.0
+    assert metrics.accuracy_at_1(REL).tolist() == [1.0, 0.0]
+    assert metrics.majority_rate(np.array([0, 1, 1]), np.array([1, 0, 1, 1])) == 0.75
+    assert metrics.majority_rate(np.array([2, 2, 0]), np.array([1, 0])) == 0.0
 
 
 def test_knn_accuracy_majority_vote_and_ties() -> None:
@@ -131,19 +134,19 @@ def test_knn_accuracy_majority_vote_and_ties() -> None:
         [2, 1, 1, 2, 3],  # 2 and 1 tie: 2 is ranked first
         [3, 3, 3, 1, 1],  # majority 3
     ])
-    assert ev.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=5).tolist() == [0, 1, 1, 1]
-    assert ev.knn_accuracy(ranked, np.array([0, 1, 1, 1]), k=5).tolist() == [1, 0, 0, 0]
-    assert ev.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=1).tolist() == [1, 1, 1, 1]
+    assert metrics.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=5).tolist() == [0, 1, 1, 1]
+    assert metrics.knn_accuracy(ranked, np.array([0, 1, 1, 1]), k=5).tolist() == [1, 0, 0, 0]
+    assert metrics.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=1).tolist() == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="kNN-11"):
-        ev.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=11)
+        metrics.knn_accuracy(ranked, np.array([1, 0, 2, 3]), k=11)
 
 
 def test_retrieval_metrics_full_and_truncated_rankings() -> None:
     gallery_labels = np.array([0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 1])
     full = np.argsort(gallery_labels, kind="stable")[None, :]  # every 0 first
-    m = ev.retrieval_metrics(np.vstack([full, full[:, ::-1]]), gallery_labels, np.array([0, 0]),
-                             full_ranking=True)
-    assert list(m) == list(ev.METRICS)
+    m = metrics.retrieval_metrics(np.vstack([full, full[:, ::-1]]), gallery_labels,
+                                  np.array([0, 0]), full_ranking=True)
+    assert list(m) == list(metrics.METRICS)
     # query 0: the five 0s lead; query 1: the seven 1s lead
     assert m["p@1"].tolist() == [1.0, 0.0]
     assert m["p@10"].tolist() == [0.5, 0.3]
@@ -152,8 +155,8 @@ def test_retrieval_metrics_full_and_truncated_rankings() -> None:
     assert m["map"][1] == pytest.approx(np.mean([1 / 8, 2 / 9, 3 / 10, 4 / 11, 5 / 12]))
     assert m["knn11"].tolist() == [0.0, 0.0]  # 5 zeros against 6 ones in the top 11
     assert m["map@5_mahbod"].tolist() == [1.0, 0.0]
-    short = ev.retrieval_metrics(np.array([[0, 2, 5, 7, 9, 1, 3, 4, 6, 8, 10, -1]]),
-                                 gallery_labels, np.array([0]), full_ranking=False)
+    short = metrics.retrieval_metrics(np.array([[0, 2, 5, 7, 9, 1, 3, 4, 6, 8, 10, -1]]),
+                                      gallery_labels, np.array([0]), full_ranking=False)
     assert "map" not in short
     assert short["p@10"].tolist() == [0.5]
 
@@ -161,46 +164,46 @@ def test_retrieval_metrics_full_and_truncated_rankings() -> None:
 def test_bootstrap_intervals_are_seeded_paired_and_contain_the_mean() -> None:
     rng = np.random.default_rng(1)
     values = {"x": rng.random(200), "same": np.full(200, 0.3)}
-    one = ev.bootstrap_cis(values, 500, seed=3)
-    assert one == ev.bootstrap_cis(values, 500, seed=3)
-    assert one != ev.bootstrap_cis(values, 500, seed=4)
+    one = metrics.bootstrap_cis(values, 500, seed=3)
+    assert one == metrics.bootstrap_cis(values, 500, seed=3)
+    assert one != metrics.bootstrap_cis(values, 500, seed=4)
     lo, hi = one["x"]
     assert lo < values["x"].mean() * 100 < hi
     assert hi - lo < 10
     assert one["same"] == (30.0, 30.0)
-    assert ev.bootstrap_cis(values, 0) == {}
+    assert metrics.bootstrap_cis(values, 0) == {}
 
 
 def test_raw_pixel_vectors_and_jpeg_simulation() -> None:
     img = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
-    assert ev.raw_pixel_vectors(img).shape == (1, 16)
-    assert ev.raw_pixel_vectors(img, centre=True).sum() == pytest.approx(0.0)
+    assert metrics.raw_pixel_vectors(img).shape == (1, 16)
+    assert metrics.raw_pixel_vectors(img, centre=True).sum() == pytest.approx(0.0)
     rng = np.random.default_rng(0)
     smooth = np.clip(np.add.outer(np.arange(28), np.arange(28)) * 4, 0, 255).astype(np.uint8)
-    jpeg = ev.jpeg_quantise(smooth)
+    jpeg = neardup.jpeg_quantise(smooth)
     assert jpeg.shape == smooth.shape and jpeg.dtype == np.uint8
     assert 0 < np.abs(jpeg.astype(int) - smooth).max() < 20
-    for kind in ev.NEAR_DUP_KINDS:
-        copy = ev.perturb(smooth, kind, rng)
+    for kind in neardup.NEAR_DUP_KINDS:
+        copy = neardup.perturb(smooth, kind, rng)
         assert copy.shape == smooth.shape and copy.dtype == np.uint8
     with pytest.raises(ValueError, match="unknown"):
-        ev.perturb(smooth, "blur", rng)
+        neardup.perturb(smooth, "blur", rng)
 
 
 # ------------------------------------------------------------------ data validation
 def test_load_accepts_the_medmnist_layout(tmp_path: Path) -> None:
-    data = ev.load_labelled_npz(write_set(tmp_path / "ok.npz", 10, 4))
+    data = npz.load_labelled_npz(write_set(tmp_path / "ok.npz", 10, 4))
     images, labels = data.split("train")
     assert images.shape == (10, SIDE, SIDE) and labels.shape == (10,)
     assert labels.dtype == np.int64
     assert data.split("val")[0].shape[0] == 6
-    no_val = ev.load_labelled_npz(write_set(tmp_path / "noval.npz", 10, 4, val_images=None,
+    no_val = npz.load_labelled_npz(write_set(tmp_path / "noval.npz", 10, 4, val_images=None,
                                             val_labels=None))
-    with pytest.raises(ev.EvaluationError, match="no 'val' split"):
+    with pytest.raises(npz.EvaluationError, match="no 'val' split"):
         no_val.split("val")
     channel = write_set(tmp_path / "c.npz", 4, 2, n_val=0,
                         train_images=np.zeros((4, SIDE, SIDE, 1), np.uint8))
-    assert ev.load_labelled_npz(channel).split("train")[0].shape == (4, SIDE, SIDE)
+    assert npz.load_labelled_npz(channel).split("train")[0].shape == (4, SIDE, SIDE)
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -218,21 +221,21 @@ def test_load_accepts_the_medmnist_layout(tmp_path: Path) -> None:
 ])
 def test_load_names_what_is_wrong(tmp_path: Path, override: dict[str, Any], message: str) -> None:
     path = write_set(tmp_path / "bad.npz", 10, 4, **override)
-    with pytest.raises(ev.EvaluationError, match=message):
-        ev.load_labelled_npz(path)
+    with pytest.raises(npz.EvaluationError, match=message):
+        npz.load_labelled_npz(path)
 
 
 def test_load_refuses_missing_and_non_npz_files(tmp_path: Path) -> None:
-    with pytest.raises(ev.EvaluationError, match="no such file"):
-        ev.load_labelled_npz(tmp_path / "absent.npz")
+    with pytest.raises(npz.EvaluationError, match="no such file"):
+        npz.load_labelled_npz(tmp_path / "absent.npz")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file at all")
-    with pytest.raises(ev.EvaluationError, match="not a readable .npz"):
-        ev.load_labelled_npz(junk)
+    with pytest.raises(npz.EvaluationError, match="not a readable .npz"):
+        npz.load_labelled_npz(junk)
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
-    with pytest.raises(ev.EvaluationError, match="single .npy"):
-        ev.load_labelled_npz(single)
+    with pytest.raises(npz.EvaluationError, match="single .npy"):
+        npz.load_labelled_npz(single)
 
 
 def test_near_duplicate_hits_strict_and_counting_gallery_twins() -> None:
@@ -241,21 +244,21 @@ def test_near_duplicate_hits_strict_and_counting_gallery_twins() -> None:
     gallery[1] = gallery[0] + 2  # a twin of image 0: RMSE 2 grey levels
     gallery[3] = gallery[2]  # a pixel-identical copy of image 2
     originals = np.array([0, 0, 2, 2, 0])
-    assert ev.gallery_twins(gallery, originals).all()  # 0 has 1, 2 has 3
-    near = ev.NearDuplicates(originals=originals,
+    assert neardup.gallery_twins(gallery, originals).all()  # 0 has 1, 2 has 3
+    near = neardup.NearDuplicates(originals=originals,
                              kinds=np.array(["noise", "shift", "noise", "shift", "jpeg_q75"]),
                              datasets=[], pixels=np.zeros((5, 8, 8), np.uint8),
-                             has_twin=ev.gallery_twins(gallery, originals))
+                             has_twin=neardup.gallery_twins(gallery, originals))
     # rank 1: the original, its twin, the identical copy, a far image, nothing (-1)
-    hits = ev.near_duplicate_hits(np.array([0, 1, 3, 0, -1]), near, gallery)
+    hits = neardup.near_duplicate_hits(np.array([0, 1, 3, 0, -1]), near, gallery)
     assert hits.strict.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert hits.twins.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
     assert hits.twin_originals == 2  # both originals have a twin (one identical)
-    assert ev.pixel_rmse(gallery[0], gallery[1]) == 2.0
+    assert neardup.pixel_rmse(gallery[0], gallery[1]) == 2.0
     far = gallery.copy()
     far[1] = np.clip(gallery[0].astype(int) + 30, 0, 255).astype(np.uint8)
-    assert ev.near_duplicate_hits(np.array([1]), near, far).twins.tolist() == [0.0]
-    assert ev.gallery_twins(far, np.array([0, 2])).tolist() == [False, True]
+    assert neardup.near_duplicate_hits(np.array([1]), near, far).twins.tolist() == [0.0]
+    assert neardup.gallery_twins(far, np.array([0, 2])).tolist() == [False, True]
 
 
 # ------------------------------------------------------------------ path (a)
@@ -266,19 +269,19 @@ def test_path_a_separates_two_patterns_and_shuffled_labels_fall_to_chance(
     report = ev.evaluate(path, cfg, tiny(), which="a", n_boot=200, near_dup=10)
     a = report.path_a
     assert a is not None and report.path_b is None
-    for metric in ev.METRICS:  # mAP ranks every gallery image: the tiny embedder errs late
+    for metric in metrics.METRICS:  # mAP ranks every gallery image: the tiny embedder errs late
         assert a.metrics[metric] >= (80.0 if metric == "map" else 95.0), (metric, a.metrics)
         lo, hi = a.ci95[metric]
         assert lo <= a.metrics[metric] <= hi
     assert report.majority == 0.5
-    assert a.near_dup["n"] == 40 and set(a.near_dup) == {"n", *ev.NEAR_DUP_KINDS}
+    assert a.near_dup["n"] == 40 and set(a.near_dup) == {"n", *neardup.NEAR_DUP_KINDS}
     # noise and re-encoding keep the original first; a 1-2 px shift of a band moves it onto
     # another gallery image's band (20 % found: neither the tiny embedder nor raw pixels are
     # shift-invariant)
     assert {k: a.near_dup[k] for k in ("noise", "jpeg_ls", "jpeg_q75")} == {
         "noise": 100.0, "jpeg_ls": 100.0, "jpeg_q75": 100.0}
     assert a.metrics["near_dup@1"] == pytest.approx(np.mean(
-        [a.near_dup[k] for k in ev.NEAR_DUP_KINDS]))
+        [a.near_dup[k] for k in neardup.NEAR_DUP_KINDS]))
     assert a.extra["near_dup_twins@1"] >= a.metrics["near_dup@1"]
     by_label = a.extra["p@1_by_label"]
     assert set(by_label) == {"0", "1"}  # 30 queries of each label: P@1 is their mean
@@ -301,16 +304,16 @@ def test_path_a_prepares_exactly_as_the_worker(cfg: Config) -> None:
     from sidecar.embeddings import preprocess
 
     img = pattern_images(np.random.default_rng(0), np.array([1]))[0]
-    ds = ev.image_dataset(img, key="k", patient_id="P")
-    assert ds.SOPClassUID == ev.SECONDARY_CAPTURE and "PixelSpacing" not in ds
-    assert ev.image_dataset(img, key="k", patient_id="P").SOPInstanceUID == ds.SOPInstanceUID
-    ours = ev.prepare_datasets([ds], cfg, 32)
-    direct = preprocess.prepare(ev.round_trip(ds), cfg.preprocess, 32, frames=[0])
+    ds = npz.image_dataset(img, key="k", patient_id="P")
+    assert ds.SOPClassUID == npz.SECONDARY_CAPTURE and "PixelSpacing" not in ds
+    assert npz.image_dataset(img, key="k", patient_id="P").SOPInstanceUID == ds.SOPInstanceUID
+    ours = npz.prepare_datasets([ds], cfg, 32)
+    direct = preprocess.prepare(npz.round_trip(ds), cfg.preprocess, 32, frames=[0])
     np.testing.assert_array_equal(ours, direct)
-    lossy = ev.image_dataset(img, key="k", patient_id="P",
-                             transfer_syntax=ev.JPEGLSNearLossless)
-    decoded = ev.round_trip(lossy).pixel_array.astype(int)
-    assert 0 < np.abs(decoded - img).max() <= ev.JPEG_LS_NEAR
+    lossy = npz.image_dataset(img, key="k", patient_id="P",
+                             transfer_syntax=JPEGLSNearLossless)
+    decoded = npz.round_trip(lossy).pixel_array.astype(int)
+    assert 0 < np.abs(decoded - img).max() <= npz.JPEG_LS_NEAR
 
 
 # ------------------------------------------------------------------ path (b)

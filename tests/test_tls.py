@@ -268,7 +268,7 @@ def test_the_evaluation_sidecar_runs_without_tls_on_a_tls_site(
 ) -> None:
     """`sidecar evaluate` path (b) starts its own loopback sidecar and talks plain DICOM
     to it: a site's TLS settings must not reach that sidecar."""
-    from sidecar.lab.evaluate import pipeline_config
+    from sidecar.lab.pipeline import pipeline_config
 
     site = config_factory({"dicom": {"tls": tls_settings(pki)}})
     cfg = pipeline_config(site, tmp_path / "eval", top_k=5, examples=1, gallery=10)

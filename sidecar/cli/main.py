@@ -937,6 +937,7 @@ def evaluate(
     on a temporary directory; the configured data directory is not touched.
     """
     from sidecar.lab import evaluate as ev
+    from sidecar.lab.report import format_table
 
     cfg = _load(ctx)
     try:
@@ -953,7 +954,7 @@ def evaluate(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(ev.format_table(report))
+        click.echo(format_table(report))
 
 
 if __name__ == "__main__":  # pragma: no cover

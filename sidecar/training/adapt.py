@@ -84,6 +84,7 @@ from sidecar.embeddings.model import (
     load_weights,
 )
 from sidecar.errors import SidecarError
+from sidecar.training.npz import image_dataset, load_labelled_npz, prepare_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -854,7 +855,7 @@ def adapt_npz(
     config
         The configuration (``adaptation``, ``embedding``, ``preprocess``).
     npz
-        The labelled set (MedMNIST layout, :func:`sidecar.lab.evaluate.load_labelled_npz`).
+        The labelled set (MedMNIST layout, :func:`sidecar.training.npz.load_labelled_npz`).
     out_dir
         Where the candidate's ``.pt`` and ``.json`` go.
     weights
@@ -862,18 +863,16 @@ def adapt_npz(
     library
         The training functions (default: :func:`training_library`).
     """
-    from sidecar.lab import evaluate as ev
-
     start = time.monotonic()
     weights = weights or builtin_weights_path()
     current = weights_embedder(weights, config.embedding)
-    data = ev.load_labelled_npz(npz)
+    data = load_labelled_npz(npz)
     images, _ = data.split("train")
     n = min(len(images), config.adaptation.max_slices)
     chosen = np.sort(np.random.default_rng(config.adaptation.seed).permutation(len(images))[:n])
-    datasets = [ev.image_dataset(images[i], key=f"{data.name}/train/{i}",
-                                 patient_id=f"ADAPT-{i:06d}") for i in chosen]
-    prepared = ev.prepare_datasets(datasets, config, current.input_size)
+    datasets = [image_dataset(images[i], key=f"{data.name}/train/{i}",
+                              patient_id=f"ADAPT-{i:06d}") for i in chosen]
+    prepared = prepare_datasets(datasets, config, current.input_size)
     sample = SliceSample(prepared[:, None], chosen.astype(np.int64), grouped=False)
     outcome = fine_tune(config, sample, current, weights, out_dir, library=library,
                         keep_rejected=True)

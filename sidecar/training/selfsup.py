@@ -79,6 +79,7 @@ from sidecar.embeddings.model import (
     serialise_state_dict,
 )
 from sidecar.files import sha256_file, walk_files
+from sidecar.training.npz import image_dataset, prepare_datasets
 
 F32 = npt.NDArray[np.float32]
 
@@ -728,12 +729,10 @@ def prepare_npz(path: Path, cfg: Any, size: int) -> tuple[F32, dict[str, Any]]:
     ``cfg`` (a :class:`~sidecar.config.Config`), as ``sidecar evaluate``'s path
     (a) does. Only ``train_images`` is read: never labels, val or test.
     """
-    from sidecar.lab import evaluate as ev
-
     raw = npz_train_images(path)
-    datasets = [ev.image_dataset(im, key=f"{path.stem}/train/{i}", patient_id=f"TRAIN{i:06d}")
+    datasets = [image_dataset(im, key=f"{path.stem}/train/{i}", patient_id=f"TRAIN{i:06d}")
                 for i, im in enumerate(raw)]
-    images = ev.prepare_datasets(datasets, cfg, size)[:, None]
+    images = prepare_datasets(datasets, cfg, size)[:, None]
     entry = {"kind": "npz", "path": str(path), "name": path.name, "sha256": sha256_file(path),
              "arrays_read": ["train_images"], "images": int(raw.shape[0]),
              "image_shape": list(raw.shape[1:])}
