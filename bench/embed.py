@@ -283,7 +283,8 @@ def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from sidecar.embeddings import preprocess
     from sidecar.embeddings.model import load_weights
     from sidecar.embeddings.worker import WorkStats
-    from sidecar.service.app import Embedding, open_catalogue
+    from sidecar.service.app import open_catalogue
+    from sidecar.service.lifecycle import Embedding
 
     root = work / "part-a"
     root.mkdir()

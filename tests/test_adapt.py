@@ -40,17 +40,18 @@ from sidecar.embeddings.model import (
     file_model_id,
     serialise_state_dict,
 )
-from sidecar.errors import ConfigError
-from sidecar.search.service import Reference, SearchService
-from sidecar.service.app import Embedding, Sidecar, open_catalogue
-from sidecar.training import adapt
-from sidecar.training.adapt import (
+from sidecar.embeddings.registry import (
     ADAPTED_MODEL_KEY,
     ModelRecord,
-    TrainingLibrary,
     model_history,
     record_adapted_model,
 )
+from sidecar.errors import ConfigError
+from sidecar.search.service import Reference, SearchService
+from sidecar.service.app import Sidecar, open_catalogue
+from sidecar.service.lifecycle import Embedding
+from sidecar.training import adapt
+from sidecar.training.adapt import TrainingLibrary
 from tests.conftest import make_ct, part10
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")  # env, cwd and logging restored
@@ -322,7 +323,7 @@ def test_start_up_loads_the_recorded_adapted_model(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     site = make_site(config_factory, proper_model(1))
-    with caplog.at_level(logging.INFO, logger="sidecar.training.adapt"):
+    with caplog.at_level(logging.INFO, logger="sidecar.embeddings.registry"):
         emb = opened(site.config)
     assert emb.model.model_id == site.base_id
     assert "instead of the shipped weights" in caplog.text
@@ -335,7 +336,7 @@ def test_start_up_loads_the_recorded_adapted_model(
     cfg = site.config.model_copy(update={"embedding": site.config.embedding.model_copy(
         update={"model_path": ts})})
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="sidecar.training.adapt"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.embeddings.registry"):
         emb2 = opened(cfg)
     assert emb2.model.model_id != site.base_id
     assert "is not used" in caplog.text

@@ -17,7 +17,8 @@ from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.db.models import Instance, Patient, SliceVector, Study
 from sidecar.embeddings.model import TinyEmbedder
-from sidecar.service.app import Embedding, open_catalogue
+from sidecar.service.app import open_catalogue
+from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")

@@ -11,7 +11,8 @@ from sidecar.archive.store import InstanceStore, Origin
 from sidecar.config import Config
 from sidecar.db.vectors import ACTIVE_MODEL_KEY
 from sidecar.embeddings.model import TinyEmbedder
-from sidecar.service.app import Embedding, open_catalogue
+from sidecar.service.app import open_catalogue
+from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10
 
 OVERRIDES = {"preprocess": {"slice_spacing_mm": 0, "max_slices_per_series": 64}}

@@ -65,7 +65,8 @@ from sidecar.search.service import (
     SearchService,
     UnknownReference,
 )
-from sidecar.service.app import Embedding, open_catalogue
+from sidecar.service.app import open_catalogue
+from sidecar.service.lifecycle import Embedding
 from tests.conftest import free_port, make_ct, part10
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

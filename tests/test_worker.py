@@ -48,7 +48,8 @@ from sidecar.embeddings import preprocess
 from sidecar.embeddings.index import from_blob, read_saved_facts, to_blob
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
-from sidecar.service.app import Embedding, open_catalogue
+from sidecar.service.app import open_catalogue
+from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10
 from tests.conftest import make_sr as make_sr_base
 
@@ -358,7 +359,7 @@ class _Waits:
 def test_worker_pauses_after_each_series_while_instances_arrive(
     node_factory: Callable[..., Node], monkeypatch: pytest.MonkeyPatch, share: float
 ) -> None:
-    from sidecar.service import app
+    from sidecar.service import lifecycle as app
 
     node = node_factory({**every_slice(), "worker": {"ingest_share": share}})
     node.put(*ct_series(4), *ct_series(4, seed0=50), *ct_series(4, seed0=90))
@@ -893,7 +894,8 @@ import sys
 import time
 from pathlib import Path
 
-from sidecar.service.app import Embedding, open_catalogue
+from sidecar.service.app import open_catalogue
+from sidecar.service.lifecycle import Embedding
 from sidecar.config import load_config
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexService

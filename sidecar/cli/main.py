@@ -19,6 +19,7 @@ from typing import Any, cast
 import click
 import yaml
 
+from sidecar.cli.models_text import describe
 from sidecar.config import CONFIG_ENV, Config, load_config
 from sidecar.errors import (
     ConfigError,
@@ -305,8 +306,8 @@ def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
     --repair tidies them).
     """
     from sidecar.archive.verify import repair_storage, verify_storage
+    from sidecar.embeddings.registry import index_in_use
     from sidecar.service.app import open_catalogue
-    from sidecar.training.adapt import index_in_use
 
     cfg = _load(ctx)
     if repair and index_in_use(cfg):
@@ -397,7 +398,8 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
 def _open_embedding(ctx: click.Context) -> Any:
     """Catalogue + embedding parts for a one-shot command (index lock taken)."""
     from sidecar.embeddings.service import IndexBusy
-    from sidecar.service.app import Embedding, open_catalogue
+    from sidecar.service.app import open_catalogue
+    from sidecar.service.lifecycle import Embedding
 
     cfg = _load(ctx)
     engine, repo = open_catalogue(cfg)
@@ -495,8 +497,8 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     differ while a model change re-embeds).
     """
     from sidecar.db.vectors import VectorRepository
+    from sidecar.embeddings.registry import list_models
     from sidecar.service.app import open_catalogue
-    from sidecar.training.adapt import describe, list_models
 
     cfg = _load(ctx)
     engine, _ = open_catalogue(cfg)
@@ -532,8 +534,8 @@ def model_restore(ctx: click.Context, model_id: str | None) -> None:
     missing series are embedded in the background, then it becomes active.
     Refused while embedding.model_path is set (the configuration chooses).
     """
+    from sidecar.embeddings.registry import index_in_use, restore_model
     from sidecar.service.app import open_catalogue
-    from sidecar.training.adapt import index_in_use, restore_model
 
     cfg = _load(ctx)
     running = index_in_use(cfg)
@@ -598,7 +600,8 @@ def adapt(
     candidate in DIR whether accepted or not, and prints both scores; then
     `sidecar evaluate FILE --model DIR/<id>.pt` measures what adaptation adds.
     """
-    from sidecar.training.adapt import AdaptationBusy, adapt_npz, index_in_use
+    from sidecar.embeddings.registry import index_in_use
+    from sidecar.training.adapt import AdaptationBusy, adapt_npz
 
     cfg = _load(ctx)
     if npz is not None:
@@ -766,7 +769,7 @@ def search(
 
     def _embedder() -> Any:
         from sidecar.db.vectors import VectorRepository
-        from sidecar.training.adapt import load_service_embedder
+        from sidecar.embeddings.registry import load_service_embedder
 
         return load_service_embedder(cfg, VectorRepository(engine))
 

@@ -1,45 +1,9 @@
 """On-site adaptation: fine-tune the model on the archive's own slices, keep it only if better.
 
-One run (:func:`run_adaptation`), bounded in slices, epochs and time:
-
-1. **Sample** up to ``adaptation.max_slices`` slices that the current model has
-   embedded in stable studies: whole series in a seeded random order, exactly
-   the slices the worker chose, read from storage through the catalogue and
-   prepared with :func:`sidecar.embeddings.preprocess.prepare` as the worker
-   prepares them. Each slice's group is its series and it carries its study
-   (positives from the DICOM structure: neighbouring slices of a series and,
-   with probability ``adaptation.study_positives``, slices of the study's
-   other series).
-2. **Split** the sampled series, seeded, into training and held-out series
-   (``adaptation.holdout_fraction``); no series is on both sides, nor any
-   study when the sample spans two studies or more.
-3. **Fine-tune** from the current model's weights (``init_state``) with the
-   training library (:mod:`sidecar.training.selfsup`), self-supervised, for
-   ``adaptation.epochs`` epochs within what is left of
-   ``adaptation.time_budget_minutes``.
-4. **Score** the current and the fine-tuned model on the held-out slices with
-   the library's label-free criterion (``label_free_score``, higher is better,
-   same seed for both).
-5. **Decide**: the candidate is accepted only when its score is higher by at
-   least ``adaptation.min_improvement``. Rejected: logged at INFO with both
-   scores, nothing is written. Accepted: the weights are saved under
-   ``<data_dir>/models/<model_id>.pt`` (+ ``.json`` with the recipe and a
-   manifest: slices, series, held-out scores, parent model, time), loaded back
-   and checked, and only then recorded in the catalogue's settings
-   (:data:`MODEL_HISTORY_KEY`, then :data:`ADAPTED_MODEL_KEY`, the commit
-   point). The caller switches the running service to it
-   (``sidecar.service.app.Embedding.switch_model``: background re-embedding while the
-   old index serves, then an atomic swap).
-
-An interrupted run leaves at most unreferenced files in ``models/``: nothing
-is recorded before the weights file is complete and verified. One run at a
-time per data directory (a lock file in ``models/``).
-
-Which model a service loads (:func:`load_service_embedder`):
-``embedding.model_path`` when set (a TorchScript file; adaptation is then
-off), else the adapted model recorded in :data:`ADAPTED_MODEL_KEY`, else the
-shipped weights. ``sidecar model restore`` changes the recorded model
-(:func:`restore_model`).
+One run (:func:`run_adaptation`) samples embedded slices of stable studies,
+splits them by series, fine-tunes the current weights self-supervised, scores
+both models on the held-out slices and records the candidate only when it is
+better (:mod:`sidecar.embeddings.registry`). See docs/design/models.md.
 """
 
 from __future__ import annotations
@@ -47,54 +11,46 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import logging
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from pydicom import dcmread
-from sqlalchemy import Engine, func, select
 
-from sidecar.config import Config, EmbeddingConfig
-from sidecar.db.models import (
-    INSTANCE,
-    SERIES,
-    SERIES_VECTOR,
-    SLICE_VECTOR,
-    STUDY,
-    InstanceState,
-)
+from sidecar.config import Config
+from sidecar.db import model_queries
+from sidecar.db.engine import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.model import (
     Embedder,
     ModelError,
+    SliceNetV1,
     TorchEmbedder,
     builtin_weights_path,
-    file_model_id,
     load_weights,
 )
+from sidecar.embeddings.registry import (
+    MODELS_DIR,
+    ModelRecord,
+    record_adapted_model,
+    weights_embedder,
+    weights_for,
+)
 from sidecar.errors import SidecarError
+from sidecar.training import selfsup
 from sidecar.training.npz import image_dataset, load_labelled_npz, prepare_datasets
 
 logger = logging.getLogger(__name__)
 
-ADAPTED_MODEL_KEY = "embedding.adapted_model"
-"""Setting: the weights file (relative to the data directory) the service loads
-when ``embedding.model_path`` is empty; absent or empty: the shipped weights."""
-MODEL_HISTORY_KEY = "embedding.model_history"
-"""Setting: JSON list of the adapted models recorded so far (:class:`ModelRecord`)."""
-MODELS_DIR = "models"
-"""Directory of adapted weights under the data directory."""
 MIN_SERIES = 2
 """Fewest sampled series for a run (at least one for training, one held out)."""
 MIN_SLICES = 8
@@ -106,167 +62,6 @@ I64 = npt.NDArray[np.int64]
 
 class AdaptationBusy(SidecarError):
     """Another adaptation run holds the data directory's adaptation lock."""
-
-
-class RestoreError(SidecarError):
-    """The model to restore is unknown, or its weights file is missing or corrupt."""
-
-
-# ====================================================================== records
-@dataclass(frozen=True)
-class ModelRecord:
-    """One model in the catalogue's model history.
-
-    Attributes
-    ----------
-    model_id
-        The model id at ``embedding.input_size`` (what vectors record).
-    path
-        Weights file relative to the data directory; ``None`` for the shipped weights.
-    parent
-        Model it was fine-tuned from.
-    created_at
-        UTC time of the recording, ISO 8601.
-    scores
-        Held-out label-free scores: ``{"parent": ..., "candidate": ...}``.
-    slices, series
-        Slices and series the run sampled (training and held out together).
-    """
-
-    model_id: str
-    path: str | None
-    parent: str | None = None
-    created_at: str = ""
-    scores: dict[str, float] = field(default_factory=dict)
-    slices: int = 0
-    series: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as JSON-ready data."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> ModelRecord | None:
-        """Rebuild from :meth:`to_json` output; ``None`` when ``data`` is not a record."""
-        if not isinstance(data, dict) or not isinstance(data.get("model_id"), str):
-            return None
-        path = data.get("path")
-        scores = data.get("scores") or {}
-        return cls(
-            model_id=data["model_id"],
-            path=path if isinstance(path, str) and path else None,
-            parent=data.get("parent") if isinstance(data.get("parent"), str) else None,
-            created_at=str(data.get("created_at") or ""),
-            scores={str(k): float(v) for k, v in scores.items()
-                    if isinstance(v, int | float)} if isinstance(scores, dict) else {},
-            slices=int(data.get("slices") or 0),
-            series=int(data.get("series") or 0),
-        )
-
-
-def model_history(vectors: VectorRepository) -> list[ModelRecord]:
-    """The adapted models recorded in the catalogue, oldest first."""
-    raw = vectors.get_setting(MODEL_HISTORY_KEY)
-    if not raw:
-        return []
-    try:
-        items = json.loads(raw)
-    except json.JSONDecodeError:
-        logger.warning("setting %s is not valid JSON; model history ignored", MODEL_HISTORY_KEY)
-        return []
-    records = [ModelRecord.from_json(x) for x in items] if isinstance(items, list) else []
-    return [r for r in records if r is not None]
-
-
-def selected_weights(vectors: VectorRepository) -> str | None:
-    """The recorded adapted weights (relative to the data directory), or ``None`` (shipped)."""
-    value = vectors.get_setting(ADAPTED_MODEL_KEY)
-    return value or None
-
-
-def record_adapted_model(vectors: VectorRepository, record: ModelRecord) -> None:
-    """Add ``record`` to the history, then select it (the second write is the commit point)."""
-    history = [r for r in model_history(vectors) if r.model_id != record.model_id]
-    history.append(record)
-    vectors.set_setting(MODEL_HISTORY_KEY, json.dumps([r.to_json() for r in history]))
-    vectors.set_setting(ADAPTED_MODEL_KEY, record.path or "")
-
-
-# ====================================================================== loading
-def weights_embedder(path: Path, cfg: EmbeddingConfig) -> TorchEmbedder:
-    """An embedder running SliceNetV1 weights (a ``.pt`` with its ``.json`` beside it).
-
-    The model id is the weights file's id, with ``-s<size>`` when
-    ``cfg.input_size`` differs from the size the weights were made for (as for
-    the shipped weights).
-
-    Raises
-    ------
-    ModelError
-        A file is missing or corrupt, or the tensors do not fit.
-    """
-    module, info = load_weights(path)
-    torch.set_num_threads(cfg.threads)
-    size = cfg.input_size
-    model_id = info.model_id if size == info.input_size else f"{info.model_id}-s{size}"
-    return TorchEmbedder(module, model_id=model_id, input_size=size,
-                         batch_size=cfg.batch_size, source=str(path))
-
-
-def builtin_model_id(cfg: EmbeddingConfig) -> str:
-    """Model id of the shipped weights at ``cfg.input_size`` (reads the JSON and the file)."""
-    path = builtin_weights_path()
-    desc = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    file_id = file_model_id(path.read_bytes())
-    native = int(desc["input_size"])
-    return file_id if native == cfg.input_size else f"{file_id}-s{cfg.input_size}"
-
-
-def load_service_embedder(config: Config, vectors: VectorRepository) -> Embedder:
-    """The model a service (or a one-shot command) embeds with.
-
-    ``embedding.model_path`` when set; else the adapted model recorded by
-    on-site adaptation or ``sidecar model restore``; else the shipped weights.
-
-    Raises
-    ------
-    ModelError
-        The model file is missing, corrupt or does not fit. A recorded adapted
-        model that cannot be loaded is an error, not a silent fallback (that
-        would re-embed the whole archive): restore another model first.
-    """
-    from sidecar.embeddings import model as models  # looked up at call time (tests patch it)
-
-    recorded = selected_weights(vectors)
-    if config.embedding.model_path is not None:
-        if recorded:
-            logger.warning(
-                "embedding.model_path is set: the adapted model %s recorded in the catalogue "
-                "is not used", recorded,
-            )
-        return models.load_embedder(config.embedding)
-    if not recorded:
-        return models.load_embedder(config.embedding)
-    path = config.data_dir / recorded
-    try:
-        embedder = weights_embedder(path, config.embedding)
-    except ModelError as exc:
-        raise ModelError(
-            path,
-            f"{exc.problem} (this adapted model is recorded in the catalogue as the model to "
-            "use; `sidecar model restore` selects another one)",
-        ) from exc
-    logger.info(
-        "embedding model %s: the adapted model %s recorded by on-site adaptation is used "
-        "instead of the shipped weights (embedding.model_path is empty)",
-        embedder.model_id, path,
-    )
-    return embedder
-
-
-def _weights_for(config: Config, vectors: VectorRepository) -> Path:
-    recorded = selected_weights(vectors)
-    return config.data_dir / recorded if recorded else builtin_weights_path()
 
 
 # =================================================================== sampling
@@ -328,21 +123,13 @@ def sample_slices(
     prepared as the worker prepares them. Reading stops at ``deadline``
     (``time.monotonic()``) or when ``cancel`` is set.
     """
-    with engine.connect() as conn:
-        counts = conn.execute(
-            select(SLICE_VECTOR.c.series_pk, func.count(), func.min(SLICE_VECTOR.c.study_pk))
-            .join(STUDY, STUDY.c.id == SLICE_VECTOR.c.study_pk)
-            .where(SLICE_VECTOR.c.model_id == model_id, STUDY.c.stable.is_(True),
-                   SLICE_VECTOR.c.frame >= 0)
-            .group_by(SLICE_VECTOR.c.series_pk)
-            .order_by(SLICE_VECTOR.c.series_pk)
-        ).all()
-    study_of = {int(row[0]): int(row[2]) for row in counts}
+    counts = model_queries.embedded_series(engine, model_id)
+    study_of = {row.series_pk: row.study_pk for row in counts}
     order = np.random.default_rng(seed).permutation(len(counts))
     chosen: list[int] = []
     total = 0
     for i in order:
-        series_pk, n = int(counts[i][0]), int(counts[i][1])
+        series_pk, n = counts[i].series_pk, counts[i].slices
         if total + n > max_slices and chosen:
             continue  # a smaller series may still fit
         chosen.append(series_pk)
@@ -360,19 +147,10 @@ def sample_slices(
         if deadline is not None and time.monotonic() > deadline:
             logger.info("adaptation: time budget reached while reading slices")
             break
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(SLICE_VECTOR.c.instance_pk, SLICE_VECTOR.c.frame, INSTANCE.c.file_path)
-                .join(INSTANCE, INSTANCE.c.id == SLICE_VECTOR.c.instance_pk)
-                .where(SLICE_VECTOR.c.series_pk == series_pk,
-                       SLICE_VECTOR.c.model_id == model_id,
-                       SLICE_VECTOR.c.frame >= 0,
-                       INSTANCE.c.state == InstanceState.EMBEDDED)
-                .order_by(SLICE_VECTOR.c.instance_pk, SLICE_VECTOR.c.frame)
-            ).all()
+        rows = model_queries.embedded_slices(engine, series_pk, model_id)
         frames: dict[str, list[int]] = defaultdict(list)
         for _, frame, file_path in rows:
-            frames[str(file_path)].append(int(frame))
+            frames[file_path].append(frame)
         for file_path, wanted in frames.items():
             room = max_slices - len(groups)
             if room <= 0:
@@ -431,14 +209,12 @@ class TrainingLibrary:
 
 
 def training_library() -> TrainingLibrary:
-    """The real training library (imports it)."""
-    from sidecar.training import selfsup as training
-
+    """The real training library (:mod:`sidecar.training.selfsup`)."""
     return TrainingLibrary(
-        recipe_type=training.TrainRecipe,
-        train_model=training.train_model,
-        save_weights=training.save_weights,
-        label_free_score=training.label_free_score,
+        recipe_type=selfsup.TrainRecipe,
+        train_model=selfsup.train_model,
+        save_weights=selfsup.save_weights,
+        label_free_score=selfsup.label_free_score,
     )
 
 
@@ -577,8 +353,6 @@ def _utc_iso() -> str:
 
 def _candidate_embedder(state: Any, base_module: Any, current: Embedder, model_id: str) -> Any:
     """A TorchEmbedder of the trained ``state`` on the base model's architecture."""
-    from sidecar.embeddings.model import SliceNetV1
-
     module = SliceNetV1(base_module.hparams)
     module.load_state_dict(state, strict=True)
     return TorchEmbedder(module, model_id=model_id, input_size=current.input_size,
@@ -656,7 +430,7 @@ def _run(
         out.reason = (f"skipped: a model change is in progress (model {active} serves while "
                       f"{current.model_id} is embedded); try again when it has finished")
         return out
-    weights = _weights_for(config, vectors)
+    weights = weights_for(config, vectors)
     try:
         base = weights_embedder(weights, config.embedding)
     except ModelError as exc:
@@ -879,184 +653,3 @@ def adapt_npz(
     outcome.seconds = time.monotonic() - start
     logger.info("adaptation on %s: %s (%.0f s)", npz.name, outcome.reason, outcome.seconds)
     return outcome
-
-
-# ============================================================ list / restore
-@dataclass(frozen=True)
-class ModelInfo:
-    """One row of ``sidecar model list``."""
-
-    model_id: str
-    source: str  # "shipped", "adapted", "configured" or "unknown"
-    path: str | None
-    vectors: int
-    active: bool  # its index serves queries (the catalogue's active model)
-    selected: bool  # the model a service starting now loads
-    parent: str | None = None
-    scores: dict[str, float] = field(default_factory=dict)
-    created_at: str = ""
-    available: bool = True  # its weights can be loaded (restore possible)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready data."""
-        return asdict(self)
-
-
-def list_models(config: Config, vectors: VectorRepository) -> list[ModelInfo]:
-    """Every model the catalogue knows: the shipped one, the adapted ones, those with vectors.
-
-    With ``embedding.model_path`` set, no shipped or adapted model is
-    ``selected`` (the configured file is loaded); models with vectors that are
-    neither shipped nor adapted are listed with source ``other``.
-    """
-    counts = vectors.count_vectors()
-    active = vectors.get_setting(ACTIVE_MODEL_KEY)
-    recorded = selected_weights(vectors)
-    configured = config.embedding.model_path is not None
-    shipped = builtin_model_id(config.embedding)
-    rows = [ModelInfo(
-        model_id=shipped, source="shipped", path=str(builtin_weights_path()),
-        vectors=counts.get(shipped, 0), active=active == shipped,
-        selected=not configured and not recorded,
-    )]
-    seen = {shipped}
-    for rec in model_history(vectors):
-        if rec.model_id in seen:
-            continue
-        seen.add(rec.model_id)
-        rows.append(ModelInfo(
-            model_id=rec.model_id, source="adapted", path=rec.path,
-            vectors=counts.get(rec.model_id, 0), active=active == rec.model_id,
-            selected=not configured and rec.path is not None and rec.path == recorded,
-            parent=rec.parent, scores=dict(rec.scores), created_at=rec.created_at,
-            available=rec.path is not None and (config.data_dir / rec.path).is_file(),
-        ))
-    for model_id, n in sorted(counts.items()):
-        if model_id not in seen:
-            seen.add(model_id)
-            rows.append(ModelInfo(model_id=model_id, source="other", path=None, vectors=n,
-                                  active=active == model_id, selected=False, available=False))
-    return rows
-
-
-@dataclass(frozen=True)
-class RestorePlan:
-    """What ``sidecar model restore`` did."""
-
-    model_id: str
-    previous_model_id: str | None
-    path: str | None  # None: the shipped weights
-    missing_series: int  # embedded series without vectors of the restored model
-    activated: bool  # recorded as the active model at once (its vectors are complete)
-
-
-def missing_series(engine: Engine, model_id: str) -> int:
-    """Series with embedded instances in stable studies that have no vectors of ``model_id``."""
-    have = select(SERIES_VECTOR.c.series_pk).where(SERIES_VECTOR.c.model_id == model_id)
-    with engine.connect() as conn:
-        n = conn.execute(
-            select(func.count(func.distinct(INSTANCE.c.series_pk)))
-            .join(SERIES, SERIES.c.id == INSTANCE.c.series_pk)
-            .join(STUDY, STUDY.c.id == SERIES.c.study_pk)
-            .where(STUDY.c.stable.is_(True), INSTANCE.c.state == InstanceState.EMBEDDED,
-                   INSTANCE.c.series_pk.not_in(have))
-        ).scalar()
-    return int(n or 0)
-
-
-def restore_model(
-    config: Config,
-    engine: Engine,
-    model_id: str | None = None,
-    *,
-    service_running: bool = False,
-) -> RestorePlan:
-    """Record another model as the one to use: the previous one, or ``model_id``.
-
-    The previous model is the parent of the selected adapted model (the shipped
-    weights when the shipped model is selected there is nothing to go back to).
-    The restored model is recorded as the model to load (:data:`ADAPTED_MODEL_KEY`).
-    When its stored vectors cover every embedded series and no service runs,
-    it also becomes the active model at once (its index is loaded, or rebuilt
-    from the stored vectors, at the next start: no CNN run). Otherwise the next
-    start treats it as a model change: the current index keeps serving while
-    the missing series are embedded in the background, then it swaps.
-
-    Raises
-    ------
-    RestoreError
-        ``embedding.model_path`` is set (the configuration decides), the model
-        is unknown, there is no previous model, or its weights do not load.
-    """
-    if config.embedding.model_path is not None:
-        raise RestoreError(
-            "embedding.model_path is set: the configuration chooses the model; set it back "
-            "to null to use the shipped or an adapted model"
-        )
-    vectors = VectorRepository(engine)
-    history = {r.model_id: r for r in model_history(vectors)}
-    by_path = {r.path: r for r in history.values() if r.path}
-    shipped = builtin_model_id(config.embedding)
-    recorded = selected_weights(vectors)
-    current = by_path[recorded].model_id if recorded and recorded in by_path else (
-        None if recorded else shipped)
-    if model_id is None:
-        if recorded is None:
-            raise RestoreError(f"the shipped model {shipped} is in use: no previous model")
-        parent = by_path[recorded].parent if recorded in by_path else None
-        model_id = parent or shipped
-    if model_id == shipped:
-        path: str | None = None
-    elif model_id in history and history[model_id].path:
-        path = history[model_id].path
-        assert path is not None
-        try:
-            weights_embedder(config.data_dir / path, config.embedding)
-        except ModelError as exc:
-            raise RestoreError(f"cannot restore model {model_id}: {exc}") from exc
-    else:
-        known = ", ".join([shipped, *history]) or "(none)"
-        raise RestoreError(f"unknown model {model_id}; known models: {known}")
-    vectors.set_setting(ADAPTED_MODEL_KEY, path or "")
-    missing = missing_series(engine, model_id)
-    has_vectors = vectors.count_vectors().get(model_id, 0) > 0
-    activated = False
-    if has_vectors and missing == 0 and not service_running:
-        vectors.set_setting(ACTIVE_MODEL_KEY, model_id)
-        activated = True
-    logger.warning("model %s restored (was %s): %s", model_id, current or "?",
-                   "active now" if activated else
-                   f"{missing} series to embed at the next start of sidecar serve")
-    return RestorePlan(model_id, current, path, missing, activated)
-
-
-def index_in_use(config: Config) -> bool:
-    """Whether another process holds an index lock (``sidecar serve``, ``embed``, ``reindex``)."""
-    root = config.index_dir
-    if not root.is_dir():
-        return False
-    for lock in sorted(root.glob("*/.lock")):
-        with lock.open("a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
-def describe(rows: Sequence[ModelInfo]) -> list[str]:
-    """``sidecar model list`` as text lines."""
-    lines = [f"{'':2}{'model':<22} {'source':<10} {'vectors':>8}  {'parent':<18} "
-             f"{'held-out score':<17} created"]
-    for r in rows:
-        mark = ("*" if r.active else " ") + (">" if r.selected else " ")
-        score = ""
-        if "candidate" in r.scores and "parent" in r.scores:
-            score = f"{r.scores['candidate']:.4f} ({r.scores['parent']:.4f})"
-        source = r.source if r.available or r.source != "adapted" else "adapted!"
-        lines.append(f"{mark}{r.model_id:<22} {source:<10} {r.vectors:>8}  "
-                     f"{r.parent or '-':<18} {score or '-':<17} {r.created_at or '-'}")
-    lines.append("* active (its index serves queries)   > loaded by the next start   "
-                 "adapted!: weights file missing")
-    return lines
