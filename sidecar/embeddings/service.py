@@ -23,7 +23,9 @@ import numpy as np
 
 from sidecar.config import Config
 from sidecar.db.vectors import VectorRepository
-from sidecar.embeddings.index import IndexMismatch, VectorIndex, from_blob
+from sidecar.embeddings.codec import from_blob
+from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.index_files import IndexMismatch
 from sidecar.errors import SidecarError
 
 logger = logging.getLogger(__name__)

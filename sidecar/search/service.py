@@ -155,6 +155,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
+from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db.search_queries import (
     CatalogueFilter,
@@ -166,13 +167,9 @@ from sidecar.db.search_queries import (
     like_pattern,
 )
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.embeddings.index import (
-    IndexMismatch,
-    VectorIndex,
-    from_blob,
-    from_blobs,
-    read_saved_facts,
-)
+from sidecar.embeddings.codec import from_blob, from_blobs
+from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.index_files import IndexMismatch, read_saved_facts
 from sidecar.errors import SidecarError
 
 if TYPE_CHECKING:
@@ -1176,14 +1173,12 @@ class SearchService:
         return [best], note
 
     def _position(self, file_path: str) -> float | None:
-        from pydicom import dcmread
-
         from sidecar.embeddings import preprocess
 
         if not file_path:
             return None
         try:
-            header = dcmread(self._cfg.storage_dir / file_path, stop_before_pixels=True)
+            header = read_stored(self._cfg.storage_dir, file_path, pixels=False)
             infos = preprocess.frame_infos(header, 0)
         except Exception as exc:  # noqa: BLE001 - fall back to the instance number
             logger.debug("cannot read the position of %s: %s", file_path, exc)

@@ -178,7 +178,7 @@ class Embedding:
             self.vectors.set_setting(ACTIVE_MODEL_KEY, self.model.model_id)
 
     def _stored_dim(self, model_id: str) -> int:
-        from sidecar.embeddings.index import read_saved_facts
+        from sidecar.embeddings.index_files import read_saved_facts
 
         try:
             return int(read_saved_facts(self.config.index_dir / model_id)["dim"])
