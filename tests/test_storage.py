@@ -517,3 +517,18 @@ def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
     assert len(env.instances()) == 1
     files = env.stored_files()
     assert len(files) == 1 and files[0].read_bytes() == data
+
+
+def test_image_sop_classes_are_the_image_classes_the_node_accepts() -> None:
+    from pydicom.uid import UID
+    from pynetdicom import AllStoragePresentationContexts
+
+    from sidecar.archive.parse import IMAGE_SOP_CLASSES
+
+    accepted = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    images = {
+        uid for uid in accepted
+        if ((kw := UID(uid).keyword).endswith("ImageStorage") or "ImageStorageFor" in kw)
+        and not kw.startswith("Video")
+    }
+    assert IMAGE_SOP_CLASSES == images
