@@ -197,8 +197,9 @@ class DicomNode:
         ae = AE(ae_title=self._cfg.ae_title)
         ts = list(AllTransferSyntaxes)
         ae.add_supported_context(VERIFICATION, ts)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ts)
+        for cx in AllStoragePresentationContexts:  # every storage SOP class
+            if cx.abstract_syntax:
+                ae.add_supported_context(cx.abstract_syntax, ts)
         for uid in FIND_MODELS:
             ae.add_supported_context(uid, FIND_TRANSFER_SYNTAXES)
         ae.maximum_associations = self._max_associations
