@@ -1,19 +1,7 @@
 """Durable storage of received instances: the one code path for C-STORE and ``ingest``.
 
-Order of operations for one instance (nothing is acknowledged before the end):
-
-1. refuse early when free disk is below the watermark;
-2. parse the header (pixels deferred) and check the identifying UIDs;
-3. duplicate check under a per-UID lock;
-4. write a temporary file in the storage area, fsync it, hard-link it to its
-   final name (never overwriting anything), fsync the directory;
-5. commit the catalogue row;
-6. only then report success.
-
-If step 4 or 5 fails, the new file is removed and the caller answers a
-failure status: no half-written file and no orphan row. File names come only
-from UIDs that passed :func:`sidecar.archive.parse.is_valid_uid` (digits and
-dots), and the final path is checked to lie inside the storage directory.
+File fsynced, linked and its directory fsynced, then the row committed, and only
+then success; on failure nothing is kept (docs/design/archive.md).
 """
 
 from __future__ import annotations

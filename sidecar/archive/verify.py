@@ -1,27 +1,7 @@
-"""Storage check: does every catalogue row have its file, and every file its row?
+"""Storage check (``sidecar verify``): every catalogue row has its file, every file its row?
 
-``sidecar verify`` (the administrator's ``fsck``). The store writes a file,
-fsyncs it and only then commits its row (:mod:`sidecar.archive.store`),
-so after a crash, a full disk or a hand-made change the two can disagree:
-
-* **missing**: a row whose file is gone. An acknowledged instance is lost;
-  the PACS still holds it and can send it again once the row is removed
-  (``sidecar delete-study``) or the file restored from backup.
-* **wrong size** / **wrong checksum** (``--checksums`` reads every file and
-  compares its SHA-256 with the one recorded at reception): the file changed
-  after it was acknowledged (disk or filesystem fault, tampering).
-* **orphan**: a file under the storage directory without a row. Never
-  acknowledged (a crash between the file's fsync and the row's commit, or a
-  file copied in by hand), so the sender got no Success for it and sends it
-  again; it only takes space. Files younger than ``min_age`` seconds are not
-  counted: a store in flight links its file before it commits its row.
-* **stale temporary**: ``.tmp/*.part`` left by a store that was interrupted.
-
-``--repair`` (refused while ``sidecar serve`` runs) moves orphans to
-``<data_dir>/quarantine/orphans/`` (nothing is deleted: an administrator may
-still want one) and removes stale temporaries. Missing and changed files are
-reported, never "repaired": only the administrator can tell a restore from a
-deletion.
+Reports missing, changed and orphan files and stale temporaries; ``--repair``
+quarantines orphans and removes stale temporaries (docs/design/archive.md).
 """
 
 from __future__ import annotations
