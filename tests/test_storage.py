@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
 )
+from pynetdicom import AllStoragePresentationContexts
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from sidecar.archive.parse import IMAGE_SOP_CLASSES
 from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Study
@@ -520,11 +523,6 @@ def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
 
 
 def test_image_sop_classes_are_the_image_classes_the_node_accepts() -> None:
-    from pydicom.uid import UID
-    from pynetdicom import AllStoragePresentationContexts
-
-    from sidecar.archive.parse import IMAGE_SOP_CLASSES
-
     accepted = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
     images = {
         uid for uid in accepted
