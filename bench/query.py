@@ -426,7 +426,8 @@ def build(ar: Archive, cfg: Any, model_id: str, args: argparse.Namespace) -> Bui
 
     from sidecar.db.models import SERIES, STUDY
     from sidecar.db.vectors import ACTIVE_MODEL_KEY, NewVector, SeriesWork, VectorRepository
-    from sidecar.embeddings.index import VectorIndex, to_blob
+    from sidecar.embeddings.codec import to_blob
+    from sidecar.embeddings.index import VectorIndex
     from sidecar.embeddings.service import IndexService
 
     seconds: dict[str, float] = {}

@@ -32,8 +32,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from sidecar.errors import ConfigError
 
@@ -650,10 +648,8 @@ class Config(_Section):
 
 
 def _mask_password(url: str) -> str:
-    try:
-        masked = make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """``url`` as written, its password (userinfo as SQLAlchemy parses it, query) as ``***``."""
+    masked = re.sub(r"(://[^:/]*:)[^@]*@", r"\1***@", url, count=1)
     return re.sub(r"([?&]password=)[^&]*", r"\1***", masked, flags=re.IGNORECASE)
 
 

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Series, SliceVector, Study
-from sidecar.embeddings.index import from_blob, read_saved_facts
+from sidecar.embeddings.codec import from_blob
+from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.service.app import Sidecar
 from tests.conftest import CT_IMAGE_STORAGE, STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
 

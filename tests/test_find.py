@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from sidecar.archive.store import Origin
 from sidecar.config import Config, load_config
+from sidecar.db import find_queries
 from sidecar.dicom import find
 from sidecar.dicom.find import CatalogueFind, FindAnswer, FindRequest, Level
 from sidecar.dicom.node import DicomNode
@@ -667,13 +668,13 @@ def test_dcmtk_findscu(cat: Catalogue) -> None:
 
 # ------------------------------------------------------------------ pure parts
 def test_wildcard_patterns_escape_sql() -> None:
-    assert find.like_pattern("A_B%C!*?") == "A!_B!%C!!%_"
-    assert find.glob_pattern("A[B]*?") == "A[[]B]*?"
+    assert find_queries.like_pattern("A_B%C!*?") == "A!_B!%C!!%_"
+    assert find_queries.glob_pattern("A[B]*?") == "A[[]B]*?"
 
 
 def test_wildcards_compile_per_dialect() -> None:
     q = find.parse_query(query("STUDY", StudyDescription="CT*", PatientName="doe*"), STUDY_ROOT)
-    stmt = find.build_select(q)
+    stmt = find_queries.build_select(q)
     lite = str(stmt.compile(dialect=sqlite.dialect()))
     pg = str(stmt.compile(dialect=postgresql.dialect()))
     assert "study.study_description GLOB" in lite and "lower(patient.patient_name) LIKE" in lite

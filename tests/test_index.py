@@ -18,18 +18,16 @@ import numpy as np
 import pytest
 
 from sidecar.config import IndexConfig
-from sidecar.embeddings.index import (
+from sidecar.embeddings.codec import (
     IndexInputError,
-    IndexMismatch,
-    IndexSaveError,
-    ReadWriteLock,
-    VectorIndex,
     VectorIndexError,
     from_blob,
     from_blobs,
-    labels_checksum,
     to_blob,
 )
+from sidecar.embeddings.index import IndexSaveError, VectorIndex
+from sidecar.embeddings.index_files import IndexMismatch, labels_checksum
+from sidecar.embeddings.rwlock import ReadWriteLock
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "cnn-test-v1"

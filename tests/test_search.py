@@ -51,7 +51,9 @@ from sidecar.config import Config, load_config
 from sidecar.db.models import Study, StudyVector
 from sidecar.db.repository import Repository
 from sidecar.embeddings import preprocess
-from sidecar.embeddings.index import VectorIndex, from_blob, read_saved_facts
+from sidecar.embeddings.codec import from_blob
+from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService
 from sidecar.search.service import (

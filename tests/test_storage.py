@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
 )
+from pynetdicom import AllStoragePresentationContexts
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from sidecar.archive.parse import IMAGE_SOP_CLASSES
 from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Study
@@ -517,3 +520,13 @@ def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
     assert len(env.instances()) == 1
     files = env.stored_files()
     assert len(files) == 1 and files[0].read_bytes() == data
+
+
+def test_image_sop_classes_are_the_image_classes_the_node_accepts() -> None:
+    accepted = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    images = {
+        uid for uid in accepted
+        if ((kw := UID(uid).keyword).endswith("ImageStorage") or "ImageStorageFor" in kw)
+        and not kw.startswith("Video")
+    }
+    assert IMAGE_SOP_CLASSES == images

@@ -45,7 +45,8 @@ from sidecar.db.models import (
 from sidecar.db.repository import utcnow
 from sidecar.db.vectors import NewVector, VectorRepository
 from sidecar.embeddings import preprocess
-from sidecar.embeddings.index import from_blob, read_saved_facts, to_blob
+from sidecar.embeddings.codec import from_blob, to_blob
+from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
 from sidecar.service.app import open_catalogue

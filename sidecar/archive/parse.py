@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from io import BytesIO
 
+import pydicom.uid
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from sidecar.db.repository import InstanceMeta
 from sidecar.errors import InvalidDataset
@@ -24,12 +24,17 @@ from sidecar.errors import InvalidDataset
 # these strings become directory and file names.
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
+# DICOS (security screening) and DICONDE (non-destructive evaluation) image
+# classes: not among the storage classes the node accepts (pynetdicom's).
+_NOT_MEDICAL = ("1.2.840.10008.5.1.4.1.1.501.", "1.2.840.10008.5.1.4.1.1.601.")
+
 #: SOP classes whose pixels we embed: image storage classes, without video.
 IMAGE_SOP_CLASSES: frozenset[str] = frozenset(
     str(uid)
-    for name, uid in _STORAGE_CLASSES.items()
+    for name, uid in vars(pydicom.uid).items()
+    if isinstance(uid, UID) and not name.startswith("_")
     if name.endswith("ImageStorage") or "ImageStorageFor" in name
-    if not name.startswith("Video")
+    if not name.startswith("Video") and not uid.startswith(_NOT_MEDICAL)
 )
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float, Double Float Pixel Data

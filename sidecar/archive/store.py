@@ -1,19 +1,7 @@
 """Durable storage of received instances: the one code path for C-STORE and ``ingest``.
 
-Order of operations for one instance (nothing is acknowledged before the end):
-
-1. refuse early when free disk is below the watermark;
-2. parse the header (pixels deferred) and check the identifying UIDs;
-3. duplicate check under a per-UID lock;
-4. write a temporary file in the storage area, fsync it, hard-link it to its
-   final name (never overwriting anything), fsync the directory;
-5. commit the catalogue row;
-6. only then report success.
-
-If step 4 or 5 fails, the new file is removed and the caller answers a
-failure status: no half-written file and no orphan row. File names come only
-from UIDs that passed :func:`sidecar.archive.parse.is_valid_uid` (digits and
-dots), and the final path is checked to lie inside the storage directory.
+File fsynced, linked and its directory fsynced, then the row committed, and only
+then success; on failure nothing is kept (docs/design/archive.md).
 """
 
 from __future__ import annotations
@@ -32,12 +20,20 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-
+from sidecar.archive.layout import catalogue_path, instance_name, series_dir, stored_path
 from sidecar.archive.parse import extract_meta, is_valid_uid, read_header
 from sidecar.config import Config
-from sidecar.db.repository import InstanceMeta, Repository, StoredFile
+from sidecar.db.repository import (
+    CatalogueError,
+    CatalogueUnavailable,
+    ExistingInstance,
+    InstanceMeta,
+    Repository,
+    RowRefused,
+    StoredFile,
+)
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+from sidecar.files import fsync_dir, unlink_quietly, write_durably, write_new
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +225,12 @@ class InstanceStore:
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
             name = f"{stamp}_{secrets.token_hex(4)}"
             path = self._quarantine / f"{name}.dcm"
-            self._write_durably(path, data)
+            write_durably(path, data, fsync=self._fsync)
             note = (
                 f"reason: {reason}\ncalling_ae_title: {origin.ae_title}\n"
                 f"calling_host: {origin.host}\nbytes: {len(data)}\n"
             )
-            self._write_durably(self._quarantine / f"{name}.txt", note.encode())
+            write_durably(self._quarantine / f"{name}.txt", note.encode(), fsync=self._fsync)
         except Exception as exc:  # noqa: BLE001 - must not mask the original refusal
             logger.warning("could not quarantine refused dataset: %s", exc)
             return None
@@ -263,51 +259,49 @@ class InstanceStore:
     def _store_locked(
         self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin
     ) -> StoreResult:
-        try:
-            existing = self._repo.find_instance(meta.sop_instance_uid)
-        except SQLAlchemyError as exc:
-            raise StorageFailure(f"database unavailable: {exc.__class__.__name__}") from exc
+        existing = self._find(meta.sop_instance_uid)
         if existing is not None:
+            kept = stored_path(self._root, existing.file_path)
             if existing.sha256 == digest:
                 logger.debug("duplicate %s from %s: identical, no-op",
                             meta.sop_instance_uid, origin.ae_title)
                 return StoreResult(Outcome.DUPLICATE, meta.sop_instance_uid,
-                                   meta.study_instance_uid, self._root / existing.file_path)
+                                   meta.study_instance_uid, kept)
             if self._policy == "keep_first":
                 logger.warning(
                     "duplicate %s from %s with different content: kept the first copy",
                     meta.sop_instance_uid, origin.ae_title,
                 )
                 return StoreResult(Outcome.KEPT_FIRST, meta.sop_instance_uid,
-                                   meta.study_instance_uid, self._root / existing.file_path)
+                                   meta.study_instance_uid, kept)
 
         final = self._place(data, meta)
         stored = StoredFile(
-            file_path=final.relative_to(self._root).as_posix(),
+            file_path=catalogue_path(self._root, final),
             file_size=len(data),
             sha256=digest,
             calling_ae_title=origin.ae_title,
             calling_host=origin.host,
         )
         try:
-            if existing is None:
-                self._repo.add_instance(meta, stored)
-            else:
-                self._repo.replace_instance(existing.pk, meta, stored)
+            self._repo.record_instance(
+                meta, stored, replace_pk=None if existing is None else existing.pk
+            )
         except InvalidDataset:
-            self._unlink_quietly(final)
+            unlink_quietly(final)
             raise
-        except IntegrityError as exc:
-            self._unlink_quietly(final)
-            if existing is None and self._repo.find_instance(meta.sop_instance_uid):
+        except RowRefused as exc:
+            unlink_quietly(final)
+            if existing is None and self._find(meta.sop_instance_uid):
                 raise _LostRace() from exc
-            raise StorageFailure(f"database refused the row: {exc.orig}") from exc
+            raise StorageFailure(str(exc)) from exc
         except Exception as exc:
-            self._unlink_quietly(final)
-            raise StorageFailure(f"database commit failed: {exc.__class__.__name__}") from exc
+            unlink_quietly(final)
+            cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
+            raise StorageFailure(f"database commit failed: {cause}") from exc
 
         if existing is not None:
-            self._unlink_quietly(self._root / existing.file_path)
+            unlink_quietly(stored_path(self._root, existing.file_path))
             logger.warning("duplicate %s from %s with different content: replaced",
                            meta.sop_instance_uid, origin.ae_title)
             outcome = Outcome.REPLACED
@@ -318,54 +312,38 @@ class InstanceStore:
                     origin.ae_title, origin.host, len(data))
         return StoreResult(outcome, meta.sop_instance_uid, meta.study_instance_uid, final)
 
+    def _find(self, sop_instance_uid: str) -> ExistingInstance | None:
+        try:
+            return self._repo.find_instance(sop_instance_uid)
+        except CatalogueUnavailable as exc:
+            raise StorageFailure(str(exc)) from exc
+
     def _place(self, data: bytes, meta: InstanceMeta) -> Path:
         """Write ``data`` durably under a fresh final name and return that path."""
         for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
             if not is_valid_uid(uid):  # defence in depth: names are digits and dots only
                 raise StorageFailure("refusing a file name that is not a UID")
-        directory = self._root / meta.study_instance_uid / meta.series_instance_uid
+        directory = series_dir(self._root, meta.study_instance_uid, meta.series_instance_uid)
         try:
             self._ensure_dir(directory)
             tmp = self._tmp / f"{secrets.token_hex(8)}.part"
-            self._write_file(tmp, data)
+            write_new(tmp, data, fsync=self._fsync)
             try:
-                final = directory / f"{meta.sop_instance_uid}.dcm"
+                final = directory / instance_name(meta.sop_instance_uid)
                 try:
                     os.link(tmp, final)
                 except FileExistsError:
-                    final = directory / f"{meta.sop_instance_uid}.{secrets.token_hex(6)}.dcm"
+                    final = directory / instance_name(meta.sop_instance_uid, secrets.token_hex(6))
                     os.link(tmp, final)
             finally:
-                self._unlink_quietly(tmp)
+                unlink_quietly(tmp)
             if self._fsync:
-                self._fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             with self._dirs_lock:
                 self._known_dirs.discard(directory)  # it may have been removed
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from exc
         return final
-
-    def _write_durably(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".part")
-        self._write_file(tmp, data)
-        os.replace(tmp, path)
-        if self._fsync:
-            self._fsync_dir(path.parent)
-
-    def _write_file(self, path: Path, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            if self._fsync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            self._unlink_quietly(path)
-            raise
-        os.close(fd)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
@@ -379,25 +357,8 @@ class InstanceStore:
             for d in reversed(missing):
                 d.mkdir(exist_ok=True)
                 if self._fsync:
-                    self._fsync_dir(d.parent)
+                    fsync_dir(d.parent)
             self._known_dirs.add(directory)
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _unlink_quietly(path: Path) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.error("could not remove %s: %s", path, exc)
 
 
 def stale_temporaries(root: Path, min_age: float, now: float | None = None) -> list[str]:

@@ -1,27 +1,7 @@
-"""Storage check: does every catalogue row have its file, and every file its row?
+"""Storage check (``sidecar verify``): every catalogue row has its file, every file its row?
 
-``sidecar verify`` (the administrator's ``fsck``). The store writes a file,
-fsyncs it and only then commits its row (:mod:`sidecar.archive.store`),
-so after a crash, a full disk or a hand-made change the two can disagree:
-
-* **missing**: a row whose file is gone. An acknowledged instance is lost;
-  the PACS still holds it and can send it again once the row is removed
-  (``sidecar delete-study``) or the file restored from backup.
-* **wrong size** / **wrong checksum** (``--checksums`` reads every file and
-  compares its SHA-256 with the one recorded at reception): the file changed
-  after it was acknowledged (disk or filesystem fault, tampering).
-* **orphan**: a file under the storage directory without a row. Never
-  acknowledged (a crash between the file's fsync and the row's commit, or a
-  file copied in by hand), so the sender got no Success for it and sends it
-  again; it only takes space. Files younger than ``min_age`` seconds are not
-  counted: a store in flight links its file before it commits its row.
-* **stale temporary**: ``.tmp/*.part`` left by a store that was interrupted.
-
-``--repair`` (refused while ``sidecar serve`` runs) moves orphans to
-``<data_dir>/quarantine/orphans/`` (nothing is deleted: an administrator may
-still want one) and removes stale temporaries. Missing and changed files are
-reported, never "repaired": only the administrator can tell a restore from a
-deletion.
+Reports missing, changed and orphan files and stale temporaries; ``--repair``
+quarantines orphans and removes stale temporaries (docs/design/archive.md).
 """
 
 from __future__ import annotations
@@ -36,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Engine, select
 
+from sidecar.archive.layout import catalogue_path, prune_empty_dirs, stored_path
 from sidecar.archive.store import TMP_DIR, remove_temporaries, stale_temporaries
 from sidecar.config import Config
-from sidecar.db.models import INSTANCE
+from sidecar.db.repository import stored_files
+from sidecar.db.types import Engine
 from sidecar.files import sha256_file, walk_files
 
 logger = logging.getLogger(__name__)
@@ -162,40 +143,34 @@ def verify_storage(
     clock = time.time() if now is None else now
     report = VerifyReport(checksums=checksums)
     recorded = _RecordedPaths()
-    with engine.connect() as conn:
-        rows = conn.execution_options(yield_per=2000).execute(
-            select(INSTANCE.c.file_path, INSTANCE.c.file_size, INSTANCE.c.sha256)
-            .order_by(INSTANCE.c.id)
-        )
-        for file_path, size, digest in rows:
-            rel = str(file_path)
-            report.rows += 1
-            recorded.add(rel)
-            path = root / rel
+    for rel, size, digest in stored_files(engine):
+        report.rows += 1
+        recorded.add(rel)
+        path = stored_path(root, rel)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            report.missing.append(rel)
+            continue
+        except OSError:
+            report.unreadable.append(rel)
+            continue
+        if st.st_size != size:
+            report.wrong_size.append(rel)
+            continue
+        if checksums:
             try:
-                st = path.stat()
-            except FileNotFoundError:
-                report.missing.append(rel)
-                continue
+                actual = sha256_file(path)
             except OSError:
                 report.unreadable.append(rel)
                 continue
-            if st.st_size != int(size):
-                report.wrong_size.append(rel)
-                continue
-            if checksums:
-                try:
-                    actual = sha256_file(path)
-                except OSError:
-                    report.unreadable.append(rel)
-                    continue
-                report.bytes_checked += st.st_size
-                if actual != str(digest):
-                    report.wrong_checksum.append(rel)
+            report.bytes_checked += st.st_size
+            if actual != digest:
+                report.wrong_checksum.append(rel)
     if root.is_dir():
         for path in walk_files([root], skip={root / TMP_DIR}):
             report.files += 1
-            rel = path.relative_to(root).as_posix()
+            rel = catalogue_path(root, path)
             if rel in recorded:
                 continue
             try:
@@ -222,7 +197,7 @@ def repair_storage(config: Config, report: VerifyReport) -> None:
     root = config.storage_dir
     target_root = config.quarantine_dir / ORPHANS_DIR
     for rel in report.orphans:
-        source = root / rel
+        source = stored_path(root, rel)
         target = target_root / rel
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,10 +208,5 @@ def repair_storage(config: Config, report: VerifyReport) -> None:
             logger.error("could not move orphan %s to the quarantine: %s", rel, exc)
             continue
         report.moved_orphans.append(rel)
-        for parent in (source.parent, source.parent.parent):  # series, then study folder
-            if parent != root and root in parent.parents:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    pass  # not empty
+        prune_empty_dirs(root, source)
     report.removed_temporaries = remove_temporaries(root, report.stale_temporaries)

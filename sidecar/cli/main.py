@@ -19,6 +19,7 @@ from typing import Any, cast
 import click
 import yaml
 
+from sidecar.archive.layout import remove_stored
 from sidecar.cli.models_text import describe
 from sidecar.config import CONFIG_ENV, Config, load_config
 from sidecar.errors import (
@@ -377,20 +378,7 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
         engine.dispose()
     if paths is None:
         raise click.ClickException(f"no study {study_instance_uid} in the catalogue")
-    removed = 0
-    for rel in paths:
-        path = cfg.storage_dir / rel
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-        for parent in (path.parent, path.parent.parent):  # series, then study folder
-            if parent != cfg.storage_dir:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    pass  # not empty (yet) or already gone
+    removed = remove_stored(cfg.storage_dir, paths)
     logger.info("study %s deleted: %d files removed", study_instance_uid, removed)
     click.echo(f"deleted study {study_instance_uid}: {len(paths)} instances, {removed} files")
 

@@ -7,11 +7,12 @@ plain data back, so the DICOM layer never touches ORM objects.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sidecar.db.engine import write_transaction
@@ -29,10 +30,33 @@ from sidecar.db.models import (
     Study,
 )
 from sidecar.db.models import STUDY as _STUDY
-from sidecar.errors import InvalidDataset
+from sidecar.errors import InvalidDataset, SidecarError
 
 # The hot write path uses Core statements on these tables (no ORM unit of work).
 _RACE_RETRIES = 3
+
+
+class CatalogueError(SidecarError):
+    """A catalogue statement failed; ``cause`` names the database driver's error class."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        self.cause = cause
+        super().__init__(message)
+
+
+class CatalogueUnavailable(CatalogueError):
+    """The catalogue cannot be read or written now (connection, lock, missing table)."""
+
+
+class RowRefused(CatalogueError):
+    """The database refused a row (a constraint: usually the same UID recorded concurrently).
+
+    ``detail`` is the database's own message.
+    """
+
+    def __init__(self, detail: str, cause: str) -> None:
+        self.detail = detail
+        super().__init__(f"database refused the row: {detail}", cause)
 
 
 def utcnow() -> dt.datetime:
@@ -121,13 +145,23 @@ class Repository:
 
     # ----------------------------------------------------------------- reads
     def find_instance(self, sop_instance_uid: str) -> ExistingInstance | None:
-        """The stored record of ``sop_instance_uid``, if any."""
-        with self._engine.connect() as conn:
-            row = conn.execute(
-                select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.file_path).where(
-                    _INSTANCE.c.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
+        """The stored record of ``sop_instance_uid``, if any.
+
+        Raises
+        ------
+        CatalogueUnavailable
+            The catalogue cannot be read.
+        """
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(
+                    select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.file_path).where(
+                        _INSTANCE.c.sop_instance_uid == sop_instance_uid
+                    )
+                ).first()
+        except SQLAlchemyError as exc:
+            name = exc.__class__.__name__
+            raise CatalogueUnavailable(f"database unavailable: {name}", name) from exc
         if row is None:
             return None
         return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2])
@@ -187,6 +221,31 @@ class Repository:
                 if attempt == _RACE_RETRIES - 1 or self.find_instance(meta.sop_instance_uid):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def record_instance(
+        self, meta: InstanceMeta, stored: StoredFile, *, replace_pk: int | None = None
+    ) -> None:
+        """:meth:`add_instance`, or :meth:`replace_instance` of row ``replace_pk``.
+
+        Raises
+        ------
+        InvalidDataset
+            The series already belongs to another study.
+        RowRefused
+            A constraint refused the row (the same SOP Instance UID, concurrently).
+        CatalogueError
+            Any other database failure; nothing was committed.
+        """
+        try:
+            if replace_pk is None:
+                self.add_instance(meta, stored)
+            else:
+                self.replace_instance(replace_pk, meta, stored)
+        except IntegrityError as exc:
+            raise RowRefused(str(exc.orig), exc.__class__.__name__) from exc
+        except SQLAlchemyError as exc:
+            name = exc.__class__.__name__
+            raise CatalogueError(f"database commit failed: {name}", name) from exc
 
     def replace_instance(self, pk: int, meta: InstanceMeta, stored: StoredFile) -> None:
         """Point an existing instance row at a new file (policy ``replace``).
@@ -343,3 +402,14 @@ def _instance_values(meta: InstanceMeta, stored: StoredFile, now: dt.datetime) -
         "state": InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
         "skip_reason": "" if meta.embeddable else meta.skip_reason,
     }
+
+
+def stored_files(engine: Engine, batch: int = 2000) -> Iterator[tuple[str, int, str]]:
+    """``(file_path, file_size, sha256)`` of every instance row, in storage order (streamed)."""
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=batch).execute(
+            select(_INSTANCE.c.file_path, _INSTANCE.c.file_size, _INSTANCE.c.sha256)
+            .order_by(_INSTANCE.c.id)
+        )
+        for file_path, size, digest in rows:
+            yield str(file_path), int(size), str(digest)

@@ -1,11 +1,12 @@
-"""Ordinary C-FIND over the catalogue: identifier → SQL select → response identifiers.
+"""Ordinary C-FIND over the catalogue: identifier → checked conditions → response identifiers.
 
 Pure parts (no I/O): :func:`parse_query` turns a request identifier into a
-:class:`FindQuery` (matching conditions as SQLAlchemy expressions, the keys to
-return, keys that are not supported); :func:`build_select` makes the one
-``SELECT`` that answers it; :func:`response_identifier` builds a Pending
-response from one result row. :class:`CatalogueFind` runs them against the
-process's engine in one short read and is the node's ordinary C-FIND branch.
+:class:`FindQuery` (matching conditions as :class:`~sidecar.db.find_queries.Match`
+data, the keys to return, keys that are not supported);
+:func:`sidecar.db.find_queries.build_select` makes the one ``SELECT`` that
+answers it; :func:`response_identifier` builds a Pending response from one
+result row. :class:`CatalogueFind` runs the query in one short read and is the
+node's ordinary C-FIND branch.
 
 Information models and levels (PS3.4 C.6.1, C.6.2)
 ---------------------------------------------------
@@ -57,7 +58,7 @@ An identifier whose private block ``PACS SIDECAR SIMILARITY`` is present
 its similarity branch, any callable ``FindRequest -> FindAnswer`` (see
 :class:`FindBranch`). Such a branch can reuse :func:`parse_query` (with
 ``hierarchical=False``: a similarity query names no parent UIDs) for the
-standard filter keys, :func:`build_select` for candidate keys and
+standard filter keys, :mod:`sidecar.db.find_queries` for candidate keys and
 :func:`response_identifier` for the standard part of its responses.
 """
 
@@ -75,30 +76,11 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag, Tag
-from sqlalchemy import (
-    Boolean,
-    ColumnElement,
-    Engine,
-    FromClause,
-    Row,
-    Select,
-    Table,
-    and_,
-    exists,
-    func,
-    or_,
-    select,
-)
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
+from pydicom.tag import Tag
 
-from sidecar.db.models import INSTANCE as _INSTANCE
-from sidecar.db.models import PATIENT as _PATIENT
-from sidecar.db.models import SERIES as _SERIES
-from sidecar.db.models import STUDY as _STUDY
+from sidecar.db.find_queries import KEYS, CatalogueKey, KeyKind, Match, Span, fetch
+from sidecar.db.repository import CatalogueUnavailable
+from sidecar.db.types import Engine, Row
 from sidecar.dicom.statuses import Status
 from sidecar.errors import InvalidQuery, QueryRefused
 
@@ -119,8 +101,6 @@ _TAG_RETRIEVE_AE_TITLE = 0x00080054
 _ANSWERED_BY_SCP = frozenset(
     {_TAG_SPECIFIC_CHARACTER_SET, _TAG_QUERY_RETRIEVE_LEVEL, _TAG_RETRIEVE_AE_TITLE}
 )
-_WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
-_LIKE_ESCAPE = "!"
 _DATE_RE = re.compile(r"\d{8}")
 _TIME_RE = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 
@@ -152,166 +132,13 @@ def model_name(model: str) -> str:
     return _MODEL_NAMES.get(model, model)
 
 
-class _Kind(enum.Enum):
-    TEXT = "text"  # single value (case-sensitive) or wildcard
-    PN = "pn"  # single value or wildcard, case-insensitive
-    UID = "uid"  # single value or list of UID
-    DATE = "date"  # single value or range
-    TIME = "time"  # single value or range
-    INT = "int"  # single value, numeric
-    MODALITIES = "modalities"  # text matching against the study's series
-    RETURN_ONLY = "return"  # computed: returned, never matched
-
-
-@dataclass(frozen=True)
-class _Key:
-    keyword: str
-    entity: Level  # the entity the attribute describes
-    kind: _Kind
-    column: ColumnElement[Any]  # the value returned (and matched, except MODALITIES)
-
-    @property
-    def tag(self) -> BaseTag:
-        return Tag(self.keyword)
-
-
-def _count(table: FromClause, *where: ColumnElement[bool], correlate: Table) -> ColumnElement[Any]:
-    return (
-        select(func.count())
-        .select_from(table)
-        .where(*where)
-        .correlate(correlate)
-        .scalar_subquery()
-    )
-
-
-def _computed_columns() -> dict[str, ColumnElement[Any]]:
-    # Aliases inside the sub-selects: the outer select may hold the same tables
-    # (a SERIES query counting its study's series must not correlate to itself).
-    st, se, ins = _STUDY.alias("c_study"), _SERIES.alias("c_series"), _INSTANCE.alias("c_inst")
-    series_of_study = se.join(ins, ins.c.series_pk == se.c.id)
-    studies_series = st.join(se, se.c.study_pk == st.c.id)
-    of_patient = st.c.patient_pk == _PATIENT.c.id
-    return {
-        "NumberOfPatientRelatedStudies": _count(st, of_patient, correlate=_PATIENT),
-        "NumberOfPatientRelatedSeries": _count(studies_series, of_patient, correlate=_PATIENT),
-        "NumberOfPatientRelatedInstances": _count(
-            studies_series.join(ins, ins.c.series_pk == se.c.id), of_patient, correlate=_PATIENT
-        ),
-        "NumberOfStudyRelatedSeries": _count(se, se.c.study_pk == _STUDY.c.id, correlate=_STUDY),
-        "NumberOfStudyRelatedInstances": _count(
-            series_of_study, se.c.study_pk == _STUDY.c.id, correlate=_STUDY
-        ),
-        "NumberOfSeriesRelatedInstances": _count(
-            ins, ins.c.series_pk == _SERIES.c.id, correlate=_SERIES
-        ),
-    }
-
-
-def _key_table() -> dict[str, _Key]:
-    p, st, se, i = _PATIENT.c, _STUDY.c, _SERIES.c, _INSTANCE.c
-    computed = _computed_columns()
-    keys = [
-        _Key("PatientName", Level.PATIENT, _Kind.PN, p.patient_name),
-        _Key("PatientID", Level.PATIENT, _Kind.TEXT, p.patient_id),
-        _Key("IssuerOfPatientID", Level.PATIENT, _Kind.TEXT, p.issuer_of_patient_id),
-        _Key("PatientBirthDate", Level.PATIENT, _Kind.DATE, p.patient_birth_date),
-        _Key("PatientSex", Level.PATIENT, _Kind.TEXT, p.patient_sex),
-        _Key("StudyInstanceUID", Level.STUDY, _Kind.UID, st.study_instance_uid),
-        _Key("StudyDate", Level.STUDY, _Kind.DATE, st.study_date),
-        _Key("StudyTime", Level.STUDY, _Kind.TIME, st.study_time),
-        _Key("AccessionNumber", Level.STUDY, _Kind.TEXT, st.accession_number),
-        _Key("StudyID", Level.STUDY, _Kind.TEXT, st.study_id),
-        _Key("StudyDescription", Level.STUDY, _Kind.TEXT, st.study_description),
-        _Key("ReferringPhysicianName", Level.STUDY, _Kind.PN, st.referring_physician_name),
-        _Key("ModalitiesInStudy", Level.STUDY, _Kind.MODALITIES, st.modalities_in_study),
-        _Key("SeriesInstanceUID", Level.SERIES, _Kind.UID, se.series_instance_uid),
-        _Key("Modality", Level.SERIES, _Kind.TEXT, se.modality),
-        _Key("SeriesNumber", Level.SERIES, _Kind.INT, se.series_number),
-        _Key("SeriesDescription", Level.SERIES, _Kind.TEXT, se.series_description),
-        _Key("BodyPartExamined", Level.SERIES, _Kind.TEXT, se.body_part_examined),
-        _Key("SOPInstanceUID", Level.IMAGE, _Kind.UID, i.sop_instance_uid),
-        _Key("SOPClassUID", Level.IMAGE, _Kind.UID, i.sop_class_uid),
-        _Key("InstanceNumber", Level.IMAGE, _Kind.INT, i.instance_number),
-        _Key("Rows", Level.IMAGE, _Kind.INT, i.rows),
-        _Key("Columns", Level.IMAGE, _Kind.INT, i.columns),
-        _Key("NumberOfFrames", Level.IMAGE, _Kind.INT, i.number_of_frames),
-        _Key("AvailableTransferSyntaxUID", Level.IMAGE, _Kind.UID, i.transfer_syntax_uid),
-    ]
-    entity = {
-        "NumberOfPatientRelatedStudies": Level.PATIENT,
-        "NumberOfPatientRelatedSeries": Level.PATIENT,
-        "NumberOfPatientRelatedInstances": Level.PATIENT,
-        "NumberOfStudyRelatedSeries": Level.STUDY,
-        "NumberOfStudyRelatedInstances": Level.STUDY,
-        "NumberOfSeriesRelatedInstances": Level.SERIES,
-    }
-    keys += [_Key(kw, entity[kw], _Kind.RETURN_ONLY, col) for kw, col in computed.items()]
-    return {k.keyword: k for k in keys}
-
-
-#: Every key the catalogue answers, by keyword.
-KEYS: dict[str, _Key] = _key_table()
-_KEYS_BY_TAG: dict[int, _Key] = {int(k.tag): k for k in KEYS.values()}
+_KEYS_BY_TAG: dict[int, CatalogueKey] = {int(Tag(kw)): k for kw, k in KEYS.items()}
 _UNIQUE_TAGS = {int(Tag(kw)): level for level, kw in _UNIQUE_KEY.items()}
 
 
 def supported_keys() -> list[str]:
     """Keywords of the keys matched and returned from the catalogue (for documentation)."""
     return sorted(KEYS)
-
-
-# ------------------------------------------------------------------- wildcards
-class dicom_wildcard(FunctionElement[bool]):  # noqa: N801 - SQL function style
-    """Case-sensitive wildcard match: ``dicom_wildcard(column, like, glob)``.
-
-    Rendered as ``column GLOB glob`` on SQLite (whose ``LIKE`` ignores ASCII
-    case) and ``column LIKE like ESCAPE '!'`` elsewhere (case-sensitive on
-    PostgreSQL). Both patterns are bound parameters; each dialect uses one.
-    """
-
-    type = Boolean()
-    inherit_cache = True
-    name = "dicom_wildcard"
-
-
-@compiles(dicom_wildcard)
-def _compile_wildcard_like(element: dicom_wildcard, compiler: SQLCompiler, **kw: Any) -> str:
-    column, like, _glob = list(element.clauses)
-    return (
-        f"{compiler.process(column, **kw)} LIKE {compiler.process(like, **kw)} "
-        f"ESCAPE '{_LIKE_ESCAPE}'"
-    )
-
-
-@compiles(dicom_wildcard, "sqlite")
-def _compile_wildcard_glob(element: dicom_wildcard, compiler: SQLCompiler, **kw: Any) -> str:
-    column, _like, glob = list(element.clauses)
-    return f"{compiler.process(column, **kw)} GLOB {compiler.process(glob, **kw)}"
-
-
-def like_pattern(value: str) -> str:
-    """A DICOM value (``*``, ``?`` wildcards) as a LIKE pattern escaped with ``!``."""
-    out: list[str] = []
-    for ch in value:
-        if ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        elif ch in ("%", "_", _LIKE_ESCAPE):
-            out.append(_LIKE_ESCAPE + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def glob_pattern(value: str) -> str:
-    """A DICOM value (``*``, ``?`` wildcards) as an SQLite GLOB pattern."""
-    return "".join("[[]" if ch == "[" else ch for ch in value)
-
-
-def _has_wildcard(value: str) -> bool:
-    return "*" in value or "?" in value
 
 
 # ------------------------------------------------------------------- queries
@@ -325,7 +152,7 @@ class ReturnKey:
 
     tag: int
     vr: str
-    key: _Key | None
+    key: CatalogueKey | None
 
 
 @dataclass(frozen=True)
@@ -339,7 +166,7 @@ class FindQuery:
     level
         The Query/Retrieve level.
     conditions
-        Matching conditions (ANDed) on the catalogue tables.
+        Matching conditions (ANDed) on the catalogue's keys.
     returns
         The keys to return, in request order.
     unsupported
@@ -351,10 +178,15 @@ class FindQuery:
 
     model: str
     level: Level
-    conditions: tuple[ColumnElement[bool], ...] = ()
+    conditions: tuple[Match, ...] = ()
     returns: tuple[ReturnKey, ...] = ()
     unsupported: tuple[str, ...] = ()
     character_set: tuple[str, ...] = ()
+
+    @property
+    def keywords(self) -> list[str]:
+        """The catalogue keys to return, in request order, each once."""
+        return list(dict.fromkeys(r.key.keyword for r in self.returns if r.key is not None))
 
     @property
     def pending_status(self) -> Status:
@@ -393,23 +225,15 @@ def _parse_level(identifier: Dataset, model: str) -> Level:
     return Level(raw)
 
 
-def _entity_level(entity: Level, model: str) -> Level:
+def _entity_level(entity: str, model: str) -> Level:
     """The level an entity's attributes belong to in ``model``."""
-    if entity is Level.PATIENT and model == STUDY_ROOT_FIND:
+    if entity == Level.PATIENT and model == STUDY_ROOT_FIND:
         return Level.STUDY
-    return entity
+    return Level(entity)
 
 
 def _rank(level: Level) -> int:
     return list(Level).index(level)
-
-
-def _text_condition(column: ColumnElement[Any], value: str, *, pn: bool) -> ColumnElement[bool]:
-    if pn:
-        return column.ilike(like_pattern(value), escape=_LIKE_ESCAPE)
-    if _has_wildcard(value):
-        return dicom_wildcard(column, like_pattern(value), glob_pattern(value))
-    return column == value
 
 
 def _date_value(value: str, keyword: str, tag: int) -> str:
@@ -427,23 +251,17 @@ def _time_value(value: str, keyword: str, tag: int) -> str:
     return value
 
 
-def _range_condition(
-    column: ColumnElement[Any], value: str, key: _Key, tag: int
-) -> ColumnElement[bool]:
-    parse = _date_value if key.kind is _Kind.DATE else _time_value
+def _span(value: str, key: CatalogueKey, tag: int) -> Span:
+    parse = _date_value if key.kind is KeyKind.DATE else _time_value
     if "-" not in value:
-        return column == parse(value, key.keyword, tag)
+        return Span(parse(value, key.keyword, tag), "", single=True)
     if value.count("-") != 1:
         raise InvalidQuery(f"{key.keyword}: {value[:20]!r} is not a valid range", tag)
     start, end = (part.strip() for part in value.split("-"))
-    conds: list[ColumnElement[bool]] = [column != ""]  # unknown values never match a range
-    if start:
-        conds.append(column >= parse(start, key.keyword, tag))
-    if end:
-        end = parse(end, key.keyword, tag)
-        # A time bound with fewer digits covers its whole unit: -1200 takes 12:00:59.
-        conds.append(column <= (end + "~" if key.kind is _Kind.TIME else end))
-    return and_(*conds)
+    return Span(
+        parse(start, key.keyword, tag) if start else "",
+        parse(end, key.keyword, tag) if end else "",
+    )
 
 
 def _int_value(value: str, keyword: str, tag: int) -> int:
@@ -453,25 +271,15 @@ def _int_value(value: str, keyword: str, tag: int) -> int:
         raise InvalidQuery(f"{keyword}: {value[:20]!r} is not an integer", tag) from None
 
 
-def _condition(key: _Key, values: list[str], tag: int) -> ColumnElement[bool] | None:
+def _condition(key: CatalogueKey, values: list[str], tag: int) -> Match | None:
     """The matching condition of one key with non-empty ``values`` (None: universal)."""
     if "*" in values:  # a lone "*" is universal matching, whatever the VR
         return None
-    if key.kind is _Kind.UID:
-        return key.column == values[0] if len(values) == 1 else key.column.in_(values)
-    if key.kind is _Kind.INT:
-        numbers = [_int_value(v, key.keyword, tag) for v in values]
-        return key.column == numbers[0] if len(numbers) == 1 else key.column.in_(numbers)
-    if key.kind in (_Kind.DATE, _Kind.TIME):
-        return or_(*(_range_condition(key.column, v, key, tag) for v in values))
-    if key.kind is _Kind.MODALITIES:
-        se = _SERIES.alias("m_series")
-        match = or_(*(_text_condition(se.c.modality, v, pn=False) for v in values))
-        return exists(
-            select(se.c.id).where(se.c.study_pk == _STUDY.c.id, match).correlate(_STUDY)
-        )
-    pn = key.kind is _Kind.PN
-    return or_(*(_text_condition(key.column, v, pn=pn) for v in values))
+    if key.kind is KeyKind.INT:
+        return Match(key.keyword, tuple(_int_value(v, key.keyword, tag) for v in values))
+    if key.kind in (KeyKind.DATE, KeyKind.TIME):
+        return Match(key.keyword, tuple(_span(v, key, tag) for v in values))
+    return Match(key.keyword, tuple(values))
 
 
 def parse_query(identifier: Dataset, model: str, *, hierarchical: bool = True) -> FindQuery:
@@ -499,7 +307,7 @@ def parse_query(identifier: Dataset, model: str, *, hierarchical: bool = True) -
     level = _parse_level(identifier, model)
     levels = _MODEL_LEVELS[model]
     rank = _rank(level)
-    conditions: list[ColumnElement[bool]] = []
+    conditions: list[Match] = []
     returns: list[ReturnKey] = []
     unsupported: list[str] = []
     character_set: tuple[str, ...] = ()
@@ -532,7 +340,7 @@ def parse_query(identifier: Dataset, model: str, *, hierarchical: bool = True) -
         returns.append(ReturnKey(tag, dictionary_VR(tag), key))
         if not values:
             continue  # universal matching: a return key
-        if key.kind is _Kind.RETURN_ONLY:
+        if key.kind is KeyKind.RETURN_ONLY:
             unsupported.append(key.keyword)  # computed keys are not matched
             continue
         cond = _condition(key, values, tag)
@@ -554,53 +362,8 @@ def parse_query(identifier: Dataset, model: str, *, hierarchical: bool = True) -
     )
 
 
-_LEVEL_PK: dict[Level, ColumnElement[Any]] = {
-    Level.PATIENT: _PATIENT.c.id,
-    Level.STUDY: _STUDY.c.id,
-    Level.SERIES: _SERIES.c.id,
-    Level.IMAGE: _INSTANCE.c.id,
-}
-
-#: Result column holding the primary key of the matched entity.
-PK_LABEL = "_pk"
-
-
-def _from_clause(level: Level) -> FromClause:
-    if level is Level.PATIENT:
-        return _PATIENT
-    study = _STUDY.join(_PATIENT, _PATIENT.c.id == _STUDY.c.patient_pk)
-    if level is Level.STUDY:
-        return study
-    series = _SERIES.join(study, _STUDY.c.id == _SERIES.c.study_pk)
-    if level is Level.SERIES:
-        return series
-    return _INSTANCE.join(series, _SERIES.c.id == _INSTANCE.c.series_pk)
-
-
-def build_select(query: FindQuery) -> Select[Any]:
-    """The ``SELECT`` answering ``query``: one row per matching entity.
-
-    Columns: the entity's primary key labelled :data:`PK_LABEL`, then every
-    supported requested key labelled with its keyword. Rows come in the order
-    the entities were first stored.
-    """
-    pk = _LEVEL_PK[query.level]
-    columns: list[ColumnElement[Any]] = [pk.label(PK_LABEL)]
-    seen: set[str] = set()
-    for rk in query.returns:
-        if rk.key is not None and rk.key.keyword not in seen:
-            seen.add(rk.key.keyword)
-            columns.append(rk.key.column.label(rk.key.keyword))
-    return (
-        select(*columns)
-        .select_from(_from_clause(query.level))
-        .where(*query.conditions)
-        .order_by(pk)
-    )
-
-
 # ------------------------------------------------------------------ responses
-def _response_value(key: _Key, value: Any) -> Any:
+def _response_value(key: CatalogueKey, value: Any) -> Any:
     if value is None or value == "":
         return None
     if key.keyword == "ModalitiesInStudy":
@@ -649,7 +412,7 @@ class RowLike(Protocol):
 
 
 def response_identifier(query: FindQuery, row: RowLike, retrieve_ae_title: str) -> Dataset:
-    """A Pending response identifier for one result row of :func:`build_select`."""
+    """A Pending response identifier for one result row of the query's ``SELECT``."""
     mapping = row._mapping
     values: dict[int, tuple[str, Any]] = {}
     for rk in query.returns:
@@ -759,16 +522,13 @@ class CatalogueFind:
         QueryRefused
             The catalogue could not be read, or more than ``max_results`` match.
         """
-        stmt = build_select(query)
-        if self._max_results:
-            stmt = stmt.limit(self._max_results + 1)
+        limit = self._max_results + 1 if self._max_results else 0
         try:
-            with self._engine.connect() as conn:
-                rows = conn.execute(stmt).all()
-        except SQLAlchemyError as exc:
-            logger.error("C-FIND catalogue read failed: %s", exc.__class__.__name__)
+            rows = fetch(self._engine, query, limit=limit)
+        except CatalogueUnavailable as exc:
+            logger.error("C-FIND catalogue read failed: %s", exc.cause)
             logger.debug("C-FIND catalogue read failed", exc_info=True)
-            raise QueryRefused(f"catalogue unavailable ({exc.__class__.__name__})") from exc
+            raise QueryRefused(str(exc)) from exc
         if self._max_results and len(rows) > self._max_results:
             raise QueryRefused(f"more than {self._max_results} matches: narrow the query")
         return rows

@@ -24,10 +24,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pnd_config
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
-from pynetdicom.sop_class import _STORAGE_CLASSES
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sidecar.archive.store import InstanceStore, Origin, Outcome
@@ -198,8 +197,9 @@ class DicomNode:
         ae = AE(ae_title=self._cfg.ae_title)
         ts = list(AllTransferSyntaxes)
         ae.add_supported_context(VERIFICATION, ts)
-        for uid in _STORAGE_CLASSES.values():
-            ae.add_supported_context(uid, ts)
+        for cx in AllStoragePresentationContexts:  # every storage SOP class
+            if cx.abstract_syntax:
+                ae.add_supported_context(cx.abstract_syntax, ts)
         for uid in FIND_MODELS:
             ae.add_supported_context(uid, FIND_TRANSFER_SYNTAXES)
         ae.maximum_associations = self._max_associations
@@ -246,7 +246,6 @@ class DicomNode:
             target=server.serve_forever, name="dicom-acceptor", daemon=True
         )
         thread.start()
-        self.ae._servers.append(server)  # as AE.start_server does; shutdown() removes it
         self._server = server
         host, port = server.server_address[:2]
         logger.info("DICOM node %s listening on %s:%s%s", self._cfg.ae_title, host, port,
@@ -264,7 +263,9 @@ class DicomNode:
         if server is not None:
             try:
                 server.shutdown()
-            except ValueError:  # already removed from the AE's list
+            except ValueError:
+                # Stopped and closed; only its removal from the AE's list of
+                # servers failed (AE.make_server does not add it there).
                 pass
             logger.info("DICOM node stopped")
 

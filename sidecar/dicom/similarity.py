@@ -43,13 +43,12 @@ from typing import Any, Final
 from pydicom.datadict import add_private_dict_entries, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, PrivateBlock
-from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from sidecar.config import QueryConfig
+from sidecar.db.find_queries import PK_LABEL, fetch_matching
+from sidecar.db.repository import CatalogueUnavailable
+from sidecar.db.types import Engine
 from sidecar.dicom.find import (
-    KEYS,
-    PK_LABEL,
     SIMILARITY_CREATOR,
     SIMILARITY_GROUP,
     FindAnswer,
@@ -57,7 +56,6 @@ from sidecar.dicom.find import (
     FindRequest,
     Level,
     RowLike,
-    build_select,
     parse_query,
     response_identifier,
 )
@@ -314,7 +312,7 @@ def parse_similarity(identifier: Dataset, model: str) -> ParsedSimilarity:
         post_filter=bool(std.conditions),
         keys_from_hit=from_hit,
         hit_only=not std.conditions and all(
-            rk.key is None or _from_hit_alone(rk.key.keyword, rk.key.entity, std.level)
+            rk.key is None or _from_hit_alone(rk.key.keyword, Level(rk.key.entity), std.level)
             for rk in std.returns
         ),
     )
@@ -429,17 +427,13 @@ class SimilarityFind:
         if parsed.hit_only:
             return {self._hit_uid(parsed.level, h): _HitRow.of(h) for h in hits}
         level = parsed.level
-        uid_key = KEYS[_HIT_UID[level]]
         uids = [self._hit_uid(level, h) for h in hits]
-        stmt = build_select(parsed.standard).where(uid_key.column.in_(uids))
-        stmt = stmt.add_columns(uid_key.column.label("_hit_uid"))
         try:
-            with self._engine.connect() as conn:
-                found = conn.execute(stmt).all()
-        except SQLAlchemyError as exc:
-            logger.error("similarity C-FIND catalogue read failed: %s", exc.__class__.__name__)
-            raise QueryRefused(f"catalogue unavailable ({exc.__class__.__name__})") from exc
-        return {str(r._mapping["_hit_uid"]): r for r in found}
+            found = fetch_matching(self._engine, parsed.standard, _HIT_UID[level], uids)
+        except CatalogueUnavailable as exc:
+            logger.error("similarity C-FIND catalogue read failed: %s", exc.cause)
+            raise QueryRefused(str(exc)) from exc
+        return {uid: row for uid, row in found.items()}
 
     def _responses(
         self, parsed: ParsedSimilarity, result: SearchResult, hits: Sequence[Hit],

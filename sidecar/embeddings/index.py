@@ -1,255 +1,57 @@
 """The vector index: hnswlib (cosine) behind one readers-writer lock, saved atomically.
 
-Labels are the database primary keys of vector rows (int64, never remapped), so a
-search result maps straight back to instance, series and study. The database is
-the source of truth: it keeps a float16 copy of every vector (:func:`to_blob`),
-and the index can always be rebuilt from those (:meth:`VectorIndex.build`) or
-repaired after a load (:meth:`VectorIndex.verify_against`).
-
-Thread safety
--------------
-hnswlib is not safe for ``knn_query`` during ``add_items``, nor for
-``resize_index`` during either. Every call into hnswlib therefore runs under one
-writer-preferring :class:`ReadWriteLock`: searches, exact searches and the
-snapshot taken by :meth:`VectorIndex.save` share it; ``add`` (with its
-resize), ``mark_deleted`` and searches with a non-default ``ef`` (``set_ef``
-is global state in hnswlib) hold it alone. Writer preference means a steady
-stream of queries cannot starve the embedding worker. The lock is not
-re-entrant; no method calls another public method while holding it.
-
-Files and crash safety
-----------------------
-A saved index is a directory holding two files:
-
-* ``index-NNNNNN.bin``: the hnswlib graph (``save_index``), a new name per save;
-* ``index.json``: the facts (format version, model id, dim, space, counts,
-  capacity, M, ef_construction, ef_search, ``saved_at``, the name and SHA-256 of
-  the graph file, and a SHA-256 of the sorted live labels).
-
-:meth:`VectorIndex.save` runs these steps; ``index.json`` is the single commit
-point, so a crash between any two of them leaves a loadable pair:
-
-1. ``save_index`` to ``index-NNNNNN.bin.tmp``, fsync it;
-2. rename it to ``index-NNNNNN.bin``, fsync the directory;
-3. write ``index.json.tmp``, fsync it;
-4. rename it over ``index.json``, fsync the directory (commit);
-5. remove older ``index-*.bin`` and stray ``*.tmp`` files (best effort).
-
-A crash before step 4 leaves the previous ``index.json`` naming the previous
-graph file, which is still there: :meth:`VectorIndex.load` loads the previous
-good index (the caller then repairs the difference with ``verify_against``).
-A crash after step 4 leaves the new pair plus garbage that the next save
-removes. A crash during the very first save leaves no ``index.json``, which
-``load`` reports as :class:`IndexMismatch` (rebuild). A damaged graph file is
-caught by its SHA-256 before hnswlib reads it.
-
-Deleted elements keep their slot (no ``replace_deleted``): when
-``facts().deleted`` grows large, rebuild from the database.
+Labels are database keys of vector rows; the database's float16 copies
+(:mod:`sidecar.embeddings.codec`) rebuild or repair it. Locking and the crash-safe
+save are described in docs/design/archive.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import operator
 import os
-import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Final, TypedDict, cast
+from typing import Any, Final
 
 import hnswlib
 import numpy as np
 import numpy.typing as npt
 
 from sidecar.config import IndexConfig
-from sidecar.errors import SidecarError
+from sidecar.embeddings.codec import IndexInputError, VectorIndexError
+from sidecar.embeddings.index_files import (
+    BIN_RE,
+    FACTS_NAME,
+    FORMAT_VERSION,
+    IndexMismatch,
+    SavedFacts,
+    hnswlib_version,
+    labels_checksum,
+    read_saved_facts,
+    remove_stale,
+)
+from sidecar.embeddings.rwlock import ReadWriteLock
+from sidecar.files import fsync_dir, sha256_file, write_durably
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION: Final = 1
 SPACE: Final = "cosine"
-FACTS_NAME: Final = "index.json"
-_BIN_RE: Final = re.compile(r"^index-(\d{6,})\.bin(\.tmp)?$")
 _RANDOM_SEED: Final = 100
 _CONTIGUOUS_MSG: Final = "contiguous 2D array"
 _MIN_NORM: Final = 1e-12
-_BLOB_DTYPE: Final = np.dtype("<f2")
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.int64]
 
 
 # ---------------------------------------------------------------------- errors
-class VectorIndexError(SidecarError):
-    """Base of the errors raised by the vector index."""
-
-
-class IndexInputError(VectorIndexError, ValueError):
-    """Labels, vectors or a parameter given to the index are invalid."""
-
-
-class IndexMismatch(VectorIndexError):
-    """A saved index cannot be used; the caller rebuilds it from stored vectors.
-
-    Parameters
-    ----------
-    directory
-        The index directory.
-    reason
-        What is wrong (missing file, checksum, model id, dim, ...).
-    """
-
-    def __init__(self, directory: Path, reason: str) -> None:
-        self.directory = directory
-        self.reason = reason
-        super().__init__(f"index in {directory} unusable: {reason}")
-
-
 class IndexSaveError(VectorIndexError):
     """Saving the index failed; the previously saved index is unchanged."""
-
-
-# ----------------------------------------------------------------------- lock
-class ReadWriteLock:
-    """A writer-preferring readers-writer lock (not re-entrant).
-
-    Many readers may hold it together; a writer holds it alone. Once a writer
-    waits, new readers wait too, so a stream of readers cannot starve writers.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    def acquire_read(self, timeout: float | None = None) -> bool:
-        """Take a shared hold; ``False`` when ``timeout`` (seconds) ran out."""
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: not self._writer and self._waiting_writers == 0, timeout
-            )
-            if ok:
-                self._readers += 1
-            return ok
-
-    def release_read(self) -> None:
-        """Give back a shared hold."""
-        with self._cond:
-            if self._readers <= 0:
-                raise RuntimeError("release_read without a read hold")
-            self._readers -= 1
-            if self._readers == 0:
-                self._cond.notify_all()
-
-    def acquire_write(self, timeout: float | None = None) -> bool:
-        """Take the exclusive hold; ``False`` when ``timeout`` (seconds) ran out."""
-        with self._cond:
-            self._waiting_writers += 1
-            ok = False
-            try:
-                ok = self._cond.wait_for(lambda: not self._writer and self._readers == 0, timeout)
-                if ok:
-                    self._writer = True
-            finally:
-                self._waiting_writers -= 1
-                if not ok:
-                    self._cond.notify_all()  # readers held back by this writer may go
-            return ok
-
-    def release_write(self) -> None:
-        """Give back the exclusive hold."""
-        with self._cond:
-            if not self._writer:
-                raise RuntimeError("release_write without the write hold")
-            self._writer = False
-            self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        """Hold the lock shared for the ``with`` block."""
-        self.acquire_read()
-        try:
-            yield
-        finally:
-            self.release_read()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        """Hold the lock exclusively for the ``with`` block."""
-        self.acquire_write()
-        try:
-            yield
-        finally:
-            self.release_write()
-
-    def state(self) -> tuple[int, bool, int]:
-        """``(readers, writer held, writers waiting)``, for tests and diagnostics."""
-        with self._cond:
-            return self._readers, self._writer, self._waiting_writers
-
-
-# ---------------------------------------------------------------------- blobs
-def to_blob(vec: npt.ArrayLike) -> bytes:
-    """Pack one vector as little-endian float16 bytes for the database.
-
-    Parameters
-    ----------
-    vec
-        One vector, shape ``(dim,)``, finite; L2-normalised vectors fit float16
-        comfortably (relative error about 5e-4).
-
-    Raises
-    ------
-    IndexInputError
-        Not one-dimensional, or not finite in float16.
-    """
-    arr = np.asarray(vec)
-    if arr.ndim != 1 or arr.size == 0:
-        raise IndexInputError(f"to_blob expects one non-empty vector, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise IndexInputError(f"to_blob expects floating-point values, got {arr.dtype}")
-    with np.errstate(over="ignore"):
-        packed = arr.astype(_BLOB_DTYPE)
-    if not np.isfinite(packed).all():
-        raise IndexInputError("to_blob: vector has values that are not finite in float16")
-    return packed.tobytes()
-
-
-def from_blob(blob: bytes, dim: int) -> FloatArray:
-    """Unpack :func:`to_blob` bytes into a float32 vector of shape ``(dim,)``.
-
-    Raises
-    ------
-    IndexInputError
-        The byte count is not ``2 * dim``.
-    """
-    if len(blob) != 2 * dim:
-        raise IndexInputError(f"vector blob has {len(blob)} bytes, expected {2 * dim}")
-    return np.frombuffer(blob, dtype=_BLOB_DTYPE).astype(np.float32)
-
-
-def from_blobs(blobs: Iterable[bytes], dim: int) -> FloatArray:
-    """Unpack many blobs into a float32 array of shape ``(n, dim)`` (for rebuilds).
-
-    Raises
-    ------
-    IndexInputError
-        A blob does not hold ``dim`` float16 values.
-    """
-    parts = list(blobs)
-    for blob in parts:
-        if len(blob) != 2 * dim:
-            raise IndexInputError(f"vector blob has {len(blob)} bytes, expected {2 * dim}")
-    flat = np.frombuffer(b"".join(parts), dtype=_BLOB_DTYPE)
-    return flat.reshape(len(parts), dim).astype(np.float32)
 
 
 # ---------------------------------------------------------------------- facts
@@ -285,51 +87,6 @@ class IndexFacts:
     ef_search: int
     dirty: bool
     fallbacks: int
-
-
-class SavedFacts(TypedDict):
-    """The content of ``index.json``."""
-
-    format_version: int
-    model_id: str
-    dim: int
-    space: str
-    count: int
-    deleted: int
-    capacity: int
-    m: int
-    ef_construction: int
-    ef_search: int
-    saved_at: str
-    index_file: str
-    index_sha256: str
-    labels_sha256: str
-    hnswlib_version: str
-
-
-_FACT_TYPES: Final[dict[str, type]] = {
-    "format_version": int,
-    "model_id": str,
-    "dim": int,
-    "space": str,
-    "count": int,
-    "deleted": int,
-    "capacity": int,
-    "m": int,
-    "ef_construction": int,
-    "ef_search": int,
-    "saved_at": str,
-    "index_file": str,
-    "index_sha256": str,
-    "labels_sha256": str,
-    "hnswlib_version": str,
-}
-
-
-def labels_checksum(labels: Iterable[int]) -> str:
-    """SHA-256 of the sorted labels as little-endian int64 (as in ``index.json``)."""
-    arr = np.sort(np.fromiter((int(x) for x in labels), dtype=np.int64))
-    return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------- index
@@ -733,7 +490,7 @@ class VectorIndex:
             try:
                 directory.mkdir(parents=True, exist_ok=True)
                 seq = 1 + max(
-                    (int(m.group(1)) for p in directory.iterdir() if (m := _BIN_RE.match(p.name))),
+                    (int(m.group(1)) for p in directory.iterdir() if (m := BIN_RE.match(p.name))),
                     default=0,
                 )
                 bin_name = f"index-{seq:06d}.bin"
@@ -744,10 +501,10 @@ class VectorIndex:
                     facts = self._facts_locked()
                     live_sum = labels_checksum(self._live)
                     generation = self._generation
-                digest = _sha256_and_sync(bin_tmp, fsync)
+                digest = sha256_file(bin_tmp, fsync=fsync)
                 os.replace(bin_tmp, bin_path)
                 if fsync:
-                    _fsync_dir(directory)
+                    fsync_dir(directory)
                 saved: SavedFacts = {
                     "format_version": FORMAT_VERSION,
                     "model_id": model_id,
@@ -763,12 +520,12 @@ class VectorIndex:
                     "index_file": bin_name,
                     "index_sha256": digest,
                     "labels_sha256": live_sum,
-                    "hnswlib_version": _hnswlib_version(),
+                    "hnswlib_version": hnswlib_version(),
                 }
-                _write_atomically(
+                write_durably(
                     directory / FACTS_NAME,
                     (json.dumps(saved, indent=2, sort_keys=True) + "\n").encode(),
-                    fsync,
+                    fsync=fsync,
                 )
             except OSError as exc:
                 raise IndexSaveError(f"cannot save index in {directory}: {exc}") from exc
@@ -776,7 +533,7 @@ class VectorIndex:
                 raise IndexSaveError(f"cannot save index in {directory}: {exc}") from exc
             self._saved_generation = generation
             try:
-                _remove_stale(directory, keep=bin_name)
+                remove_stale(directory, keep=bin_name)
             except OSError as exc:  # the save itself is committed
                 logger.warning("could not clean index directory %s: %s", directory, exc)
         logger.info("saved vector index: %d vectors (%d deleted)", facts.count, facts.deleted)
@@ -833,11 +590,11 @@ class VectorIndex:
                 f"configured m={cfg.m}, ef_construction={cfg.ef_construction}",
             )
         name = saved["index_file"]
-        if not _BIN_RE.match(name) or name.endswith(".tmp"):
+        if not BIN_RE.match(name) or name.endswith(".tmp"):
             raise IndexMismatch(directory, f"invalid index file name {name!r}")
         bin_path = directory / name
         try:
-            digest = _sha256_and_sync(bin_path, fsync=False)
+            digest = sha256_file(bin_path)
         except FileNotFoundError:
             raise IndexMismatch(directory, f"index file {name} is missing") from None
         except OSError as exc:
@@ -875,36 +632,7 @@ class VectorIndex:
 
 
 # ------------------------------------------------------------------- helpers
-def read_saved_facts(directory: Path) -> SavedFacts:
-    """Read and type-check ``index.json`` without loading the graph.
-
-    Raises
-    ------
-    IndexMismatch
-        Missing, not JSON, or a field is missing or of the wrong type.
-    """
-    path = directory / FACTS_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise IndexMismatch(directory, f"{FACTS_NAME} is missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IndexMismatch(directory, f"cannot read {FACTS_NAME}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise IndexMismatch(directory, f"{FACTS_NAME} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise IndexMismatch(directory, f"{FACTS_NAME} is not a JSON object")
-    for key, want in _FACT_TYPES.items():
-        value = data.get(key)
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise IndexMismatch(
-                directory, f"{FACTS_NAME}: field {key!r} missing or not {want.__name__}"
-            )
-    return cast(SavedFacts, {key: data[key] for key in _FACT_TYPES})
-
-
+# ------------------------------------------------------------------- helpers
 def _check_labels(labels: npt.ArrayLike) -> LabelArray:
     arr = np.asarray(labels)
     if arr.ndim == 0:
@@ -958,56 +686,3 @@ def _probe_live(raw: Any) -> set[int]:
             continue
         live.add(int(label))
     return live
-
-
-def _sha256_and_sync(path: Path, fsync: bool) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-        if fsync:
-            os.fsync(fh.fileno())
-    return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes, fsync: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale(directory: Path, keep: str) -> None:
-    """Remove graph files other than ``keep`` and leftover temporary files."""
-    for path in directory.iterdir():
-        name = path.name
-        if name == keep or not (_BIN_RE.match(name) or name == FACTS_NAME + ".tmp"):
-            continue
-        try:
-            path.unlink()
-        except OSError as exc:
-            logger.warning("could not remove stale index file %s: %s", path, exc)
-
-
-def _hnswlib_version() -> str:
-    try:
-        return metadata.version("hnswlib")
-    except metadata.PackageNotFoundError:
-        return "unknown"

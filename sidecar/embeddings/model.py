@@ -49,8 +49,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -65,6 +63,7 @@ from torch import nn
 
 from sidecar.config import EmbeddingConfig
 from sidecar.errors import SidecarError
+from sidecar.files import write_durably
 
 logger = logging.getLogger(__name__)
 
@@ -420,23 +419,13 @@ def serialise_state_dict(model: nn.Module) -> bytes:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename.
+    """Write a model file durably (:func:`sidecar.files.write_durably`), creating its folder.
 
-    The file gets permissions ``mode`` (a temporary file would be 0600, and
-    model files must be readable by the service's user).
+    The file gets exactly ``mode``, whatever the umask: model files must be
+    readable by the service's user.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_durably(path, data, mode=mode, exact_mode=True)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ import numpy as np
 
 from sidecar.config import Config
 from sidecar.db.vectors import VectorRepository
-from sidecar.embeddings.index import IndexMismatch, VectorIndex, from_blob
+from sidecar.embeddings.codec import from_blob
+from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.index_files import IndexMismatch
 from sidecar.errors import SidecarError
 
 logger = logging.getLogger(__name__)
@@ -114,12 +116,7 @@ class IndexService:
         self._take_lock()
         loaded, reason = True, ""
         try:
-            self._index = VectorIndex.load(
-                self.directory,
-                expected_model_id=self.model_id,
-                expected_dim=self.dim,
-                cfg=self._cfg.index,
-            )
+            self._index = load_saved(self._cfg, self.model_id, self.dim)
         except IndexMismatch as exc:
             loaded, reason = False, str(exc)
             self._index = VectorIndex(self.dim, self._cfg.index)
@@ -144,29 +141,14 @@ class IndexService:
         tuple of int
             (added, deleted).
         """
-        in_db = self._repo.labels(self.model_id)
-        missing, extra = self._index.verify_against(in_db)
-        if missing:
-            self._add_stored(missing)
-        deleted = 0
-        if extra:
-            deleted = self._index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
-        if missing or extra:
+        added, deleted = repair(self._index, self._repo, self.model_id, self.dim)
+        if added or deleted:
             self._dirty = True
             logger.warning("index for model %s reconciled with the database: %d added, "
-                           "%d removed", self.model_id, len(missing), deleted)
+                           "%d removed", self.model_id, added, deleted)
             if save:
                 self.save()
-        return len(missing), deleted
-
-    def _add_stored(self, labels: set[int]) -> None:
-        for batch in self._repo.slice_vectors(self.model_id):
-            rows = [(label, blob) for label, blob in batch if label in labels]
-            if rows:
-                self._index.add(
-                    np.asarray([r[0] for r in rows], dtype=np.int64),
-                    np.stack([from_blob(r[1], self.dim) for r in rows]),
-                )
+        return added, deleted
 
     def rebuild(self) -> int:
         """Rebuild the index from the stored vectors (no CNN) and save it."""
@@ -206,3 +188,51 @@ class IndexService:
                 raise
         logger.debug("index for model %s saved (%d vectors)", self.model_id, len(self._index))
         return True
+
+
+def load_saved(
+    config: Config, model_id: str, dim: int, *, attempts: int = 1, num_threads: int = 1
+) -> VectorIndex:
+    """The saved index of ``model_id``, checked (``attempts`` tries: a save may race a load).
+
+    Raises
+    ------
+    IndexMismatch
+        The last try's reason: rebuild from the stored vectors.
+    """
+    for attempt in range(attempts):
+        try:
+            return VectorIndex.load(
+                config.index_dir / model_id,
+                expected_model_id=model_id,
+                expected_dim=dim,
+                cfg=config.index,
+                num_threads=num_threads,
+            )
+        except IndexMismatch:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("attempts must be >= 1")
+
+
+def repair(
+    index: VectorIndex, vectors: VectorRepository, model_id: str, dim: int
+) -> tuple[int, int]:
+    """Make ``index`` hold exactly the database's vectors of ``model_id``.
+
+    Labels missing from the index are added from the stored (float16) vectors;
+    labels whose rows are gone are marked deleted. Returns (added, deleted).
+    """
+    missing, extra = index.verify_against(vectors.labels(model_id))
+    if missing:
+        for batch in vectors.slice_vectors(model_id):
+            rows = [(label, blob) for label, blob in batch if label in missing]
+            if rows:
+                index.add(
+                    np.asarray([r[0] for r in rows], dtype=np.int64),
+                    np.stack([from_blob(r[1], dim) for r in rows]),
+                )
+    deleted = 0
+    if extra:
+        deleted = index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
+    return len(missing), deleted

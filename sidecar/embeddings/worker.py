@@ -38,12 +38,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydicom import dcmread
 
+from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db.vectors import NewVector, SeriesWork, VectorRepository
 from sidecar.embeddings import preprocess
-from sidecar.embeddings.index import from_blob, to_blob
+from sidecar.embeddings.codec import from_blob, to_blob
 from sidecar.embeddings.model import Embedder
 from sidecar.embeddings.service import IndexService
 
@@ -237,7 +237,7 @@ class EmbeddingWorker:
         t0 = time.perf_counter()
         for ref in work.instances:
             try:
-                header = dcmread(self._storage / ref.file_path, stop_before_pixels=True)
+                header = read_stored(self._storage, ref.file_path, pixels=False)
                 infos.extend(preprocess.frame_infos(header, ref.pk))
             except Exception as exc:  # noqa: BLE001 - recorded on the instance
                 if ref.pk in work.due:
@@ -263,7 +263,7 @@ class EmbeddingWorker:
         for inst_pk, frames in todo.items():
             t0 = time.perf_counter()
             try:
-                ds = dcmread(self._storage / paths[inst_pk])
+                ds = read_stored(self._storage, paths[inst_pk])
                 prepared = preprocess.prepare(ds, cfg.preprocess, size, frames=sorted(frames))
             except Exception as exc:  # noqa: BLE001 - recorded on the instance
                 failures[inst_pk] = f"cannot prepare pixels: {exc}"

@@ -155,6 +155,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 
+from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db.search_queries import (
     CatalogueFilter,
@@ -166,13 +167,10 @@ from sidecar.db.search_queries import (
     like_pattern,
 )
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.embeddings.index import (
-    IndexMismatch,
-    VectorIndex,
-    from_blob,
-    from_blobs,
-    read_saved_facts,
-)
+from sidecar.embeddings.codec import from_blobs
+from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.index_files import IndexMismatch, read_saved_facts
+from sidecar.embeddings.service import load_saved, repair
 from sidecar.errors import SidecarError
 
 if TYPE_CHECKING:
@@ -640,37 +638,17 @@ def _stored_dim(config: Config, repo: VectorRepository, model_id: str) -> int:
 def _load_read_only(
     config: Config, repo: VectorRepository, model_id: str, dim: int, attempts: int = 3
 ) -> VectorIndex:
-    directory = config.index_dir / model_id
     threads = max(1, os.cpu_count() or 1)
-    index: VectorIndex | None = None
-    reason = ""
-    for _ in range(attempts):  # a save may replace the graph file between two reads
-        try:
-            index = VectorIndex.load(
-                directory, expected_model_id=model_id, expected_dim=dim, cfg=config.index,
-                num_threads=threads,
-            )
-            break
-        except IndexMismatch as exc:
-            reason = exc.reason
-    if index is None:
+    try:  # a save may replace the graph file between two reads: a few tries
+        index = load_saved(config, model_id, dim, attempts=attempts, num_threads=threads)
+    except IndexMismatch as exc:
         logger.warning("saved index of model %s not usable (%s): building a read-only copy "
-                       "from the stored vectors", model_id, reason)
+                       "from the stored vectors", model_id, exc.reason)
         index = VectorIndex(dim, config.index, num_threads=threads)
-    missing, extra = index.verify_against(repo.labels(model_id))
-    if missing:
-        for batch in repo.slice_vectors(model_id):
-            rows = [(label, blob) for label, blob in batch if label in missing]
-            if rows:
-                index.add(
-                    np.asarray([r[0] for r in rows], dtype=np.int64),
-                    np.stack([from_blob(r[1], dim) for r in rows]),
-                )
-    if extra:
-        index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
-    if missing or extra:
+    added, hidden = repair(index, repo, model_id, dim)
+    if added or hidden:
         logger.info("read-only index of model %s: %d vectors added from the database, %d "
-                    "hidden (not saved)", model_id, len(missing), len(extra))
+                    "hidden (not saved)", model_id, added, hidden)
     return index
 
 
@@ -1176,14 +1154,12 @@ class SearchService:
         return [best], note
 
     def _position(self, file_path: str) -> float | None:
-        from pydicom import dcmread
-
         from sidecar.embeddings import preprocess
 
         if not file_path:
             return None
         try:
-            header = dcmread(self._cfg.storage_dir / file_path, stop_before_pixels=True)
+            header = read_stored(self._cfg.storage_dir, file_path, pixels=False)
             infos = preprocess.frame_infos(header, 0)
         except Exception as exc:  # noqa: BLE001 - fall back to the instance number
             logger.debug("cannot read the position of %s: %s", file_path, exc)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from sidecar.config import Config
 from sidecar.db.engine import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.embeddings.index import read_saved_facts
+from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import Embedder
 from sidecar.embeddings.registry import load_service_embedder
 from sidecar.embeddings.service import IndexService

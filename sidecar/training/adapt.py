@@ -23,8 +23,8 @@ from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
-from pydicom import dcmread
 
+from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db import model_queries
 from sidecar.db.engine import Engine
@@ -157,7 +157,7 @@ def sample_slices(
                 break
             wanted = sorted(wanted)[:room]
             try:
-                ds = dcmread(storage / file_path)
+                ds = read_stored(storage, file_path)
                 prepared = preprocess.prepare(ds, config.preprocess, input_size, frames=wanted)
             except Exception as exc:  # noqa: BLE001 - counted; the run goes on without it
                 logger.debug("adaptation: cannot read %s: %s", file_path, exc)
