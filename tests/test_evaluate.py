@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.embeddings.model import TinyEmbedder, builtin_weights_path
+from sidecar.embeddings.model import TinyEmbedder
+from sidecar.embeddings.network import builtin_weights_path
 from sidecar.lab import evaluate as ev
 from tests.conftest import SHARED_DATA
 

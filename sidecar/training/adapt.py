@@ -75,14 +75,8 @@ from sidecar.db.models import (
 )
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import preprocess
-from sidecar.embeddings.model import (
-    Embedder,
-    ModelError,
-    TorchEmbedder,
-    builtin_weights_path,
-    file_model_id,
-    load_weights,
-)
+from sidecar.embeddings.model import Embedder, ModelError, TorchEmbedder, load_weights
+from sidecar.embeddings.network import builtin_weights_path, file_model_id
 from sidecar.errors import SidecarError
 
 logger = logging.getLogger(__name__)
@@ -576,7 +570,7 @@ def _utc_iso() -> str:
 
 def _candidate_embedder(state: Any, base_module: Any, current: Embedder, model_id: str) -> Any:
     """A TorchEmbedder of the trained ``state`` on the base model's architecture."""
-    from sidecar.embeddings.model import SliceNetV1
+    from sidecar.embeddings.network import SliceNetV1
 
     module = SliceNetV1(base_module.hparams)
     module.load_state_dict(state, strict=True)
