@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sidecar.config import Config
-from sidecar.embeddings import model as m
+from sidecar.embeddings import network as m
 from sidecar.lab import evaluate as ev
 from sidecar.lab import metrics
 from sidecar.training import npz
 from sidecar.training import selfsup as tr
+from sidecar.training.augment import augment
 
 
 def prepared(images: np.ndarray, config: Config, name: str, size: int) -> np.ndarray:
@@ -138,7 +139,7 @@ def supervised(recipe: tr.TrainRecipe, data: dict[str, tuple[np.ndarray, np.ndar
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(perm) - batch + 1, batch):
             idx = perm[i:i + batch]
-            x = tr.augment(x_tr[idx], aug, gen)
+            x = augment(x_tr[idx], aug, gen)
             loss = F.cross_entropy(model(x), y_tr[idx])
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]

@@ -31,12 +31,11 @@ from sidecar.archive.store import InstanceStore, Origin
 from sidecar.cli.main import main
 from sidecar.config import Config, load_config
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
-from sidecar.embeddings.model import (
+from sidecar.embeddings.model import Embedder, atomic_write
+from sidecar.embeddings.network import (
     WEIGHTS_FORMAT,
-    Embedder,
     SliceNetV1,
     SliceNetV1Params,
-    atomic_write,
     file_model_id,
     serialise_state_dict,
 )

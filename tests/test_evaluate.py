@@ -24,7 +24,8 @@ from pydicom.uid import JPEGLSNearLossless
 
 from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.embeddings.model import TinyEmbedder, builtin_weights_path
+from sidecar.embeddings.model import TinyEmbedder
+from sidecar.embeddings.network import builtin_weights_path
 from sidecar.lab import evaluate as ev
 from sidecar.lab import metrics, neardup
 from sidecar.training import npz

@@ -17,17 +17,19 @@ import pytest
 from sidecar.config import EmbeddingConfig
 from sidecar.embeddings import model as model_mod
 from sidecar.embeddings.model import (
-    BUILTIN_WEIGHTS,
     Embedder,
     ModelError,
-    SliceNetV1,
-    SliceNetV1Params,
     TinyEmbedder,
     TorchEmbedder,
-    builtin_weights_path,
     export_torchscript,
     load_embedder,
     load_weights,
+)
+from sidecar.embeddings.network import (
+    BUILTIN_WEIGHTS,
+    SliceNetV1,
+    SliceNetV1Params,
+    builtin_weights_path,
 )
 from sidecar.errors import SidecarError
 

@@ -22,18 +22,9 @@ from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless
 
 from sidecar.config import EmbeddingConfig, PreprocessConfig, WindowPreset
-from sidecar.embeddings.preprocess import (
-    FrameInfo,
-    FrameMeta,
-    MissingCodecError,
-    PreprocessError,
-    fit,
-    frame_infos,
-    prepare,
-    read_image,
-    sample,
-    window,
-)
+from sidecar.embeddings.decode import FrameMeta, MissingCodecError, PreprocessError, read_image
+from sidecar.embeddings.pixels import fit, window
+from sidecar.embeddings.preprocess import FrameInfo, frame_infos, prepare, sample
 from sidecar.errors import SidecarError
 from tests.conftest import make_ct
 

@@ -21,15 +21,19 @@ from pydicom.uid import generate_uid
 
 from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.embeddings.model import (
-    SliceNetV1,
-    SliceNetV1Params,
-    TorchEmbedder,
-    load_weights,
-)
+from sidecar.embeddings.model import TorchEmbedder, load_weights
+from sidecar.embeddings.network import SliceNetV1, SliceNetV1Params
 from sidecar.files import sha256_file
 from sidecar.lab import evaluate as ev
 from sidecar.training import selfsup as tr
+from sidecar.training.augment import augment
+from sidecar.training.contrastive import (
+    negative_exclusions,
+    pick_partners,
+    series_neighbours,
+    study_others,
+)
+from sidecar.training.data import load_training_data
 from tests.conftest import make_ct
 
 SIZE = 32
@@ -95,8 +99,8 @@ def test_recipe_round_trip_and_validation() -> None:
 def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
     x = torch.from_numpy(synthetic(8, seed=2))
     recipe = tiny_recipe()
-    a = tr.augment(x, recipe, torch.Generator().manual_seed(5))
-    b = tr.augment(x, recipe, torch.Generator().manual_seed(5))
+    a = augment(x, recipe, torch.Generator().manual_seed(5))
+    b = augment(x, recipe, torch.Generator().manual_seed(5))
     assert a.shape == x.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     assert torch.equal(a, b)
     assert not torch.equal(a, x)
@@ -151,18 +155,18 @@ def test_study_positives_come_from_other_series_of_the_study() -> None:
     # images 15-17 have neither
     groups = np.array([0] * 5 + [1] * 5 + [2] * 5 + [-1] * 3)
     studies = np.array([0] * 10 + [1] * 5 + [-1] * 3)
-    series = tr._neighbours(groups)
-    others = tr._study_others(groups, studies)
+    series = series_neighbours(groups)
+    others = study_others(groups, studies)
     assert others[0].tolist() == [5, 6, 7, 8, 9] and others[7].tolist() == [0, 1, 2, 3, 4]
     assert all(others[i].size == 0 for i in range(10, 18))
     idx = np.arange(18)
     always = tiny_recipe(study_prob=1.0, neighbour_prob=0.0)
-    partner = tr.pick_partners(idx, series, others, always, np.random.default_rng(0))
+    partner = pick_partners(idx, series, others, always, np.random.default_rng(0))
     assert all((groups[partner[i]] == 1) for i in range(5))  # series 0 -> series 1
     assert all((groups[partner[i]] == 0) for i in range(5, 10))
     assert partner[10:].tolist() == list(range(10, 18))  # no other series: itself
     mixed = tiny_recipe(study_prob=0.5, neighbour_prob=1.0, neighbour_span=1)
-    draws = np.stack([tr.pick_partners(idx[:10], series, others, mixed,
+    draws = np.stack([pick_partners(idx[:10], series, others, mixed,
                                        np.random.default_rng(k)) for k in range(200)])
     other_series = (groups[draws] != groups[:10]).mean()
     assert 0.4 < other_series < 0.6  # about study_prob of the time
@@ -173,21 +177,21 @@ def test_study_positives_come_from_other_series_of_the_study() -> None:
     never = tiny_recipe(study_prob=0.0, neighbour_prob=0.5)
     none = [np.zeros(0, np.intp)] * 18
     rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
-    assert tr.pick_partners(idx, series, others, never, rng_a).tolist() == \
-        tr.pick_partners(idx, series, none, never, rng_b).tolist()
+    assert pick_partners(idx, series, others, never, rng_a).tolist() == \
+        pick_partners(idx, series, none, never, rng_b).tolist()
     assert rng_a.random() == rng_b.random()
 
     # negatives: with studies, a slice of the other series of the study is no negative
     batch = np.array([0, 6, 11, 15])
-    by_series = tr.negative_exclusions(batch, groups, None, repeated=False)
-    by_study = tr.negative_exclusions(batch, groups, studies, repeated=False)
+    by_series = negative_exclusions(batch, groups, None, repeated=False)
+    by_study = negative_exclusions(batch, groups, studies, repeated=False)
     assert by_series is not None and by_study is not None
     assert not by_series[0, 2] and by_study[0, 2]  # views of images 0 and 6
     assert not by_study[0, 4] and not by_study[4, 6]  # other study, no study
-    drawn_twice = tr.negative_exclusions(np.array([15, 15, 16]), groups, studies,
+    drawn_twice = negative_exclusions(np.array([15, 15, 16]), groups, studies,
                                          repeated=True)
     assert drawn_twice is not None and drawn_twice[0, 3] and not drawn_twice[0, 4]
-    assert tr.negative_exclusions(np.array([15, 16]), np.full(18, -1), None,
+    assert negative_exclusions(np.array([15, 16]), np.full(18, -1), None,
                                   repeated=False) is None
 
     images = synthetic(18, seed=6)
@@ -252,7 +256,7 @@ def test_dicom_series_become_groups_in_slice_order(tmp_path: Path) -> None:
                          instance_number=k, seed=10 * s + k)
             ds.save_as(tmp_path / f"s{s}_{k}.dcm", enforce_file_format=True)
     (tmp_path / "notes.txt").write_text("not DICOM")
-    data = tr.load_training_data([tmp_path], Config(), SIZE)
+    data = load_training_data([tmp_path], Config(), SIZE)
     assert data.images.shape == (9, 1, SIZE, SIZE)
     assert sorted(np.unique(data.groups).tolist()) == [0, 1, 2]
     assert (np.bincount(data.groups) == 3).all()

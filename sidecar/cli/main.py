@@ -834,6 +834,7 @@ def train(
     from sidecar.embeddings.model import load_weights
     from sidecar.files import sha256_file
     from sidecar.training import selfsup as training
+    from sidecar.training.data import load_training_data
 
     cfg = _load(ctx)
     try:
@@ -862,7 +863,7 @@ def train(
     except SidecarError as exc:
         raise click.ClickException(f"cannot load --init weights: {exc}") from exc
     try:
-        loaded = training.load_training_data(data, cfg, recipe.input_size)
+        loaded = load_training_data(data, cfg, recipe.input_size)
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read the training data: {exc}") from exc
     manifest = dict(loaded.manifest)

@@ -1,45 +1,11 @@
-"""Slice embeddings: the SliceNetV1 CNN, its shipped weights and the embedders.
+"""Slice embedders: the :class:`Embedder` contract and loading model files into one.
 
-Contract
---------
-An :class:`Embedder` turns a batch of pre-processed slices, ``(N, S, S)``
-floating point in ``[0, 1]`` with ``S == embedder.input_size``, into
-``(N, embedder.dim)`` float32 rows of unit L2 norm (``N`` may be 0). Every
-stored vector records ``embedder.model_id``; vectors are comparable only when
-their model ids are equal.
-
-Models
-------
-* Built-in: :class:`SliceNetV1` with the weights shipped in ``weights/``: a
-  ``state_dict`` (``torch.save``) plus a JSON next to it naming the
-  architecture, its hyper-parameters, the input size, the SHA-256 of the
-  weights and how they were made. The shipped weights were trained by our
-  own code without labels (``sidecar train``; recipe, seed and data manifest
-  in the JSON). Untrained, seeded random weights for comparison:
-  ``python -m sidecar.training.make_initial_weights``.
-* ``embedding.model_path``: a TorchScript file (input ``N x 1 x S x S`` in
-  ``[0, 1]``, output ``N x D``) replaces the built-in model. ``D`` is found by a
-  dry run. :func:`export_torchscript` writes such a file from any module.
-
-Model id
---------
-The first 16 hex digits of the SHA-256 of the model file's bytes (the shipped
-weights file, or the TorchScript file). A model has a *native* input size: the
-built-in model's is in its JSON, a file from :func:`export_torchscript`
-records its own. When ``embedding.input_size`` differs from it, or a
-TorchScript file records none, ``-s<size>`` is appended (``1f0c...-s96``): the
-same weights at another input size give another vector space. A TorchScript
-export of the built-in model therefore gets a new id although its outputs are
-the same; its metadata records the source model id.
-
-Threads
--------
-:meth:`TorchEmbedder.from_config` calls ``torch.set_num_threads`` with
-``embedding.threads``. The setting is process-global: it applies to every torch
-operation in the process, on every thread.
-
-torch is imported only inside ``sidecar.embeddings``; :class:`TinyEmbedder` is a
-pure-numpy stand-in for unit tests.
+An embedder turns ``(N, S, S)`` slices in [0, 1] into ``(N, dim)`` float32 unit
+rows and names its vector space by ``model_id``. :class:`TorchEmbedder` runs the
+built-in SliceNetV1 weights (:func:`load_weights`) or a TorchScript file
+(``embedding.model_path``, :func:`load_torchscript`, :func:`export_torchscript`);
+:class:`TinyEmbedder` is a pure-numpy stand-in for unit tests. The contract, the
+model id rules and the thread setting are in docs/design/embeddings.md.
 """
 
 from __future__ import annotations
@@ -52,7 +18,7 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -62,20 +28,22 @@ import torch
 from torch import nn
 
 from sidecar.config import EmbeddingConfig
+from sidecar.embeddings.network import (
+    ARCHITECTURES,
+    MODEL_ID_HEX,
+    WEIGHTS_FORMAT,
+    SliceNetV1,
+    SliceNetV1Params,
+    builtin_weights_path,
+    file_model_id,
+)
 from sidecar.errors import SidecarError
 from sidecar.files import write_durably
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR: Final = Path(__file__).resolve().parent / "weights"
-"""Directory of the shipped weights (package data)."""
-BUILTIN_WEIGHTS: Final = "slicenet-v1-ssl-seed0-98602748.pt"
-"""File name of the built-in weights in :data:`WEIGHTS_DIR`."""
-WEIGHTS_FORMAT: Final = 1
-"""Version of the weights JSON layout."""
 TORCHSCRIPT_META: Final = "sidecar.json"
 """Name of the metadata record that :func:`export_torchscript` adds to a TorchScript file."""
-MODEL_ID_HEX: Final = 16
 
 FloatBatch = npt.NDArray[np.floating[Any]]
 Vectors = npt.NDArray[np.float32]
@@ -155,239 +123,7 @@ def _check_batch(batch: FloatBatch, size: int) -> npt.NDArray[np.float32]:
     return out
 
 
-# ------------------------------------------------------------------ architecture
-@dataclass(frozen=True)
-class SliceNetV1Params:
-    """Hyper-parameters of :class:`SliceNetV1`, recorded in the weights' JSON.
-
-    Attributes
-    ----------
-    in_channels
-        Input channels (1: grey-level slices).
-    stem_width
-        Channels of the stride-2 3x3 stem convolution.
-    widths
-        Output channels of each stage; every stage starts with stride 2.
-    depths
-        Blocks per stage.
-    separable
-        Per stage: depthwise-separable blocks (``True``) or ResNet basic
-        blocks with dense 3x3 convolutions (``False``).
-    dim
-        Length of the embedding (the linear head's output).
-    input_mean, input_std
-        The network computes ``(x - input_mean) / input_std`` first, so its
-        input stays ``[0, 1]`` pixels.
-    input_pool
-        Average-pooling factor applied to the input before the stem (1: none).
-        With 2 (the shipped model), a 128 x 128 slice (2.5 mm pixels, 320 mm
-        field of view) is seen at 64 x 64 (5 mm): the same field of view for
-        a quarter of the compute. Descriptions written before this parameter
-        existed load with 1 (:meth:`from_json`).
-    """
-
-    in_channels: int = 1
-    stem_width: int = 16
-    widths: tuple[int, ...] = (32, 64, 96, 256)
-    depths: tuple[int, ...] = (1, 1, 1, 1)
-    separable: tuple[bool, ...] = (False, False, False, True)
-    dim: int = 128
-    input_mean: float = 0.5
-    input_std: float = 0.25
-    input_pool: int = 1
-
-    def __post_init__(self) -> None:
-        stages = len(self.widths)
-        if stages == 0 or len(self.depths) != stages or len(self.separable) != stages:
-            raise ValueError("widths, depths and separable need one entry per stage (>= 1)")
-        sizes = (self.in_channels, self.stem_width, self.dim, *self.widths, *self.depths)
-        if min(sizes) < 1:
-            raise ValueError("channel counts, depths and dim must be >= 1")
-        if self.input_std <= 0:
-            raise ValueError("input_std must be > 0")
-        if self.input_pool < 1:
-            raise ValueError("input_pool must be >= 1")
-
-    def to_json(self) -> dict[str, Any]:
-        """The hyper-parameters as JSON-ready data."""
-        data = asdict(self)
-        for key in ("widths", "depths", "separable"):
-            data[key] = list(data[key])
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> SliceNetV1Params:
-        """Rebuild from :meth:`to_json` output (missing ``input_pool``: 1).
-
-        Raises
-        ------
-        ValueError
-            Unknown or invalid keys.
-        """
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown hyper-parameters {unknown}")
-        kwargs = dict(data)
-        kwargs.setdefault("input_pool", 1)  # older descriptions: no input pooling
-        for key in ("widths", "depths", "separable"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from exc
-
-
-class ConvBNReLU(nn.Sequential):
-    """Convolution (no bias), BatchNorm and optionally ReLU."""
-
-    def __init__(
-        self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-        relu: bool = True,
-    ) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-        ]
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: two dense 3x3 convolutions plus a shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = ConvBNReLU(cin, cout, 3, stride)
-        self.conv2 = ConvBNReLU(cout, cout, 3, 1, relu=False)
-        self.shortcut: nn.Module = (
-            nn.Identity() if cin == cout and stride == 1
-            else ConvBNReLU(cin, cout, 1, stride, relu=False)
-        )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block."""
-        out: torch.Tensor = self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
-        return out
-
-
-class SeparableBlock(nn.Module):
-    """Two depthwise 3x3 + pointwise 1x1 pairs plus a shortcut (few parameters)."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            ConvBNReLU(cin, cin, 3, stride, groups=cin),
-            ConvBNReLU(cin, cout, 1),
-            ConvBNReLU(cout, cout, 3, 1, groups=cout),
-            ConvBNReLU(cout, cout, 1, relu=False),
-        )
-        self.shortcut: nn.Module = (
-            nn.Identity() if cin == cout and stride == 1
-            else ConvBNReLU(cin, cout, 1, stride, relu=False)
-        )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the block."""
-        out: torch.Tensor = self.relu(self.body(x) + self.shortcut(x))
-        return out
-
-
-class SliceNetV1(nn.Module):
-    """Compact ResNet-style CNN for single-channel slices (version 1).
-
-    Stride-2 3x3 stem, then stages that each start with stride 2 (dense basic
-    blocks at high resolution, depthwise-separable blocks where channels are
-    many and pixels few), global average pooling and a linear head to ``dim``.
-    With the default :class:`SliceNetV1Params` a 128 x 128 slice is
-    average-pooled to 64 x 64 first and ends as a 2 x 2 x 256 map; about
-    0.37 M parameters and 10 M multiply-adds (41 M without the input pooling).
-    Any input size works (fully convolutional), but weights are made for one.
-
-    The output is not normalised; embedders L2-normalise it. For contrastive
-    training, put a projection MLP on top of :meth:`forward` (or of
-    :meth:`features`) during training only.
-
-    Parameters
-    ----------
-    hparams
-        Hyper-parameters; the defaults define the shipped model.
-    """
-
-    ARCHITECTURE: Final = "SliceNetV1"
-
-    def __init__(self, hparams: SliceNetV1Params | None = None) -> None:
-        super().__init__()
-        p = hparams if hparams is not None else SliceNetV1Params()
-        self.hparams = p
-        self.input_mean = float(p.input_mean)
-        self.input_std = float(p.input_std)
-        self.input_pool = int(p.input_pool)
-        self.stem = ConvBNReLU(p.in_channels, p.stem_width, 3, 2)
-        blocks: list[nn.Module] = []
-        cin = p.stem_width
-        for width, depth, separable in zip(p.widths, p.depths, p.separable, strict=True):
-            block = SeparableBlock if separable else BasicBlock
-            for i in range(depth):
-                blocks.append(block(cin, width, 2 if i == 0 else 1))
-                cin = width
-        self.stages = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(cin, p.dim)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, ``(N, widths[-1])``, for ``x`` ``(N, C, S, S)`` in [0, 1]."""
-        if self.input_pool > 1:
-            x = nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)
-        x = (x - self.input_mean) / self.input_std
-        pooled: torch.Tensor = self.pool(self.stages(self.stem(x)))
-        return torch.flatten(pooled, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``(N, dim)`` (not normalised) for ``x`` ``(N, C, S, S)`` in [0, 1]."""
-        out: torch.Tensor = self.head(self.features(x))
-        return out
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """Deterministic initialisation from ``generator``.
-
-        Convolutions: Kaiming normal (fan_out, ReLU). BatchNorm: weight 1,
-        bias 0, running mean 0, running variance 1. Linear head: normal with
-        standard deviation ``1 / sqrt(fan_in)``, bias 0.
-        """
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(
-                        module.weight, mode="fan_out", nonlinearity="relu", generator=generator
-                    )
-                elif isinstance(module, nn.BatchNorm2d):
-                    nn.init.ones_(module.weight)
-                    nn.init.zeros_(module.bias)
-                    module.reset_running_stats()
-                elif isinstance(module, nn.Linear):
-                    std = 1.0 / math.sqrt(module.in_features)
-                    nn.init.normal_(module.weight, 0.0, std, generator=generator)
-                    nn.init.zeros_(module.bias)
-
-    def parameter_count(self) -> int:
-        """Number of trainable parameters."""
-        return sum(p.numel() for p in self.parameters())
-
-
-ARCHITECTURES: Final[dict[str, type[SliceNetV1]]] = {SliceNetV1.ARCHITECTURE: SliceNetV1}
-
-
 # ------------------------------------------------------------------ files, ids
-def file_model_id(data: bytes) -> str:
-    """Model id of a model file: the first 16 hex digits of SHA-256 over its bytes."""
-    return hashlib.sha256(data).hexdigest()[:MODEL_ID_HEX]
-
-
 def _model_id(file_id: str, native_size: int | None, input_size: int) -> str:
     return file_id if native_size == input_size else f"{file_id}-s{input_size}"
 
@@ -404,19 +140,6 @@ def _read_bytes(path: Path) -> bytes:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def serialise_state_dict(model: nn.Module) -> bytes:
-    """``torch.save`` of the model's ``state_dict`` as bytes.
-
-    Saving to memory makes the bytes independent of the file name (``torch.save``
-    to a path names the archive's records after the file), so equal tensors
-    give equal bytes and an equal model id.
-    """
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getvalue()
-
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write a model file durably (:func:`sidecar.files.write_durably`), creating its folder.
@@ -457,11 +180,6 @@ class WeightsInfo:
     trained: bool
     hparams: SliceNetV1Params
     description: dict[str, Any] = field(repr=False)
-
-
-def builtin_weights_path() -> Path:
-    """Path of the weights file of the built-in model (inside the package)."""
-    return WEIGHTS_DIR / BUILTIN_WEIGHTS
 
 
 def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:

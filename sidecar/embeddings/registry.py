@@ -21,14 +21,8 @@ from sidecar.db import model_queries
 from sidecar.db.engine import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import model as models  # models.load_embedder: tests patch it
-from sidecar.embeddings.model import (
-    Embedder,
-    ModelError,
-    TorchEmbedder,
-    builtin_weights_path,
-    file_model_id,
-    load_weights,
-)
+from sidecar.embeddings.model import Embedder, ModelError, TorchEmbedder, load_weights
+from sidecar.embeddings.network import builtin_weights_path, file_model_id
 from sidecar.errors import SidecarError
 
 logger = logging.getLogger(__name__)

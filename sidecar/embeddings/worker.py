@@ -1,30 +1,13 @@
 """The embedding worker: stable studies → sampled slices → CNN → vectors → index.
 
 One job run (``EmbeddingWorker.run_once``) takes a bounded number of due
-instances, grouped by series because slice sampling needs every slice's
-position. For each series, in an order that survives a crash at any point:
-
-1. read the headers of the series' instances (positions for sampling);
-2. choose slices by physical distance (``preprocess.sample``), skip those that
-   already have a vector under the active model (except the vectors of due
-   instances: such an instance got a new file, its vectors are stale and are
-   replaced in step 4, and its old labels are marked deleted after step 5);
-3. decode and normalise the chosen slices, embed them with the CNN;
-4. **one database transaction**: insert the slice vectors (their keys are the
-   index labels), store the series and study mean vectors, mark the due
-   instances embedded (or failed, with attempt count and next retry time);
-5. only then add the vectors to the index.
-
-Pacing: after each series the worker calls ``pace(seconds the series took)``
-(:meth:`sidecar.service.app.Embedding.pace`: while instances are arriving, a pause
-that keeps the job at ``worker.ingest_share`` of the time), so a backlog of
-embedding never slows the DICOM receivers down much on a small machine.
-
-A crash before 4 leaves the work pending (done again later, nothing doubled:
-existing vectors are skipped and (instance, frame, model) is unique); a crash
-between 4 and 5 leaves the index behind the database, which start-up repairs
-from the stored vectors (``IndexService.open``). No vector is ever in the index
-without its row.
+instances, grouped by series (slice sampling needs every slice's position):
+read the headers, choose slices (``preprocess.sample``) without a vector under
+the active model, decode and embed them, then in **one database transaction**
+insert the slice vectors, the series and study means and the instances' state,
+and only then add the vectors to the index. After each series the worker calls
+``pace(seconds)`` so a backlog never slows the DICOM receivers much. No vector is
+ever in the index without its row; the crash analysis is in docs/design/embeddings.md.
 """
 
 from __future__ import annotations

@@ -30,14 +30,8 @@ from sidecar.db import model_queries
 from sidecar.db.engine import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import preprocess
-from sidecar.embeddings.model import (
-    Embedder,
-    ModelError,
-    SliceNetV1,
-    TorchEmbedder,
-    builtin_weights_path,
-    load_weights,
-)
+from sidecar.embeddings.model import Embedder, ModelError, TorchEmbedder, load_weights
+from sidecar.embeddings.network import SliceNetV1, builtin_weights_path
 from sidecar.embeddings.registry import (
     MODELS_DIR,
     ModelRecord,

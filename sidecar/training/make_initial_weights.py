@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from sidecar.embeddings.model import (
+from sidecar.embeddings.model import atomic_write
+from sidecar.embeddings.network import (
     WEIGHTS_FORMAT,
     SliceNetV1,
     SliceNetV1Params,
-    atomic_write,
     file_model_id,
     serialise_state_dict,
 )

@@ -1,53 +1,13 @@
 """Self-supervised training of the embedding CNN (no labels): the code behind ``sidecar train``.
 
-Method
-------
-SimCLR-style contrastive learning (NT-Xent, Chen et al. 2020) on grey-level
-slices exactly as the worker prepares them (``preprocess.prepare`` output,
-``(N, 1, S, S)`` in ``[0, 1]``):
-
-* Every training step draws ``batch_size`` images; each gives two views. The
-  second view is the *same* image, or, for an image that belongs to a group
-  (``groups``: the same series; images of a group in slice order), with
-  probability ``neighbour_prob`` a *neighbouring slice* at most
-  ``neighbour_span`` positions away: positives from the DICOM structure.
-  Other images of the same group in the batch are left out of the negatives.
-  With ``studies`` (the study of each image) and ``study_prob > 0``, the
-  second view is first, with probability ``study_prob``, a slice of *another
-  series of the same study* (another reconstruction, phase or sequence of the
-  same anatomy: the unit the product ranks); images of one study are then
-  left out of each other's negatives.
-* Both views are augmented independently (:func:`augment`), with augmentations
-  that suit medical grey-level images: a random resized crop of modest scale
-  with a small rotation and shift (bilinear, zero margins like the
-  pre-processing's), optional horizontal flip, gamma, contrast and
-  brightness jitter, Gaussian blur and Gaussian noise. No colour. Views are
-  made at the network's working resolution: with ``input_pool`` ``p`` the
-  images are average-pooled once, as the network would pool them, and
-  augmented at ``S / p`` (blur sigmas are given in pixels at ``S``).
-* The CNN (:class:`~sidecar.embeddings.model.SliceNetV1`, output = its linear
-  head) feeds a small projection MLP (Linear, BatchNorm, ReLU, Linear) used
-  only for the loss and discarded afterwards; the embedding the product stores
-  is the head's output (L2-normalised by the embedder).
-* AdamW, linear warm-up then cosine decay of the learning rate, per step.
-
-Everything is seeded (``TrainRecipe.seed``: initialisation, batch order,
-augmentations); with the same torch version, thread count and data the
-weights are the same bytes (:func:`train_model` sets the torch thread count
-from the recipe).
-
-Files
------
-:func:`save_weights` writes ``<name>.pt`` (the ``state_dict``, serialised in
-memory so equal tensors give equal bytes) and ``<name>.json`` beside it in the
-layout :func:`~sidecar.embeddings.model.load_weights` reads, plus the recipe,
-the data manifest (every input with its SHA-256), the torch version, the
-training time and the history of the loss.
-
-Label-free model selection
---------------------------
-:func:`label_free_score` compares models on held-out unlabelled images; see
-its docstring.
+SimCLR-style contrastive learning on slices exactly as the worker prepares them:
+two augmented views per image (:mod:`~sidecar.training.augment`), positives from
+the DICOM structure and NT-Xent (:mod:`~sidecar.training.contrastive`), AdamW with
+warm-up and cosine decay; everything seeded (:class:`TrainRecipe`), so the same
+torch version, threads and data give the same bytes. :func:`save_weights` writes
+the ``.pt`` and its JSON (recipe, data manifest, history); :func:`label_free_score`
+compares models on held-out unlabelled images. The method in full is in
+docs/design/embeddings.md.
 """
 
 from __future__ import annotations
@@ -58,10 +18,10 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -69,17 +29,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidecar.embeddings.model import (
+from sidecar.embeddings.model import Embedder, atomic_write
+from sidecar.embeddings.network import (
     WEIGHTS_FORMAT,
-    Embedder,
     SliceNetV1,
     SliceNetV1Params,
-    atomic_write,
     file_model_id,
     serialise_state_dict,
 )
-from sidecar.files import sha256_file, walk_files
-from sidecar.training.npz import image_dataset, prepare_datasets
+from sidecar.training.augment import augment
+from sidecar.training.contrastive import (
+    Projector,
+    negative_exclusions,
+    nt_xent,
+    pick_partners,
+    series_neighbours,
+    study_others,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -299,77 +265,6 @@ class TrainResult:
         net.load_state_dict(self.state_dict, strict=True)
         return net.eval()
 
-
-# ================================================================ augmentation
-def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Blur each image of ``x`` ``(B, 1, H, W)`` with its own sigma (0: unchanged)."""
-    b = x.shape[0]
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    s = sigma.clamp_min(1e-3).to(x.dtype)[:, None]
-    k = torch.exp(-0.5 * (t[None, :] / s) ** 2)
-    k = k / k.sum(dim=1, keepdim=True)
-    y = x.reshape(1, b, *x.shape[2:])
-    y = F.pad(y, (radius, radius, radius, radius), mode="replicate")
-    y = F.conv2d(y, k[:, None, None, :], groups=b)
-    y = F.conv2d(y, k[:, None, :, None], groups=b)
-    out = y.reshape_as(x)
-    keep = (sigma <= 0)[:, None, None, None]
-    return torch.where(keep, x, out)
-
-
-def augment(x: torch.Tensor, recipe: TrainRecipe, gen: torch.Generator) -> torch.Tensor:
-    """One random view of every image of ``x`` ``(B, 1, S, S)`` in [0, 1].
-
-    Geometry (one bilinear resample, margins as ``padding`` says): crop of area fraction in
-    ``crop_scale`` and aspect ratio in ``crop_ratio`` at a random position,
-    rotated by up to ``rotation_deg``, shifted by up to ``shift`` of the side,
-    flipped left-right with probability ``hflip``. Intensity: gamma, contrast
-    around the image mean, brightness; Gaussian blur with probability
-    ``blur_prob``; additive Gaussian noise. The result is clipped to [0, 1].
-    """
-    b = x.shape[0]
-    if b == 0:
-        return x
-    area = _uniform(gen, b, *recipe.crop_scale)
-    log_r = _uniform(gen, b, math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1]))
-    ratio = torch.exp(log_r)
-    sx = torch.sqrt(area * ratio).clamp(max=1.0)
-    sy = torch.sqrt(area / ratio).clamp(max=1.0)
-    angle = _uniform(gen, b, -1.0, 1.0) * math.radians(recipe.rotation_deg)
-    tx = _uniform(gen, b, -1.0, 1.0) * (1.0 - sx) + _uniform(gen, b, -1.0, 1.0) * 2 * recipe.shift
-    ty = _uniform(gen, b, -1.0, 1.0) * (1.0 - sy) + _uniform(gen, b, -1.0, 1.0) * 2 * recipe.shift
-    flip = torch.where(torch.rand(b, generator=gen) < recipe.hflip, -1.0, 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([sx * cos * flip, -sy * sin, tx], dim=1),
-        torch.stack([sx * sin * flip, sy * cos, ty], dim=1),
-    ], dim=1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode=recipe.padding, align_corners=False)
-
-    g_lo = math.log(1.0 / (1.0 + recipe.gamma))
-    gamma = torch.exp(_uniform(gen, b, g_lo, -g_lo))[:, None, None, None]
-    y = y.clamp(0.0, 1.0).pow(gamma)
-    contrast = _uniform(gen, b, 1.0 - recipe.contrast, 1.0 + recipe.contrast)[:, None, None, None]
-    mean = y.mean(dim=(1, 2, 3), keepdim=True)
-    y = (y - mean) * contrast + mean
-    y = y + _uniform(gen, b, -recipe.brightness, recipe.brightness)[:, None, None, None]
-    if recipe.blur_prob > 0 and recipe.blur_sigma[1] > 0:
-        sigma = _uniform(gen, b, *recipe.blur_sigma)
-        sigma = torch.where(torch.rand(b, generator=gen) < recipe.blur_prob, sigma, 0.0)
-        if bool((sigma > 0).any()):
-            y = _gaussian_blur(y, sigma)
-    if recipe.noise_std > 0:
-        std = _uniform(gen, b, 0.0, recipe.noise_std)[:, None, None, None]
-        y = y + std * torch.randn(y.shape, generator=gen, dtype=y.dtype)
-    return y.clamp(0.0, 1.0)
-
-
 def _scaled(recipe: TrainRecipe, pool: int) -> TrainRecipe:
     """The recipe with pixel-sized augmentation settings for images pooled by ``pool``."""
     if pool <= 1:
@@ -378,124 +273,6 @@ def _scaled(recipe: TrainRecipe, pool: int) -> TrainRecipe:
     data = recipe.to_dict()
     data.update(blur_sigma=(lo / pool, hi / pool), input_size=max(16, recipe.input_size // pool))
     return TrainRecipe.from_dict(data)
-
-
-# ====================================================================== model
-class _Projector(nn.Sequential):
-    def __init__(self, cin: int, hidden: int, out: int) -> None:
-        super().__init__(
-            nn.Linear(cin, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, out),
-        )
-
-
-def nt_xent(
-    z: torch.Tensor, temperature: float, exclude: torch.Tensor | None = None
-) -> torch.Tensor:
-    """NT-Xent loss over ``z`` ``(2B, D)``, rows ``2i`` and ``2i + 1`` being positives.
-
-    ``exclude``: ``(2B, 2B)`` True where a pair is neither positive nor
-    negative (e.g. two slices of one series); the diagonal is always left out.
-    """
-    n = z.shape[0]
-    z = F.normalize(z, dim=1)
-    sim = z @ z.T / temperature
-    mask = torch.eye(n, dtype=torch.bool)
-    if exclude is not None:
-        mask = mask | exclude
-    pos = torch.arange(n) ^ 1
-    mask[torch.arange(n), pos] = False
-    sim = sim.masked_fill(mask, float("-inf"))
-    return F.cross_entropy(sim, pos)
-
-
-def _neighbours(groups: npt.NDArray[np.int64]) -> list[npt.NDArray[np.intp]]:
-    """Per image, the indices of the images of its group (slice order), or an empty array."""
-    out: list[npt.NDArray[np.intp]] = [np.zeros(0, dtype=np.intp)] * groups.shape[0]
-    for g in np.unique(groups[groups >= 0]):
-        members = np.flatnonzero(groups == g)
-        for i in members:
-            out[int(i)] = members
-    return out
-
-
-def _study_others(
-    groups: npt.NDArray[np.int64], studies: npt.NDArray[np.int64]
-) -> list[npt.NDArray[np.intp]]:
-    """Per image, the images of the other series of its study (empty when there are none).
-
-    An image without a series (group ``-1``) counts as a series of its own.
-    """
-    out: list[npt.NDArray[np.intp]] = [np.zeros(0, dtype=np.intp)] * studies.shape[0]
-    for st in np.unique(studies[studies >= 0]):
-        members = np.flatnonzero(studies == st)
-        if members.size < 2:
-            continue
-        for i in members.tolist():
-            g = groups[i]
-            same = members == i if g < 0 else groups[members] == g
-            out[i] = members[~same]
-    return out
-
-
-def pick_partners(
-    idx: npt.NDArray[np.intp],
-    series: Sequence[npt.NDArray[np.intp]],
-    study_others: Sequence[npt.NDArray[np.intp]],
-    recipe: TrainRecipe,
-    rng: np.random.Generator,
-) -> npt.NDArray[np.intp]:
-    """The image of each second view: itself, a slice of another series of its
-    study (probability ``recipe.study_prob``) or a neighbouring slice of its
-    series (probability ``recipe.neighbour_prob``).
-
-    ``rng`` is drawn from only for images that have such a partner, so data
-    without studies trains exactly as before studies existed.
-    """
-    other = idx.copy()
-    for j, i in enumerate(idx.tolist()):
-        others = study_others[i]
-        if recipe.study_prob > 0 and others.size and rng.random() < recipe.study_prob:
-            other[j] = others[int(rng.integers(others.size))]
-            continue
-        group = series[i]
-        if group.size > 1 and rng.random() < recipe.neighbour_prob:
-            pos = int(np.searchsorted(group, i))
-            lo = max(0, pos - recipe.neighbour_span)
-            hi = min(group.size - 1, pos + recipe.neighbour_span)
-            other[j] = group[int(rng.integers(lo, hi + 1))]
-    return other
-
-
-def negative_exclusions(
-    idx: npt.NDArray[np.intp],
-    groups: npt.NDArray[np.int64],
-    studies: npt.NDArray[np.int64] | None,
-    *,
-    repeated: bool,
-) -> torch.Tensor | None:
-    """``(2B, 2B)`` mask of the pairs of a batch of view pairs that are no negatives.
-
-    Views of one series; with ``studies`` (``study_prob > 0``), views of one
-    study; with ``repeated`` (images drawn with replacement), views of the same
-    image. ``None`` when nothing is excluded.
-    """
-    exclude: torch.Tensor | None = None
-    for labels in (groups, studies):
-        if labels is None:
-            continue
-        lab = np.repeat(labels[idx], 2)
-        if (lab >= 0).any():
-            t = torch.from_numpy(lab)
-            mask = (t[:, None] == t[None, :]) & (t[:, None] >= 0)
-            exclude = mask if exclude is None else exclude | mask
-    if repeated:
-        it = torch.from_numpy(np.repeat(idx, 2))
-        same = it[:, None] == it[None, :]
-        exclude = same if exclude is None else exclude | same
-    return exclude
 
 
 def _check_images(images: np.ndarray, size: int) -> F32:
@@ -568,12 +345,12 @@ def train_model(
     grp = np.full(n, -1, dtype=np.int64) if groups is None else np.asarray(groups, np.int64)
     if grp.shape != (n,):
         raise ValueError(f"groups must be ({n},) integers, got shape {grp.shape}")
-    members = _neighbours(grp)
+    members = series_neighbours(grp)
     stu = np.full(n, -1, dtype=np.int64) if studies is None else np.asarray(studies, np.int64)
     if stu.shape != (n,):
         raise ValueError(f"studies must be ({n},) integers, got shape {stu.shape}")
     use_studies = recipe.study_prob > 0 and bool((stu >= 0).any())
-    study_others = _study_others(grp, stu) if use_studies else [np.zeros(0, np.intp)] * n
+    in_study = study_others(grp, stu) if use_studies else [np.zeros(0, np.intp)] * n
     src = np.zeros(n, dtype=np.int64) if sources is None else np.asarray(sources, np.int64)
     if src.shape != (n,):
         raise ValueError(f"sources must be ({n},) integers, got shape {src.shape}")
@@ -595,7 +372,7 @@ def train_model(
                 net.load_state_dict(dict(init_state), strict=True)
             except RuntimeError as exc:
                 raise ValueError(f"init_state does not fit SliceNetV1: {exc}") from exc
-        projector = _Projector(net.hparams.dim, recipe.projection_hidden, recipe.projection_dim)
+        projector = Projector(net.hparams.dim, recipe.projection_hidden, recipe.projection_dim)
         for m in projector.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 1.0 / math.sqrt(m.in_features), generator=gen)
@@ -632,7 +409,7 @@ def train_model(
             losses = []
             for s in range(steps_per_epoch):
                 idx = order[s * batch:(s + 1) * batch]
-                other = pick_partners(idx, members, study_others, recipe, rng)
+                other = pick_partners(idx, members, in_study, recipe, rng)
                 v1 = augment(tensor[idx], aug_recipe, gen)
                 v2 = augment(tensor[other], aug_recipe, gen)
                 x = torch.stack([v1, v2], dim=1).reshape(-1, *v1.shape[1:])
@@ -669,234 +446,6 @@ def train_model(
         torch.set_num_threads(old_threads)
     return TrainResult(state_dict=state, model_id=model_id, history=history,
                        seconds=time.perf_counter() - t0, hparams=recipe.params().to_json())
-
-
-# ======================================================================= data
-@dataclass
-class TrainingData:
-    """Training images with their groups and where they came from.
-
-    Attributes
-    ----------
-    images
-        ``(N, 1, S, S)`` float32 in [0, 1], as ``preprocess.prepare`` outputs them.
-    groups
-        ``(N,)`` int64: one value per DICOM series (slices in order), ``-1``
-        for images without a series (the 2-D images of an ``.npz``).
-    studies
-        ``(N,)`` int64: one value per DICOM study, ``-1`` for images without
-        one (for ``TrainRecipe.study_prob``).
-    manifest
-        ``{"inputs": [...], "images": N, "groups": ...}``: each input with
-        its kind, path, SHA-256 and what was read from it.
-    sources
-        ``(N,)`` int64: the input each image came from (each ``.npz`` is one
-        source, all DICOM together another), for ``TrainRecipe.source_balance``.
-    """
-
-    images: F32
-    groups: npt.NDArray[np.int64]
-    manifest: dict[str, Any]
-    sources: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    studies: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def npz_train_images(path: Path) -> npt.NDArray[np.uint8]:
-    """The ``train_images`` array of an ``.npz`` (MedMNIST layout); no other array is read.
-
-    Raises
-    ------
-    ValueError
-        No ``train_images`` array, or not ``uint8`` ``(N, H, W[, 1|3])``.
-    """
-    with np.load(path, allow_pickle=False) as npz:
-        if "train_images" not in npz.files:
-            raise ValueError(f"{path}: no train_images array (MedMNIST layout expected)")
-        arr = np.asarray(npz["train_images"])
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.dtype != np.uint8 or not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[3] == 3)):
-        raise ValueError(f"{path}: train_images {arr.dtype} {arr.shape}, expected uint8 "
-                         "(N, H, W) grey or (N, H, W, 3) colour")
-    return np.ascontiguousarray(arr)
-
-
-def prepare_npz(path: Path, cfg: Any, size: int) -> tuple[F32, dict[str, Any]]:
-    """The train split of an ``.npz`` as model input, through the worker's DICOM path.
-
-    Every image becomes a Secondary Capture instance (no pixel spacing), is
-    written and read back and goes through ``preprocess.prepare`` with
-    ``cfg`` (a :class:`~sidecar.config.Config`), as ``sidecar evaluate``'s path
-    (a) does. Only ``train_images`` is read: never labels, val or test.
-    """
-    raw = npz_train_images(path)
-    datasets = [image_dataset(im, key=f"{path.stem}/train/{i}", patient_id=f"TRAIN{i:06d}")
-                for i, im in enumerate(raw)]
-    images = prepare_datasets(datasets, cfg, size)[:, None]
-    entry = {"kind": "npz", "path": str(path), "name": path.name, "sha256": sha256_file(path),
-             "arrays_read": ["train_images"], "images": int(raw.shape[0]),
-             "image_shape": list(raw.shape[1:])}
-    return images, entry
-
-
-class DicomSlices(NamedTuple):
-    """What :func:`prepare_dicom` read."""
-
-    images: F32
-    """``(N, 1, S, S)`` prepared slices."""
-    groups: npt.NDArray[np.int64]
-    """``(N,)`` series of each slice (0, 1, ... per series)."""
-    studies: npt.NDArray[np.int64]
-    """``(N,)`` study of each slice (0, 1, ... per StudyInstanceUID)."""
-    entries: list[dict[str, Any]]
-    """One manifest entry per file used (path, SHA-256, series, study)."""
-
-
-def prepare_dicom(paths: Sequence[Path], cfg: Any, size: int) -> DicomSlices:
-    """Every slice of every image series under ``paths``, in slice order per series.
-
-    Files that are not DICOM images (no pixel data, unreadable) are skipped.
-    Slices are ordered along the slice normal as the worker orders them
-    (``preprocess.frame_infos`` and ``preprocess.sample`` with no thinning);
-    each series gets its own group number, each study (StudyInstanceUID) its
-    own study number.
-    """
-    from pydicom import dcmread
-
-    from sidecar.embeddings import preprocess
-
-    series: dict[str, list[tuple[Path, Any]]] = {}
-    for f in walk_files(paths):
-        try:
-            header = dcmread(f, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - not DICOM: skipped
-            continue
-        if "PixelData" not in header and "FloatPixelData" not in header \
-                and "DoubleFloatPixelData" not in header:
-            # stop_before_pixels leaves pixel data out; check by reading the tag list
-            try:
-                full = dcmread(f, specific_tags=["PixelData"])
-            except Exception:  # noqa: BLE001
-                continue
-            if "PixelData" not in full:
-                continue
-        uid = str(header.get("SeriesInstanceUID", f.parent))
-        series.setdefault(uid, []).append((f, header))
-    study_of = {uid: str(members[0][1].get("StudyInstanceUID", "") or f"series:{uid}")
-                for uid, members in series.items()}
-    study_numbers = {st: k for k, st in enumerate(sorted(set(study_of.values())))}
-    every = cfg.preprocess.model_copy(update={"slice_spacing_mm": 0.0,
-                                              "max_slices_per_series": 1 << 30})
-    images: list[F32] = []
-    groups: list[int] = []
-    studies: list[int] = []
-    entries: list[dict[str, Any]] = []
-    for g, uid in enumerate(sorted(series)):
-        members = series[uid]
-        study = study_numbers[study_of[uid]]
-        infos = []
-        for k, (_, header) in enumerate(members):
-            try:
-                infos.extend(preprocess.frame_infos(header, k))
-            except Exception:  # noqa: BLE001 - a broken header: skipped
-                continue
-        order = preprocess.sample(infos, every)
-        by_file: dict[int, Any] = {}
-        used: set[int] = set()
-        for k, frame in order:
-            if k not in by_file:
-                try:
-                    by_file[k] = dcmread(members[k][0])
-                except Exception:  # noqa: BLE001
-                    by_file[k] = None
-            ds = by_file[k]
-            if ds is None:
-                continue
-            try:
-                arr = preprocess.prepare(ds, cfg.preprocess, size, frames=[frame])
-            except Exception:  # noqa: BLE001 - undecodable: skipped
-                continue
-            images.append(arr[0])
-            groups.append(g)
-            studies.append(study)
-            used.add(k)
-        for k in sorted(used):
-            path = members[k][0]
-            entries.append({"kind": "dicom", "path": str(path), "sha256": sha256_file(path),
-                            "series": g, "study": study})
-    if not images:
-        empty = np.zeros(0, np.int64)
-        return DicomSlices(np.zeros((0, 1, size, size), np.float32), empty, empty, entries)
-    return DicomSlices(np.stack(images)[:, None].astype(np.float32),
-                       np.asarray(groups, np.int64), np.asarray(studies, np.int64), entries)
-
-
-def load_training_data(paths: Sequence[Path | str], cfg: Any, size: int) -> TrainingData:
-    """Training images from ``.npz`` files (train split only) and DICOM files or folders.
-
-    Parameters
-    ----------
-    paths
-        ``.npz`` files in the MedMNIST layout (only ``train_images`` is read)
-        and DICOM files or folders (every image series found).
-    cfg
-        The :class:`~sidecar.config.Config` whose pre-processing the worker uses.
-    size
-        Model input side (``embedding.input_size``).
-
-    Raises
-    ------
-    ValueError
-        A path does not exist, an ``.npz`` lacks ``train_images``, or no
-        image was found.
-    """
-    parts: list[F32] = []
-    groups: list[npt.NDArray[np.int64]] = []
-    studies: list[npt.NDArray[np.int64]] = []
-    inputs: list[dict[str, Any]] = []
-    sources: list[npt.NDArray[np.int64]] = []
-    dicom: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise ValueError(f"{p}: no such file or folder")
-        if p.is_file() and p.suffix.lower() == ".npz":
-            images, entry = prepare_npz(p, cfg, size)
-            parts.append(images)
-            groups.append(np.full(images.shape[0], -1, np.int64))
-            studies.append(np.full(images.shape[0], -1, np.int64))
-            sources.append(np.full(images.shape[0], len(sources), np.int64))
-            inputs.append(entry)
-        else:
-            dicom.append(p)
-    if dicom:
-        read = prepare_dicom(dicom, cfg, size)
-        parts.append(read.images)
-        groups.append(read.groups)
-        studies.append(read.studies)
-        sources.append(np.full(read.images.shape[0], len(sources), np.int64))
-        inputs.append({"kind": "dicom-folders", "paths": [str(p) for p in dicom],
-                       "files": len(read.entries), "series": int(len(np.unique(read.groups))),
-                       "studies": int(len(np.unique(read.studies))),
-                       "slices": int(read.images.shape[0])})
-        inputs.extend(read.entries)
-    if not parts or sum(p.shape[0] for p in parts) == 0:
-        raise ValueError("no training images found")
-    all_images = np.concatenate(parts)
-    all_groups = np.concatenate(groups)
-    manifest = {
-        "inputs": inputs,
-        "images": int(all_images.shape[0]),
-        "grouped_images": int((all_groups >= 0).sum()),
-        "input_size": size,
-        "preprocess": cfg.preprocess.model_dump(mode="json"),
-        "images_sha256": hashlib.sha256(all_images.tobytes()).hexdigest(),
-        "labels_used": False,
-        "splits_read": ["train"],
-    }
-    return TrainingData(images=all_images, groups=all_groups, manifest=manifest,
-                        sources=np.concatenate(sources), studies=np.concatenate(studies))
-
 
 # ====================================================================== files
 def weights_name(recipe: TrainRecipe, model_id: str) -> str:
