@@ -1,21 +1,32 @@
-"""Shared fixtures: configurations in tmp dirs, a live node on a free port,
-DICOM built in code, and the locations of optional real-world resources."""
+"""Shared fixtures and helpers: configurations in tmp dirs, a live node on a free
+port, DICOM built in code and its Part-10 bytes (``part10``), one C-FIND client
+(``c_find``), one ``wait_for``, and the locations of optional real-world resources."""
 
 from __future__ import annotations
 
 import io
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from sidecar.config import Config, load_config
+from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +66,18 @@ def cli_isolation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     for n, lvl in levels.items():
         logging.getLogger(n).setLevel(lvl)
     pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS = flags
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -128,6 +151,18 @@ def sidecar_factory() -> Iterator[Callable[[Config], Sidecar]]:
         app.stop()
 
 
+def file_meta(
+    sop_class: str, sop_uid: str, transfer_syntax: str = ExplicitVRLittleEndian
+) -> FileMetaDataset:
+    """The File Meta of a Part-10 file naming ``sop_class``/``sop_uid``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
 def make_ct(
     *,
     study_uid: str | None = None,
@@ -177,12 +212,7 @@ def make_ct(
     ds.PixelRepresentation = 0
     rng = np.random.default_rng(seed)
     ds.PixelData = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
     return ds
 
 
@@ -208,12 +238,7 @@ def make_sr(
     ds.PatientID = patient_id
     ds.Modality = "SR"
     ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
     return ds
 
 
@@ -257,3 +282,73 @@ def dcmtk_env() -> dict[str, str]:
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
     return env
+
+
+# ------------------------------------------------------------------ C-FIND client
+#: Message ID of every C-FIND that ``c_find`` sends (a C-CANCEL names it).
+FIND_MSG_ID = 7
+SIMILARITY_CREATOR = "PACS SIDECAR SIMILARITY"
+
+
+@dataclass
+class FindResult:
+    """What a C-FIND returned: pending statuses and identifiers, then the final status."""
+
+    pending: list[int]
+    identifiers: list[Dataset]
+    final: Dataset
+
+    @property
+    def status(self) -> int:
+        return int(self.final.Status)
+
+    @property
+    def comment(self) -> str:
+        return str(self.final.get("ErrorComment", ""))
+
+    def values(self, keyword: str) -> list[Any]:
+        return [ds.get(keyword) for ds in self.identifiers]
+
+    def private(self, offset: int, creator: str = SIMILARITY_CREATOR) -> list[Any]:
+        """Element ``offset`` of the (0099,xx) private block of ``creator`` in each match."""
+        return [ds.private_block(0x0099, creator)[offset].value for ds in self.identifiers]
+
+
+def c_find(
+    address: tuple[str, int] | None,
+    identifier: Dataset,
+    model: str = StudyRootQueryRetrieveInformationModelFind,
+    *,
+    calling: str = "FINDSCU",
+    called: str = "SIDECAR",
+    ts: str | None = None,
+    on_pending: Callable[[Any, int], None] | None = None,
+) -> FindResult:
+    """Send one C-FIND on a new association; ``on_pending(assoc, n)`` after each match.
+
+    ``ts``: the one transfer syntax proposed (default: Explicit, then Implicit VR LE).
+    """
+    assert address is not None
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(model, [ts] if ts else [ExplicitVRLittleEndian,
+                                                     ImplicitVRLittleEndian])
+    assoc = ae.associate(*address, ae_title=called)
+    assert assoc.is_established
+    pending: list[int] = []
+    identifiers: list[Dataset] = []
+    final: Dataset | None = None
+    try:
+        for status, ident in assoc.send_c_find(identifier, model, msg_id=FIND_MSG_ID):
+            assert "Status" in status, "association aborted"
+            if status.Status in (Status.PENDING, Status.PENDING_WARNING):
+                pending.append(int(status.Status))
+                identifiers.append(ident)
+                if on_pending is not None:
+                    on_pending(assoc, len(identifiers))
+            else:
+                final = status
+    finally:
+        assoc.release()
+    assert final is not None
+    return FindResult(pending, identifiers, final)

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from sidecar.cli.main import main
-from tests.conftest import make_ct, make_sr
+from tests.conftest import make_ct, make_sr, part10
 
 STATES = ("pending", "embedded", "failed", "skipped")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -55,7 +55,7 @@ def status_json(cfg: Path) -> dict[str, Any]:
 
 def save(ds: Dataset, path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    path.write_bytes(part10(ds))
     return path.read_bytes()
 
 

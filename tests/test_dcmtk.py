@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from sidecar.db.models import Instance
 from sidecar.service.app import Sidecar
-from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
+from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct, part10
 
 pytestmark = pytest.mark.dcmtk
 
@@ -72,7 +72,7 @@ def test_storescu_generated_files(running: Sidecar, tmp_path: Path) -> None:
     for i, ds in enumerate(datasets):
         path = tmp_path / "src" / f"ct{i}.dcm"
         path.parent.mkdir(exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(part10(ds))
         files.append(path)
     res = run_tool("storescu", "-aet", "DCMTKSCU", "-aec", running.config.dicom.ae_title,
                    *peer(running), *map(str, files))
@@ -91,7 +91,7 @@ def test_storescu_generated_files(running: Sidecar, tmp_path: Path) -> None:
 
 def test_storescu_wrong_called_ae_title(running: Sidecar, tmp_path: Path) -> None:
     path = tmp_path / "ct.dcm"
-    make_ct().save_as(path, enforce_file_format=True)
+    path.write_bytes(part10(make_ct()))
     res = run_tool("storescu", "-aet", "DCMTKSCU", "-aec", "WRONG", *peer(running), str(path))
     assert res.returncode != 0
     assert "reject" in (res.stdout + res.stderr).lower()

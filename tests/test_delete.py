@@ -19,7 +19,7 @@ from sidecar.db.models import Instance, Patient, SliceVector, Study
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")
 
@@ -29,11 +29,10 @@ def _store(cfg: Config, n: int, patient: str) -> str:
     try:
         store = InstanceStore(cfg, repo)
         study, series = generate_uid(), generate_uid()
-        tmp = cfg.data_dir / "in.dcm"
         for i in range(n):
-            make_ct(study_uid=study, series_uid=series, instance_number=i + 1, seed=i,
-                    patient_id=patient).save_as(tmp, enforce_file_format=True)
-            store.store(tmp.read_bytes(), None, Origin("TEST", "127.0.0.1"))
+            ds = make_ct(study_uid=study, series_uid=series, instance_number=i + 1, seed=i,
+                         patient_id=patient)
+            store.store(part10(ds), None, Origin("TEST", "127.0.0.1"))
         repo.mark_stable_studies(0.0)
     finally:
         engine.dispose()

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -31,10 +29,18 @@ from sqlalchemy.orm import Session
 
 from sidecar.config import Config
 from sidecar.db.models import Instance, InstanceState, Series, SliceVector, Study
+from sidecar.dicom.statuses import Status
 from sidecar.embeddings.codec import from_blob
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.service.app import Sidecar
-from tests.conftest import CT_IMAGE_STORAGE, STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    STORESCU_PROPOSE,
+    dcmtk_env,
+    dcmtk_tool,
+    make_ct,
+    wait_for,
+)
 
 LIVE = {
     "worker": {"enabled": True, "interval": 0.2},
@@ -46,18 +52,6 @@ LIVE = {
 
 
 # --------------------------------------------------------------------- helpers
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def live(config_factory: Callable[..., Config]) -> Iterator[Callable[[], Sidecar]]:
     """Start sidecars (real model, worker on) on the test's data directory."""
@@ -90,7 +84,7 @@ def send(app: Sidecar, datasets: list[Dataset]) -> None:
     try:
         for ds in datasets:
             status = assoc.send_c_store(ds)
-            assert status and status.Status == 0x0000
+            assert status and status.Status == Status.SUCCESS
     finally:
         assoc.release()
 
@@ -201,7 +195,7 @@ def test_cstore_series_is_embedded_searchable_and_survives_a_restart(
     datasets = noise_series(12, seed0=0)
     send(app, datasets)
 
-    wait_for(lambda: all_embedded(app, 12), what="12 instances embedded and indexed")
+    wait_for(lambda: all_embedded(app, 12), 60, what="12 instances embedded and indexed")
 
     rows = vector_rows(app)
     assert len(rows) == 12
@@ -227,9 +221,9 @@ def test_cstore_series_is_embedded_searchable_and_survives_a_restart(
     with caplog.at_level(logging.INFO, logger="sidecar.service.app"):
         again = live()
         # the search's in-memory vectors are loaded at start, before any query
-        wait_for(lambda: again.search.cache_loaded, what="search vectors loaded at start")
+        wait_for(lambda: again.search.cache_loaded, 60, what="search vectors loaded at start")
         wait_for(lambda: any(m.startswith("search vectors loaded in") for m in caplog.messages),
-                 what="the log line")
+                 timeout=60, what="the log line")
     assert again.embedding is not None
     model_id = again.embedding.embedder.model_id
     assert f"index for model {model_id}: 12 vectors (loaded)" in caplog.messages
@@ -243,7 +237,7 @@ def test_slices_find_their_own_series_first(live: Callable[[], Sidecar]) -> None
     send(app, discs)
     send(app, noise)
 
-    wait_for(lambda: all_embedded(app, 24), what="24 instances embedded and indexed")
+    wait_for(lambda: all_embedded(app, 24), 60, what="24 instances embedded and indexed")
 
     rows = vector_rows(app)
     assert len(rows) == 24
@@ -275,7 +269,7 @@ def test_storescu_real_ct_and_mr_studies(live: Callable[[], Sidecar], shared_dat
         storescu(app, group, "-R", STORESCU_PROPOSE[ts])
 
     n = len(ct_files) + len(mr_files)
-    wait_for(lambda: all_embedded(app, n), what=f"{n} instances embedded and indexed")
+    wait_for(lambda: all_embedded(app, n), 60, what=f"{n} instances embedded and indexed")
 
     rows = vector_rows(app)
     assert len(rows) == n

@@ -39,15 +39,22 @@ from sidecar.db import find_queries
 from sidecar.dicom import find
 from sidecar.dicom.find import CatalogueFind, FindAnswer, FindRequest, Level
 from sidecar.dicom.node import DicomNode
+from sidecar.dicom.statuses import Status
 from sidecar.errors import InvalidQuery, QueryError
 from sidecar.service.app import Sidecar
-from tests.conftest import dcmtk_env, dcmtk_tool, free_port, make_ct, part10
+from tests.conftest import (
+    FIND_MSG_ID,
+    c_find,
+    dcmtk_env,
+    dcmtk_tool,
+    free_port,
+    make_ct,
+    part10,
+)
 
 # Queries with wildcards in CS values and bad dates on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 
-PENDING, PENDING_WARNING, SUCCESS, CANCEL = 0xFF00, 0xFF01, 0x0000, 0xFE00
-OUT_OF_RESOURCES, DOES_NOT_MATCH, UNABLE_TO_PROCESS = 0xA700, 0xA900, 0xC000
 PACS_AE = "MAINPACS"
 
 
@@ -124,22 +131,6 @@ def cat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalogue]:
 
 
 # ------------------------------------------------------------------ client
-@dataclass
-class Result:
-    """What a C-FIND returned: pending statuses and identifiers, then the final status."""
-
-    pending: list[int]
-    identifiers: list[Dataset]
-    final: Dataset
-
-    @property
-    def status(self) -> int:
-        return int(self.final.Status)
-
-    def values(self, keyword: str) -> list[Any]:
-        return [ds.get(keyword) for ds in self.identifiers]
-
-
 def scu(*ts: str) -> AE:
     ae = AE(ae_title="FINDSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -159,40 +150,11 @@ def query(level: str | None = None, **keys: Any) -> Dataset:
     return ds
 
 
-def c_find(
-    address: tuple[str, int] | None,
-    identifier: Dataset,
-    model: str = STUDY_ROOT,
-    on_pending: Callable[[Any, int], None] | None = None,
-) -> Result:
-    """Send one C-FIND on a new association; ``on_pending(assoc, n)`` after each match."""
-    assert address is not None
-    assoc = scu().associate(*address, ae_title="SIDECAR")
-    assert assoc.is_established
-    pending: list[int] = []
-    identifiers: list[Dataset] = []
-    final: Dataset | None = None
-    try:
-        for status, ident in assoc.send_c_find(identifier, model, msg_id=7):
-            assert "Status" in status, "association aborted"
-            if status.Status in (PENDING, PENDING_WARNING):
-                pending.append(int(status.Status))
-                identifiers.append(ident)
-                if on_pending is not None:
-                    on_pending(assoc, len(identifiers))
-            else:
-                final = status
-    finally:
-        assoc.release()
-    assert final is not None
-    return Result(pending, identifiers, final)
-
-
 def studies(cat: Catalogue, **keys: Any) -> set[str]:
     """Names of the studies a Study Root STUDY query with ``keys`` returns."""
     keys.setdefault("StudyInstanceUID", "")
     res = c_find(cat.app.address, query("STUDY", **keys))
-    assert res.status == SUCCESS, res.final
+    assert res.status == Status.SUCCESS, res.final
     return cat.names([str(u) for u in res.values("StudyInstanceUID")])
 
 
@@ -222,7 +184,7 @@ def test_single_value_returns_only_the_requested_keys(cat: Catalogue) -> None:
         cat.app.address,
         query("STUDY", PatientID="PAT-B", PatientName="", StudyDate="", StudyInstanceUID=""),
     )
-    assert res.status == SUCCESS and res.pending == [PENDING]
+    assert res.status == Status.SUCCESS and res.pending == [Status.PENDING]
     (ds,) = res.identifiers
     assert keywords(ds) == {
         "QueryRetrieveLevel", "RetrieveAETitle",
@@ -310,7 +272,7 @@ def test_study_level_computed_keys(cat: Catalogue) -> None:
     (ds,) = res.identifiers
     assert list(ds.ModalitiesInStudy) == ["CT", "MR"]
     assert (ds.NumberOfStudyRelatedSeries, ds.NumberOfStudyRelatedInstances) == (2, 5)
-    assert res.pending == [PENDING]
+    assert res.pending == [Status.PENDING]
 
 
 @pytest.mark.parametrize(
@@ -333,7 +295,7 @@ def test_series_level(cat: Catalogue) -> None:
             SeriesNumber="", NumberOfSeriesRelatedInstances="",
         ),
     )
-    assert res.status == SUCCESS
+    assert res.status == Status.SUCCESS
     got = {(ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber, ds.NumberOfSeriesRelatedInstances)
            for ds in res.identifiers}
     assert got == {(cat.series["A1-CT"], "CT", 1, 3), (cat.series["A1-MR"], "MR", 2, 2)}
@@ -352,7 +314,7 @@ def test_image_level(cat: Catalogue) -> None:
     base = {"StudyInstanceUID": cat.study["A1"], "SeriesInstanceUID": cat.series["A1-CT"]}
     res = c_find(cat.app.address, query("IMAGE", SOPInstanceUID="", InstanceNumber="",
                                         SOPClassUID="", **base))
-    assert res.status == SUCCESS
+    assert res.status == Status.SUCCESS
     assert sorted(res.values("InstanceNumber")) == [1, 2, 3]
     assert set(res.values("SOPInstanceUID")) == set(cat.sops["A1-CT"])
     assert set(res.values("SOPClassUID")) == {"1.2.840.10008.5.1.4.1.1.2"}
@@ -371,7 +333,7 @@ def test_higher_level_keys_filter_and_are_returned(cat: Catalogue) -> None:
     assert set(res.values("StudyDate")) == {"20240110"}
     nothing = c_find(cat.app.address, query("SERIES", StudyInstanceUID=cat.study["A1"],
                                             SeriesInstanceUID="", StudyDate="19990101"))
-    assert nothing.identifiers == [] and nothing.status == SUCCESS
+    assert nothing.identifiers == [] and nothing.status == Status.SUCCESS
 
 
 # ------------------------------------------------------------------ patient root
@@ -382,7 +344,7 @@ def test_patient_root_patient_level(cat: Catalogue) -> None:
               NumberOfPatientRelatedSeries="", NumberOfPatientRelatedInstances=""),
         PATIENT_ROOT,
     )
-    assert res.status == SUCCESS
+    assert res.status == Status.SUCCESS
     got = {ds.PatientID: (ds.NumberOfPatientRelatedStudies, ds.NumberOfPatientRelatedSeries,
                           ds.NumberOfPatientRelatedInstances) for ds in res.identifiers}
     assert got == {"PAT-A": (2, 3, 6), "PAT-B": (1, 1, 2), "PAT-C": (1, 1, 1),
@@ -400,7 +362,7 @@ def test_patient_root_study_level_needs_the_patient_id(cat: Catalogue) -> None:
                  PATIENT_ROOT)
     assert cat.names(res.values("StudyInstanceUID")) == {"A1", "A2"}
     missing = c_find(cat.app.address, query("STUDY", StudyInstanceUID=""), PATIENT_ROOT)
-    assert missing.status == DOES_NOT_MATCH
+    assert missing.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     assert missing.final.ErrorComment == "PatientID is required at STUDY level"
 
 
@@ -433,7 +395,7 @@ def test_bad_identifiers_fail_with_a_comment(
 ) -> None:
     res = c_find(cat.app.address, identifier, model)
     assert res.identifiers == []
-    assert res.status == DOES_NOT_MATCH
+    assert res.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     assert res.final.ErrorComment == comment
     assert res.final.OffendingElement == offending
 
@@ -443,7 +405,7 @@ def test_unsupported_keys_are_returned_empty_with_a_warning(cat: Catalogue) -> N
                   NumberOfStudyRelatedSeries="7")
     ident.add_new(0x00111010, "LO", "private")  # no creator: neither matched nor returned
     res = c_find(cat.app.address, ident)
-    assert res.pending == [PENDING_WARNING]
+    assert res.pending == [Status.PENDING_WARNING]
     (ds,) = res.identifiers
     assert ds.InstitutionName == ""
     assert ds.NumberOfStudyRelatedSeries == 1  # a return key, never matched
@@ -499,11 +461,11 @@ def test_cancel_after_the_first_match(cat: Catalogue, monkeypatch: pytest.Monkey
 
     def cancel(assoc: Any, n: int) -> None:
         if n == 1:
-            assoc.send_c_cancel(7, query_model=STUDY_ROOT)
+            assoc.send_c_cancel(FIND_MSG_ID, query_model=STUDY_ROOT)
 
     res = c_find(cat.app.address, query("STUDY", StudyInstanceUID=""), on_pending=cancel)
     assert len(res.identifiers) == 1 < len(STUDIES)
-    assert res.status == CANCEL
+    assert res.status == Status.CANCEL
     # The node serves the next query on a fresh association normally.
     monkeypatch.undo()
     assert studies(cat) == set(STUDIES)
@@ -523,7 +485,7 @@ def test_database_failure_is_out_of_resources(cat: Catalogue) -> None:
     finally:
         event.remove(engine, "before_cursor_execute", break_reads)
     assert res.identifiers == []
-    assert res.status == OUT_OF_RESOURCES
+    assert res.status == Status.OUT_OF_RESOURCES
     assert res.final.ErrorComment == "catalogue unavailable (OperationalError)"
     assert studies(cat) == set(STUDIES)
 
@@ -552,10 +514,10 @@ def test_more_matches_than_the_limit_are_refused(
     finder = CatalogueFind(cat.app.engine, max_results=4, retrieve_ae_title=PACS_AE)
     node = extra_node(finder=finder)
     res = c_find(node, query("STUDY", StudyInstanceUID=""))
-    assert res.identifiers == [] and res.status == OUT_OF_RESOURCES
+    assert res.identifiers == [] and res.status == Status.OUT_OF_RESOURCES
     assert res.final.ErrorComment == "more than 4 matches: narrow the query"
     ok = c_find(node, query("STUDY", StudyDate="20240101-"))
-    assert ok.status == SUCCESS and len(ok.identifiers) == 3
+    assert ok.status == Status.SUCCESS and len(ok.identifiers) == 3
 
 
 def similarity_identifier(block: int = 0x10) -> Dataset:
@@ -568,7 +530,7 @@ def similarity_identifier(block: int = 0x10) -> Dataset:
 def test_similarity_identifier_without_embedding_is_out_of_resources(cat: Catalogue) -> None:
     # This catalogue's sidecar runs with the worker off: no index to search.
     res = c_find(cat.app.address, similarity_identifier())
-    assert res.identifiers == [] and res.status == OUT_OF_RESOURCES
+    assert res.identifiers == [] and res.status == Status.OUT_OF_RESOURCES
     assert "embedding is turned off" in res.final.ErrorComment
 
 
@@ -576,7 +538,7 @@ def test_similarity_identifier_without_a_branch_is_refused(
     cat: Catalogue, extra_node: Callable[..., tuple[str, int]]
 ) -> None:
     res = c_find(extra_node(), similarity_identifier())
-    assert res.identifiers == [] and res.status == DOES_NOT_MATCH
+    assert res.identifiers == [] and res.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     assert res.final.ErrorComment.startswith("similarity queries not available")
 
 
@@ -600,12 +562,12 @@ def test_similarity_branch_is_asked_first(
 
     addr = extra_node(similarity=branch)
     res = c_find(addr, similarity_identifier(block=0x11))
-    assert res.values("StudyInstanceUID") == [cat.study["B1"]] and res.status == SUCCESS
+    assert res.values("StudyInstanceUID") == [cat.study["B1"]] and res.status == Status.SUCCESS
     assert seen[0].model == STUDY_ROOT and seen[0].calling_ae_title == "FINDSCU"
     failing = similarity_identifier()
     failing.PatientID = ""
     res = c_find(addr, failing)
-    assert res.status == UNABLE_TO_PROCESS
+    assert res.status == Status.UNABLE_TO_PROCESS
     assert res.final.ErrorComment == "reference 1.2.3.4 is not embedded yet"
     # Ordinary queries still go to the catalogue.
     assert len(c_find(addr, query("STUDY", StudyInstanceUID="")).identifiers) == len(STUDIES)
@@ -627,7 +589,8 @@ def test_logs_level_and_count_never_patient_data(
     bad_date = query("STUDY", PatientBirthDate="1970011X")  # pydicom warns here, client side
     caplog.clear()
     bad = c_find(cat.app.address, bad_date)
-    assert bad.status == DOES_NOT_MATCH and "1970011X" in bad.final.ErrorComment
+    assert bad.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert "1970011X" in bad.final.ErrorComment
     info = [r.getMessage() for r in caplog.records
             if r.levelno >= logging.INFO and r.name.startswith(("sidecar", "pynetdicom"))]
     assert any("refused: InvalidQuery (PatientBirthDate)" in m for m in info), info

@@ -35,6 +35,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from scripts.orthanc_pacs import Modality, OrthancPacs, orthanc_available, wait_until
 from sidecar.config import Config
+from sidecar.dicom.statuses import Status
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.service.app import Sidecar
 from tests.conftest import dcmtk_tool, free_port
@@ -80,7 +81,7 @@ class StorageSCP:
     def _on_store(self, event: Any) -> int:
         with self._lock:
             self.received.append(event.dataset)
-        return 0x0000
+        return Status.SUCCESS
 
     def close(self) -> None:
         self.server.shutdown()
@@ -205,7 +206,7 @@ def test_orthanc_forwards_stable_studies_and_a_hit_is_retrieved_from_it(
         top = hits[0]
         where = {pacs.ae_title: pacs.dicom_address}[top.RetrieveAETitle]
         final = c_move(where, top.RetrieveAETitle, top.StudyInstanceUID, SCP_AE)
-        assert final.Status == 0x0000
+        assert final.Status == Status.SUCCESS
         a_sops = studies["A"][1]
         assert final.NumberOfCompletedSuboperations == len(a_sops)
         received = wait_until(lambda: list(storage_scp.received), timeout=10,

@@ -12,7 +12,6 @@ import logging
 import os
 import struct
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,11 +20,10 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -38,36 +36,18 @@ from sqlalchemy.orm import Session
 
 from sidecar.config import Config
 from sidecar.db.models import Instance, Patient, Series, Study
+from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
-from tests.conftest import CT_IMAGE_STORAGE, make_ct
+from tests.conftest import CT_IMAGE_STORAGE, file_meta, make_ct, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
 SCU_AE = "TESTSCU"
 SECRET_NAME = "Doe^Secret"
 SECRET_ID = "PID-SECRET-123"
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-CANNOT_DECODE = 0xC210
-PROCESSING_FAILURE = 0x0110
-INVALID_SOP_INSTANCE = 0x0117
 
 
 # --------------------------------------------------------------------- helpers
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def make_scu(ae_title: str = SCU_AE, ts: tuple[str, ...] = (ExplicitVRLittleEndian,)) -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -124,11 +104,7 @@ def write_raw_part10(
     pynetdicom's chunked send takes the command's Affected SOP Class/Instance UID
     from this header and sends ``body`` unchanged.
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta = file_meta(sop_class, sop_uid)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -226,7 +202,7 @@ def quarantine_dir(app: Sidecar) -> Path:
 # ----------------------------------------------------------------------- echo
 def test_echo_success(running: Sidecar) -> None:
     with established(running) as assoc:
-        assert status_of(assoc.send_c_echo()) == SUCCESS
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
 
 
 # ---------------------------------------------------------------------- store
@@ -236,7 +212,7 @@ def test_store_success_keeps_bytes_and_records_row(running: Sidecar, tmp_path: P
     src = write_part10(ds, tmp_path / "src" / "ct.dcm")
     with established(running, "MYPACS") as assoc:
         rsp = assoc.send_c_store(src)
-    assert status_of(rsp) == SUCCESS
+    assert status_of(rsp) == Status.SUCCESS
 
     row = row_for(running, ds.SOPInstanceUID)
     stored = storage_dir(running) / row["file_path"]
@@ -272,11 +248,11 @@ def test_duplicate_identical_is_noop_success(running: Sidecar, tmp_path: Path) -
     ds = make_ct()
     src = write_part10(ds, tmp_path / "src" / "ct.dcm")
     with established(running) as assoc:
-        assert status_of(assoc.send_c_store(src)) == SUCCESS
+        assert status_of(assoc.send_c_store(src)) == Status.SUCCESS
         first = row_for(running, ds.SOPInstanceUID)
-        assert status_of(assoc.send_c_store(src)) == SUCCESS
+        assert status_of(assoc.send_c_store(src)) == Status.SUCCESS
     with established(running) as assoc:  # and on another association
-        assert status_of(assoc.send_c_store(src)) == SUCCESS
+        assert status_of(assoc.send_c_store(src)) == Status.SUCCESS
     assert len(rows(running)) == 1
     assert row_for(running, ds.SOPInstanceUID) == first
     assert files_under(storage_dir(running)) == [storage_dir(running) / first["file_path"]]
@@ -289,9 +265,9 @@ def _send_two_versions(app: Sidecar, tmp_path: Path) -> tuple[Path, Path, dict[s
     v2 = write_part10(make_ct(seed=2, **uids), tmp_path / "src" / "v2.dcm")
     assert after_meta(v1) != after_meta(v2)
     with established(app) as assoc:
-        assert status_of(assoc.send_c_store(v1)) == SUCCESS
+        assert status_of(assoc.send_c_store(v1)) == Status.SUCCESS
         first = row_for(app, uids["sop_uid"])
-        assert status_of(assoc.send_c_store(v2)) == SUCCESS
+        assert status_of(assoc.send_c_store(v2)) == Status.SUCCESS
     return v1, v2, first
 
 
@@ -335,7 +311,7 @@ def test_wrong_called_ae_title_is_rejected(running: Sidecar) -> None:
         assert assoc.is_rejected
         assert not assoc.is_established
     with established(running) as assoc:  # the node still serves the right title
-        assert status_of(assoc.send_c_echo()) == SUCCESS
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
 
 
 def test_allowed_peers_without_loopback(
@@ -359,9 +335,9 @@ def test_allowed_peers_without_loopback(
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
     with associate(app, "GOODPACS") as assoc:
         assert assoc.is_established
-        assert status_of(assoc.send_c_echo()) == SUCCESS
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
         ds = make_ct()
-        assert status_of(assoc.send_c_store(ds)) == SUCCESS
+        assert status_of(assoc.send_c_store(ds)) == Status.SUCCESS
     with associate(app, "EVIL") as assoc:  # still refused after a good peer
         assert assoc.is_rejected
     assert [r["calling_ae_title"] for r in rows(app)] == ["GOODPACS"]
@@ -397,9 +373,9 @@ def test_watermark_refuses_with_out_of_resources(
     app = sidecar_factory(config_factory({"storage": {"min_free_mb": free_mb + 1_000_000}}))
     with established(app) as assoc:
         rsp = assoc.send_c_store(make_ct())
-        assert status_of(rsp) == OUT_OF_RESOURCES
+        assert status_of(rsp) == Status.OUT_OF_RESOURCES
         assert str(rsp.get("ErrorComment", "")).strip()
-        assert status_of(assoc.send_c_echo()) == SUCCESS  # association still usable
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS  # association still usable
     assert files_under(storage_dir(app)) == []
     assert files_under(quarantine_dir(app)) == []
     assert rows(app) == []
@@ -464,7 +440,7 @@ def test_path_traversal_uids_are_refused(running: Sidecar, tmp_path: Path, attr:
         for src in sources:
             rsp = assoc.send_c_store(src)
             statuses.append((status_of(rsp), str(rsp.get("ErrorComment", ""))))
-    assert [s for s, _ in statuses] == [INVALID_SOP_INSTANCE] * len(TRAVERSAL), statuses
+    assert [s for s, _ in statuses] == [Status.INVALID_SOP_INSTANCE] * len(TRAVERSAL), statuses
     assert all(attr in c for _, c in statuses), statuses
 
     storage, quarantine = storage_dir(running), quarantine_dir(running)
@@ -502,8 +478,8 @@ def test_invalid_uid_in_command_too(running: Sidecar, tmp_path: Path) -> None:
     with established(running) as assoc:
         rsp = assoc.send_c_store(src)
         code = status_of(rsp)
-        assert status_of(assoc.send_c_echo()) == SUCCESS
-    assert code == INVALID_SOP_INSTANCE, hex(code)
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
+    assert code == Status.INVALID_SOP_INSTANCE, hex(code)
     assert files_under(storage_dir(running)) == []
     assert rows(running) == []
     assert [p for p in tmp_path.parent.rglob("*evil*")] == []
@@ -516,7 +492,7 @@ def test_sop_instance_mismatch_with_command(running: Sidecar, tmp_path: Path) ->
     src = write_part10(ds, tmp_path / "src" / "mismatch.dcm", command_sop_uid=generate_uid())
     with established(running) as assoc:
         rsp = assoc.send_c_store(src)
-    assert status_of(rsp) == DOES_NOT_MATCH
+    assert status_of(rsp) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert "SOPInstanceUID" in str(rsp.get("ErrorComment", ""))
     assert files_under(storage_dir(running)) == []
     assert rows(running) == []
@@ -528,7 +504,7 @@ def test_missing_study_uid_cannot_understand(running: Sidecar) -> None:
     del ds.StudyInstanceUID
     with established(running) as assoc:
         rsp = assoc.send_c_store(ds)
-    assert status_of(rsp) == CANNOT_UNDERSTAND
+    assert status_of(rsp) == Status.CANNOT_UNDERSTAND
     assert "StudyInstanceUID" in str(rsp.get("ErrorComment", ""))
     assert files_under(storage_dir(running)) == []
     assert rows(running) == []
@@ -556,8 +532,8 @@ def test_unparseable_dataset_cannot_decode(running: Sidecar, tmp_path: Path) -> 
         rsp = assoc.send_c_store(src)
         code = status_of(rsp)
         comment = str(rsp.get("ErrorComment", ""))
-        assert status_of(assoc.send_c_echo()) == SUCCESS
-    assert code == CANNOT_DECODE, (hex(code), comment)
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
+    assert code == Status.CANNOT_DECODE_DATASET, (hex(code), comment)
     assert comment
     assert files_under(storage_dir(running)) == []
     assert rows(running) == []
@@ -575,7 +551,9 @@ def test_truncated_dataset_is_refused(running: Sidecar, tmp_path: Path, cut: int
     src = write_raw_part10(tmp_path / "src" / "cut.dcm", whole[:-cut], str(ds.SOPInstanceUID))
     with established(running) as assoc:
         rsp = assoc.send_c_store(src)
-    assert status_of(rsp) in (DOES_NOT_MATCH, CANNOT_DECODE), hex(status_of(rsp))
+    assert status_of(rsp) in (
+        Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, Status.CANNOT_DECODE_DATASET
+    ), hex(status_of(rsp))
     assert rows(running) == []
     assert files_under(storage_dir(running)) == []
 
@@ -593,7 +571,7 @@ def test_deflated_image_is_stored(running: Sidecar) -> None:
         rsp = assoc.send_c_store(ds)
     finally:
         assoc.release()
-    assert status_of(rsp) == SUCCESS, (hex(status_of(rsp)), str(rsp.get("ErrorComment", "")))
+    assert status_of(rsp) == Status.SUCCESS, (hex(status_of(rsp)), str(rsp.get("ErrorComment", "")))
     row = row_for(running, ds.SOPInstanceUID)
     assert row["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian
     stored = dcmread(storage_dir(running) / row["file_path"])
@@ -638,7 +616,7 @@ def test_concurrent_associations(running: Sidecar) -> None:
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     assert len(results) == 100
-    assert {hex(s) for s in results} == {hex(SUCCESS)}
+    assert {hex(s) for s in results} == {hex(Status.SUCCESS)}
     all_rows = rows(running)
     assert len(all_rows) == 100
     assert len({r["sop_instance_uid"] for r in all_rows}) == 100
@@ -684,7 +662,7 @@ def test_concurrent_first_instances_of_a_new_study(running: Sidecar) -> None:
         ]
         for t in threads:
             t.start()
-        wait_for(lambda: len(writers) >= 2 or errors, what="two stores to reach the database")
+        wait_for(lambda: len(writers) >= 2 or errors, 10, what="two stores to reach the database")
     finally:
         blocker.driver_connection.rollback()
         blocker.close()
@@ -692,7 +670,7 @@ def test_concurrent_first_instances_of_a_new_study(running: Sidecar) -> None:
     for t in threads:
         t.join(timeout=60)
     assert errors == []
-    assert [hex(s) for s in results] == [hex(SUCCESS)] * 4
+    assert [hex(s) for s in results] == [hex(Status.SUCCESS)] * 4
     assert len(rows(running)) == 4
     with Session(running.engine) as s:
         assert len(s.scalars(select(Study)).all()) == 1
@@ -709,13 +687,13 @@ def test_failed_db_commit_leaves_nothing_and_node_recovers(running: Sidecar) -> 
     ds = make_ct()
     with established(running) as assoc:
         rsp = assoc.send_c_store(ds)
-        assert status_of(rsp) == PROCESSING_FAILURE
+        assert status_of(rsp) == Status.PROCESSING_FAILURE
         assert str(rsp.get("ErrorComment", "")).strip()
         assert files_under(storage_dir(running)) == []
         assert rows(running) == []
         with running.engine.begin() as conn:
             conn.execute(text("DROP TRIGGER fail"))
-        assert status_of(assoc.send_c_store(ds)) == SUCCESS
+        assert status_of(assoc.send_c_store(ds)) == Status.SUCCESS
     assert [r["sop_instance_uid"] for r in rows(running)] == [ds.SOPInstanceUID]
     assert len(files_under(storage_dir(running))) == 1
 
@@ -728,7 +706,7 @@ def test_failed_db_commit_error_comment_is_truthful(running: Sidecar) -> None:
         ))
     with established(running) as assoc:
         rsp = assoc.send_c_store(make_ct())
-    assert status_of(rsp) == PROCESSING_FAILURE
+    assert status_of(rsp) == Status.PROCESSING_FAILURE
     # the database's refusal, not a made-up "concurrent store"
     assert "concurrent" not in str(rsp.get("ErrorComment", ""))
     assert "injected" in str(rsp.get("ErrorComment", ""))
@@ -744,19 +722,19 @@ def test_study_becomes_stable_and_reopens(
     )
     study_uid = generate_uid()
     with established(app) as assoc:
-        assert status_of(assoc.send_c_store(make_ct(study_uid=study_uid))) == SUCCESS
-    first = wait_for(lambda: stable_study(app, study_uid), what="the study to become stable")
+        assert status_of(assoc.send_c_store(make_ct(study_uid=study_uid))) == Status.SUCCESS
+    first = wait_for(lambda: stable_study(app, study_uid), 10, what="the study to become stable")
     assert first["stable_at"] is not None
 
     with established(app) as assoc:  # a late instance re-opens the study
-        assert status_of(assoc.send_c_store(make_ct(study_uid=study_uid))) == SUCCESS
+        assert status_of(assoc.send_c_store(make_ct(study_uid=study_uid))) == Status.SUCCESS
     reopened = study_row(app, study_uid)
     assert reopened is not None
     assert reopened["last_received_at"] > first["stable_at"]
     # either still open, or (on a slow machine) already re-marked after a new quiet period
     assert not reopened["stable"] or reopened["stable_at"] > reopened["last_received_at"]
 
-    again = wait_for(lambda: stable_study(app, study_uid), what="the study to be stable again")
+    again = wait_for(lambda: stable_study(app, study_uid), 10, what="the study to be stable again")
     assert again["stable_at"] > first["stable_at"]
     assert again["last_received_at"] == reopened["last_received_at"]
 
@@ -778,12 +756,13 @@ def test_logs_name_peers_but_never_phi(
     files.append(write_part10(make_ct(), tmp_path / "src" / "mismatch.dcm",
                               command_sop_uid=generate_uid()))
     with established(running, "PHIPACS") as assoc:
-        assert status_of(assoc.send_c_echo()) == SUCCESS
+        assert status_of(assoc.send_c_echo()) == Status.SUCCESS
         codes = [status_of(assoc.send_c_store(f)) for f in files]
-    assert codes == [SUCCESS, SUCCESS, CANNOT_UNDERSTAND, DOES_NOT_MATCH]
+    assert codes == [Status.SUCCESS, Status.SUCCESS, Status.CANNOT_UNDERSTAND,
+                     Status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
     # the association summary is logged when the node sees the release
     wait_for(lambda: any("PHIPACS" in r.getMessage() and "released" in r.getMessage()
-                         for r in caplog.records), what="the association summary log line")
+                         for r in caplog.records), 10, what="the association summary log line")
     messages = [r.getMessage() for r in caplog.records]
     assert any("PHIPACS" in m for m in messages)
     text_logged = "\n".join(messages) + "\n" + caplog.text

@@ -39,8 +39,8 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -70,8 +70,7 @@ from sidecar.search.service import (
 from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import free_port, make_ct, part10
-
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+from tests.conftest import make_sr as make_sr_base
 
 pytestmark = pytest.mark.usefixtures("cli_isolation")  # env, cwd and logging restored
 
@@ -114,21 +113,7 @@ def ct_slice(
 
 
 def make_sr(study: str, patient: str) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = patient
-    ds.Modality = "SR"
-    ds.ValueType = "CONTAINER"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
+    return make_sr_base(study, patient_id=patient)
 
 
 # ----------------------------------------------------------------- archive
@@ -657,7 +642,7 @@ def test_cli_query_by_file_and_folder(
     # the configured model is replaced by the module's tiny one (as the serving model)
     monkeypatch.setattr("sidecar.embeddings.model.load_embedder", lambda cfg: TinyEmbedder())
     file = tmp_path / "one.dcm"
-    query_image(0).save_as(file, enforce_file_format=True)
+    file.write_bytes(part10(query_image(0)))
     res = cli(archive, str(file), "--body-part", "ABDOMEN", "-k", "2")
     assert res.exit_code == 0, res.output
     rows = res.stdout.splitlines()[2:]
@@ -670,7 +655,7 @@ def test_cli_query_by_file_and_folder(
         ds = query_image(b, seed=200 + b)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.ImagePositionPatient = [0.0, 0.0, 10.0 * i]
-        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+        (folder / f"{i}.dcm").write_bytes(part10(ds))
     (folder / "notes.txt").write_text("not DICOM")
     res = cli(archive, str(folder), "--json")
     assert res.exit_code == 0, res.output
@@ -683,7 +668,7 @@ def test_cli_query_by_file_and_folder(
 def test_cli_query_by_file_needs_the_serving_model(archive: Archive, tmp_path: Path) -> None:
     """The configured (built-in) model is not the model whose vectors serve queries."""
     file = tmp_path / "one.dcm"
-    query_image(0).save_as(file, enforce_file_format=True)
+    file.write_bytes(part10(query_image(0)))
     res = cli(archive, str(file))
     assert res.exit_code == 1, res.output
     assert "query by image is unavailable" in res.stderr

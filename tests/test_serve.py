@@ -19,19 +19,11 @@ import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from sidecar.dicom.statuses import Status
 from sidecar.sdnotify import notify
-from tests.conftest import CT_IMAGE_STORAGE, free_port, make_ct
+from tests.conftest import CT_IMAGE_STORAGE, c_find, free_port, make_ct, wait_for
 
 SIDECAR = str(Path(sys.executable).with_name("sidecar"))
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def children_of(pid: int) -> list[int]:
@@ -120,7 +112,7 @@ def test_receivers_share_the_port_and_stop_on_sigterm(served: Served) -> None:
         t.start()
     for t in threads:
         t.join(120)
-    assert results == [0] * 40
+    assert results == [Status.SUCCESS] * 40
     status = served.status()
     assert status["instances_total"] == 40 and status["studies"] == 1 and status["series"] == 4
 
@@ -146,7 +138,7 @@ def test_serve_answers_similarity_over_dicom_and_http(tmp_path: Path) -> None:
     """`sidecar serve` end to end: receivers in child processes, the shipped model, HTTP on."""
     import urllib.request
 
-    from tests.test_similarity_find import c_find, similarity
+    from tests.test_similarity_find import similarity
 
     port, http_port = free_port(), free_port()
     cfg = tmp_path / "sidecar.yaml"
@@ -177,14 +169,14 @@ def test_serve_answers_similarity_over_dicom_and_http(tmp_path: Path) -> None:
             for n in range(2):  # studies 0 and 1 hold the same pixels
                 ds = make_ct(study_uid=study, series_uid=series[i], instance_number=n + 1,
                              seed=100 + (i // 2) * 10 + n, patient_id=f"P{i}")
-                assert assoc.send_c_store(ds).Status == 0
+                assert assoc.send_c_store(ds).Status == Status.SUCCESS
         assoc.release()
         wait_for(lambda: served.status()["instances"]["embedded"] == 6, 90,  # type: ignore[index]
                  "six embedded instances")
 
         res = c_find(("127.0.0.1", port), similarity(study=studies[0], k=2,
                                                      StudyInstanceUID=""))
-        assert res.status == 0
+        assert res.status == Status.SUCCESS
         assert [str(ds.StudyInstanceUID) for ds in res.identifiers][0] == studies[1]
         assert res.private(0x10)[0] > 0.999 and res.identifiers[0].RetrieveAETitle == "PACS"
 
@@ -245,7 +237,7 @@ def test_systemd_is_told_ready_only_once_the_port_answers_and_then_stopping(
             ae.add_requested_context("1.2.840.10008.1.1")
             assoc = ae.associate("127.0.0.1", port, ae_title="SIDECAR")
             assert assoc.is_established
-            assert assoc.send_c_echo().Status == 0
+            assert assoc.send_c_echo().Status == Status.SUCCESS
             assoc.release()
             proc.send_signal(signal.SIGTERM)
             assert systemd.recv(4096) == b"STOPPING=1"

@@ -36,15 +36,22 @@ from sqlalchemy.orm import Session
 
 from sidecar.config import Config
 from sidecar.db.models import Instance
+from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
 from tests.conftest import CT_IMAGE_STORAGE, make_ct
 
 pytestmark = pytest.mark.shared_data
 
 VERIFICATION = "1.2.840.10008.1.1"
-UNHANDLED = 0xC211
 #: Failure statuses the node documents (README, sidecar/dicom/statuses.py).
-SPECIFIC_FAILURES = {0xA700, 0xA900, 0xC000, 0xC210, 0x0110, 0x0117}
+SPECIFIC_FAILURES = {
+    Status.OUT_OF_RESOURCES,
+    Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    Status.CANNOT_UNDERSTAND,
+    Status.CANNOT_DECODE_DATASET,
+    Status.PROCESSING_FAILURE,
+    Status.INVALID_SOP_INSTANCE,
+}
 DEFLATED_IMAGE = "dicomParser-testImages/deflate/image_dfl"
 #: Valid files the node refuses today, each with a strict-xfail test of its own.
 KNOWN_BUGS: dict[str, str] = {}
@@ -233,7 +240,7 @@ def check_response(app: Sidecar, item: Item, rsp: Dataset | None, sweep: Sweep) 
         return
     status = int(rsp.Status)
     comment = str(rsp.get("ErrorComment", ""))
-    if status == 0x0000:
+    if status == Status.SUCCESS:
         stored = stored_path(app, item.sop_uid)
         if stored is None or not stored.is_file():
             sweep.node_failures.append(f"{name}: Success but no row/file for {item.sop_uid}")
@@ -246,7 +253,7 @@ def check_response(app: Sidecar, item: Item, rsp: Dataset | None, sweep: Sweep) 
         sweep.record(name, "0x0000 stored")
         return
     sweep.record(name, f"0x{status:04X} {comment[:45]}")
-    if status == UNHANDLED or status not in SPECIFIC_FAILURES:
+    if status == Status.UNHANDLED_EXCEPTION or status not in SPECIFIC_FAILURES:
         sweep.node_failures.append(f"{name}: status 0x{status:04X} {comment}")
     elif not comment.strip():
         sweep.node_failures.append(f"{name}: status 0x{status:04X} without an Error Comment")
@@ -359,7 +366,7 @@ def test_every_shared_file_is_stored_intact_or_refused_specifically(
 
     assert not thread.is_alive()
     assert errors == []
-    assert steady == [0x0000] * 50
+    assert steady == [Status.SUCCESS] * 50
     assert first_send and first_send[0] < end, "the valid transfer did not overlap the sweep"
 
     ae = AE(ae_title="AFTER")
@@ -368,7 +375,7 @@ def test_every_shared_file_is_stored_intact_or_refused_specifically(
     assert assoc.is_established, "node no longer accepts associations after the sweep"
     try:
         rsp = assoc.send_c_echo()
-        assert "Status" in rsp and int(rsp.Status) == 0x0000
+        assert "Status" in rsp and int(rsp.Status) == Status.SUCCESS
     finally:
         assoc.release()
 
@@ -449,6 +456,6 @@ def test_deflated_shared_image_is_stored(
     app = sidecar_factory(config_factory())
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     status, comment, sop_uid = store_single(app, path, tmp_path)
-    assert status == 0x0000, (hex(status), comment)
+    assert status == Status.SUCCESS, (hex(status), comment)
     stored = stored_path(app, sop_uid)
     assert stored is not None and after_meta(stored) == after_meta(path)

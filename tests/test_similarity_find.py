@@ -36,21 +36,19 @@ from sidecar.dicom.similarity import (
     dcmtk_dictionary,
     parse_similarity,
 )
+from sidecar.dicom.statuses import Status
 from sidecar.metrics import Metrics
 from sidecar.search.front import AuditLog, ExampleStore, QueryService
 from sidecar.search.service import SearchService
-from tests.conftest import dcmtk_tool, free_port, make_sr
+from tests.conftest import FIND_MSG_ID, FindResult, c_find, dcmtk_tool, free_port, make_sr
+from tests.conftest import SIMILARITY_CREATOR as CREATOR
 from tests.test_search import LAYOUT, Archive, build_archive, ct_slice, part10, query_image
 
-CREATOR = "PACS SIDECAR SIMILARITY"
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
 PACS_AE = "ORTHANC"
 EXAMPLE_AE = "SIDECAR_QUERY"
 REPO = Path(__file__).resolve().parents[1]
 
-SUCCESS, CANCEL, PENDING, PENDING_WARNING = 0x0000, 0xFE00, 0xFF00, 0xFF01
-OUT_OF_RESOURCES, DOES_NOT_MATCH = 0xA700, 0xA900
-UNKNOWN_REFERENCE, NOT_EMBEDDED, CANNOT_UNDERSTAND = 0xC001, 0xC002, 0xC000
 
 
 class FakeClock:
@@ -136,56 +134,6 @@ def similarity(level: str = "STUDY", *, sop: str = "", study: str = "", series: 
     return ds
 
 
-@dataclass
-class Result:
-    pending: list[int]
-    identifiers: list[Dataset]
-    final: Dataset
-
-    @property
-    def status(self) -> int:
-        return int(self.final.Status)
-
-    @property
-    def comment(self) -> str:
-        return str(self.final.get("ErrorComment", ""))
-
-    def private(self, offset: int) -> list[Any]:
-        out = []
-        for ds in self.identifiers:
-            blk = ds.private_block(0x0099, CREATOR)
-            out.append(blk[offset].value)
-        return out
-
-
-def c_find(address: tuple[str, int], identifier: Dataset, *, model: str = STUDY_ROOT_FIND,
-           ts: str | None = None, on_pending: Callable[[Any, int], None] | None = None,
-           called: str = "SIDECAR") -> Result:
-    ae = AE(ae_title="VIEWER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(model, [ts] if ts else [ExplicitVRLittleEndian,
-                                                     ImplicitVRLittleEndian])
-    assoc = ae.associate(*address, ae_title=called)
-    assert assoc.is_established
-    pending: list[int] = []
-    identifiers: list[Dataset] = []
-    final: Dataset | None = None
-    try:
-        for status, ident in assoc.send_c_find(identifier, model, msg_id=9):
-            assert "Status" in status, "association aborted"
-            if status.Status in (PENDING, PENDING_WARNING):
-                pending.append(int(status.Status))
-                identifiers.append(ident)
-                if on_pending is not None:
-                    on_pending(assoc, len(identifiers))
-            else:
-                final = status
-    finally:
-        assoc.release()
-    assert final is not None
-    return Result(pending, identifiers, final)
-
-
 def c_store(address: tuple[str, int], ds: Dataset, called: str = EXAMPLE_AE) -> Dataset:
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(str(ds.SOPClassUID), ExplicitVRLittleEndian)
@@ -198,7 +146,7 @@ def c_store(address: tuple[str, int], ds: Dataset, called: str = EXAMPLE_AE) -> 
     return status
 
 
-def names(served: Served, res: Result) -> list[str]:
+def names(served: Served, res: FindResult) -> list[str]:
     return [served.archive.name_of(str(ds.StudyInstanceUID)) for ds in res.identifiers]
 
 
@@ -209,7 +157,7 @@ def test_study_level_hits_come_ranked_with_scores_and_the_pacs_to_retrieve_from(
     r = served.archive.studies["R"]
     res = c_find(served.address, similarity(study=r.uid, k=3, StudyInstanceUID="",
                                             PatientID="", StudyDate=""))
-    assert res.status == SUCCESS and res.pending == [PENDING] * 3
+    assert res.status == Status.SUCCESS and res.pending == [Status.PENDING] * 3
     assert names(served, res) == ["A", "C", "B"]  # the construction's order (test_search)
     scores = res.private(0x10)
     assert scores[0] > 0.99 and 0.70 < scores[1] < 0.80 and 0.50 < scores[2] < 0.65
@@ -265,7 +213,7 @@ def test_implicit_vr_identifier_is_understood(served: Served) -> None:
     r = served.archive.studies["R"]
     res = c_find(served.address, similarity(study=r.uid, k=2, StudyInstanceUID=""),
                  ts=ImplicitVRLittleEndian)
-    assert res.status == SUCCESS and names(served, res) == ["A", "C"]
+    assert res.status == Status.SUCCESS and names(served, res) == ["A", "C"]
     assert res.private(0x11) == [1, 2]
     assert res.identifiers[0][0x00991010].VR == "FD"
 
@@ -274,7 +222,7 @@ def test_patient_root_model_and_another_block_slot(served: Served) -> None:
     r = served.archive.studies["R"]
     res = c_find(served.address, similarity(study=r.uid, k=1, block=0x42, StudyInstanceUID=""),
                  model=PATIENT_ROOT)
-    assert res.status == SUCCESS and names(served, res) == ["A"]
+    assert res.status == Status.SUCCESS and names(served, res) == ["A"]
 
 
 # ---------------------------------------------------------- levels, filters
@@ -283,7 +231,7 @@ def test_series_and_image_levels(served: Served) -> None:
     series = c_find(served.address, similarity("SERIES", series=a.series[0], k=2,
                                                SeriesInstanceUID="", Modality="",
                                                BodyPartExamined=""))
-    assert series.status == SUCCESS
+    assert series.status == Status.SUCCESS
     r = served.archive.studies["R"]
     assert series.identifiers[0].SeriesInstanceUID == r.series[0]
     assert series.identifiers[0].QueryRetrieveLevel == "SERIES"
@@ -293,7 +241,7 @@ def test_series_and_image_levels(served: Served) -> None:
     sop = r.sops[0][1]  # base 1
     image = c_find(served.address, similarity("IMAGE", sop=sop, k=3, SOPInstanceUID="",
                                               InstanceNumber=""))
-    assert image.status == SUCCESS and len(image.identifiers) == 3
+    assert image.status == Status.SUCCESS and len(image.identifiers) == 3
     top = image.identifiers[0]
     assert top.SOPInstanceUID == top.private_block(0x0099, CREATOR)[0x12].value
     # the copies of base 1 in A, C and B (R itself and S, same patient, are excluded);
@@ -321,7 +269,7 @@ def test_filters_restrict_the_candidates_before_ranking(served: Served) -> None:
     # the response's Modality is the best-matching series'.
     ct = c_find(served.address, similarity(study=r.uid, k=2, StudyInstanceUID="",
                                            Modality="CT"))
-    assert names(served, ct) == ["A", "B"] and ct.pending == [PENDING, PENDING]
+    assert names(served, ct) == ["A", "B"] and ct.pending == [Status.PENDING, Status.PENDING]
     assert [ds.Modality for ds in ct.identifiers] == ["CT", "CT"]
 
 
@@ -347,7 +295,7 @@ def test_keys_the_hits_carry_match_the_catalogue_read(served: Served, level: str
     assert not parse_similarity(read_id, STUDY_ROOT_FIND).hit_only
     fast = c_find(served.address, fast_id)
     read = c_find(served.address, read_id)
-    assert fast.status == read.status == SUCCESS and len(fast.identifiers) >= 3
+    assert fast.status == read.status == Status.SUCCESS and len(fast.identifiers) >= 3
     assert fast.private(0x11) == read.private(0x11)
     for a, b in zip(fast.identifiers, read.identifiers, strict=True):
         assert "PatientName" in b and "PatientName" not in a
@@ -365,7 +313,7 @@ def test_other_keys_filter_the_ranked_hits(served: Served) -> None:
     wild = c_find(served.address, similarity(study=r.uid, k=2, StudyInstanceUID="",
                                              StudyDescription="study [ACB]*"))
     # no match: [ is literal in DICOM wildcards
-    assert wild.status == SUCCESS and wild.identifiers == []
+    assert wild.status == Status.SUCCESS and wild.identifiers == []
 
 
 # ------------------------------------------------------------------ statuses
@@ -386,27 +334,28 @@ def quiet(build: Callable[[], Dataset]) -> Dataset:
 @pytest.mark.filterwarnings("ignore:Invalid value for VR")
 def test_bad_identifiers_are_refused(served: Served, identifier: Dataset, needle: str) -> None:
     res = c_find(served.address, identifier)
-    assert res.status == DOES_NOT_MATCH and res.identifiers == []
+    assert res.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and res.identifiers == []
     assert needle in res.comment
 
 
 def test_patient_level_is_refused(served: Served) -> None:
     res = c_find(served.address, similarity("PATIENT", study="1.2.3", PatientID=""),
                  model=PATIENT_ROOT)
-    assert res.status == DOES_NOT_MATCH and "STUDY, SERIES or IMAGE" in res.comment
+    assert res.status == Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    assert "STUDY, SERIES or IMAGE" in res.comment
 
 
 def test_unknown_and_unembedded_references_say_which(served: Served) -> None:
     st = served.archive.studies
     unknown = c_find(served.address, similarity(series="1.2.3.4.5"))
-    assert unknown.status == UNKNOWN_REFERENCE
+    assert unknown.status == Status.UNKNOWN_REFERENCE
     assert unknown.comment == "unknown reference series: not in the archive"
     pending = c_find(served.address, similarity(study=st["P"].uid))
-    assert pending.status == NOT_EMBEDDED and "pending" in pending.comment
+    assert pending.status == Status.REFERENCE_NOT_EMBEDDED and "pending" in pending.comment
     failed = c_find(served.address, similarity(sop=st["F"].sops[0][0]))
-    assert failed.status == NOT_EMBEDDED and "embedding failed" in failed.comment
+    assert failed.status == Status.REFERENCE_NOT_EMBEDDED and "embedding failed" in failed.comment
     skipped = c_find(served.address, similarity(study=st["K"].uid))
-    assert skipped.status == NOT_EMBEDDED and "not an image" in skipped.comment
+    assert skipped.status == Status.REFERENCE_NOT_EMBEDDED and "not an image" in skipped.comment
     assert all(len(r.comment) <= 64 for r in (unknown, pending, failed, skipped))
 
 
@@ -415,10 +364,10 @@ def test_no_index_is_out_of_resources(archive: Archive, tmp_path: Path) -> None:
               tmp_path)
     try:
         res = c_find(s.address, similarity(study=archive.studies["R"].uid))
-        assert res.status == OUT_OF_RESOURCES and "embedding is turned off" in res.comment
+        assert res.status == Status.OUT_OF_RESOURCES and "embedding is turned off" in res.comment
         # and an example cannot be embedded either
         status = c_store(s.address, query_image(0))
-        assert status.Status == OUT_OF_RESOURCES
+        assert status.Status == Status.OUT_OF_RESOURCES
     finally:
         s.node.stop()
         s.query.close()
@@ -442,7 +391,7 @@ def test_cancel_stops_the_responses(served: Served) -> None:
 
     def cancel(assoc: Any, n: int) -> None:
         if n == 1:
-            assoc.send_c_cancel(9, query_model=STUDY_ROOT_FIND)
+            assoc.send_c_cancel(FIND_MSG_ID, query_model=STUDY_ROOT_FIND)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(SimilarityFind, "_responses", held)
@@ -451,15 +400,15 @@ def test_cancel_stops_the_responses(served: Served) -> None:
                                                 StudyInstanceUID=""), on_pending=cancel)
     finally:
         mp.undo()
-    assert res.status == CANCEL and len(res.identifiers) == 1
+    assert res.status == Status.CANCEL and len(res.identifiers) == 1
 
 
 # -------------------------------------------------------------- audit, metrics
 def test_every_similarity_query_is_audited(served: Served) -> None:
     before = len(served.audit())
     r = served.archive.studies["R"]
-    c_find(served.address, similarity(study=r.uid, k=2, StudyInstanceUID=""))
-    c_find(served.address, similarity(series="1.2.3.4.5"))
+    c_find(served.address, similarity(study=r.uid, k=2, StudyInstanceUID=""), calling="VIEWER")
+    c_find(served.address, similarity(series="1.2.3.4.5"), calling="VIEWER")
     new = served.audit()[before:]
     assert len(new) == 2
     ok, refused = new
@@ -483,12 +432,12 @@ def test_query_by_example_is_embedded_at_once_and_never_archived(served: Served)
     example = query_image(0, patient="P42")  # base 0: R, A, S, C, B and M hold it
     sop = str(example.SOPInstanceUID)
     status = c_store(served.address, example)
-    assert status.Status == SUCCESS
+    assert status.Status == Status.SUCCESS
     assert arch.repo.find_instance(sop) is None
     assert not any(sop in p.name for p in arch.config.storage_dir.rglob("*"))
 
     res = c_find(served.address, similarity(sop=sop, k=20, StudyInstanceUID=""))
-    assert res.status == SUCCESS
+    assert res.status == Status.SUCCESS
     hits = names(served, res)
     # every study holding base 0 (the one-slice query matches it exactly) before the rest
     assert set(hits[:6]) == {"R", "A", "S", "C", "B", "M"}
@@ -498,7 +447,7 @@ def test_query_by_example_is_embedded_at_once_and_never_archived(served: Served)
     # expired after query.example_ttl
     served.clock.now += arch.config.query.example_ttl + 1
     gone = c_find(served.address, similarity(sop=sop))
-    assert gone.status == UNKNOWN_REFERENCE
+    assert gone.status == Status.UNKNOWN_REFERENCE
 
 
 def test_example_series_can_be_the_reference(served: Served) -> None:
@@ -506,14 +455,14 @@ def test_example_series_can_be_the_reference(served: Served) -> None:
     study = generate_uid()
     for i, spec in enumerate([4, 5, 6, 7]):  # E's bases
         ds = ct_slice(study, series, i + 1, i * 10.0, spec, patient="P43", date="20240601")
-        assert c_store(served.address, ds).Status == SUCCESS
+        assert c_store(served.address, ds).Status == Status.SUCCESS
     res = c_find(served.address, similarity(series=series, k=1, StudyInstanceUID=""))
     assert names(served, res) == ["E"] and res.private(0x10)[0] > 0.99
 
 
 def test_example_that_is_not_an_image_is_refused(served: Served) -> None:
     status = c_store(served.address, make_sr())
-    assert status.Status == CANNOT_UNDERSTAND
+    assert status.Status == Status.CANNOT_UNDERSTAND
     assert status.ErrorComment.startswith("example: query image cannot be ")
 
 
@@ -525,12 +474,12 @@ def test_only_our_two_ae_titles_are_accepted(served: Served) -> None:
     # the example AE title answers C-FIND too
     res = c_find(served.address, similarity(study=served.archive.studies["R"].uid, k=1,
                                             StudyInstanceUID=""), called=EXAMPLE_AE)
-    assert res.status == SUCCESS and names(served, res) == ["A"]
+    assert res.status == Status.SUCCESS and names(served, res) == ["A"]
 
 
 def test_archive_ae_title_still_archives(served: Served, tmp_path: Path) -> None:
     ds = query_image(5, patient="P44")
-    assert c_store(served.address, ds, called="SIDECAR").Status == SUCCESS
+    assert c_store(served.address, ds, called="SIDECAR").Status == Status.SUCCESS
     assert served.archive.repo.find_instance(str(ds.SOPInstanceUID)) is not None
 
 
@@ -623,23 +572,23 @@ def test_receiver_processes_forward_queries_and_examples(
             for i, spec in enumerate(bases):
                 ds = ct_slice(uids[name], series, i + 1, i * 10.0, spec, patient=patient,
                               date="20240110")
-                assert c_store(address, ds, called="SIDECAR").Status == SUCCESS
+                assert c_store(address, ds, called="SIDECAR").Status == Status.SUCCESS
         # still pending: the children's answer comes from the main process
         early = c_find(address, similarity(study=uids["X"]))
-        assert early.status == NOT_EMBEDDED and "pending" in early.comment
+        assert early.status == Status.REFERENCE_NOT_EMBEDDED and "pending" in early.comment
         app.repository.mark_stable_studies(0.0)
         assert app.embedding is not None
         while app.embedding.run_job().series:
             pass
         res = c_find(address, similarity(study=uids["X"], k=2, StudyInstanceUID=""))
-        assert res.status == SUCCESS
+        assert res.status == Status.SUCCESS
         assert [ds.StudyInstanceUID for ds in res.identifiers] == [uids["Y"], uids["Z"]]
         assert res.identifiers[0].RetrieveAETitle == PACS_AE
         unknown = c_find(address, similarity(sop="1.2.3.999"))
-        assert unknown.status == UNKNOWN_REFERENCE
+        assert unknown.status == Status.UNKNOWN_REFERENCE
         # an example sent to a child is embedded by the main process
         example = query_image(6, patient="PE")
-        assert c_store(address, example).Status == SUCCESS
+        assert c_store(address, example).Status == Status.SUCCESS
         by_example = c_find(address, similarity(sop=str(example.SOPInstanceUID), k=1,
                                                 StudyInstanceUID=""))
         assert [ds.StudyInstanceUID for ds in by_example.identifiers] == [uids["Z"]]

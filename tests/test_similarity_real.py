@@ -23,10 +23,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
 
 from sidecar.config import Config
+from sidecar.dicom.statuses import Status
 from sidecar.embeddings.model import load_embedder
 from sidecar.service.app import Sidecar
-from tests.conftest import SHARED_DATA
-from tests.test_similarity_find import EXAMPLE_AE, SUCCESS, c_find, similarity
+from tests.conftest import SHARED_DATA, c_find, part10
+from tests.test_similarity_find import EXAMPLE_AE, similarity
 
 pytestmark = pytest.mark.shared_data
 
@@ -68,7 +69,7 @@ def reidentified(path: Path, out: Path, patient: str) -> tuple[Path, Dataset]:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientID = patient
     ds.PatientName = f"TEST^{patient}"
-    ds.save_as(out, enforce_file_format=True)
+    out.write_bytes(part10(ds))
     return out, ds
 
 
@@ -98,12 +99,12 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealArchive]:
         assert len(ts_files) == 9
         copies = [reidentified(p, tmp / f"ts{i}.dcm", f"TS{i}")
                   for i, p in enumerate(ts_files)]
-        assert send(address, [p for p, _ in copies]) == [SUCCESS] * 9
+        assert send(address, [p for p, _ in copies]) == [Status.SUCCESS] * 9
         ct_files = sorted((shared / "dicom" / "dcm_qa_ct" / "In" / "GE").glob("*.dcm"))
         mr_files = sorted((shared / "dicom" / "dcm_qa_nih" / "In").rglob("*.dcm"))
         assert ct_files and mr_files
-        assert send(address, ct_files) == [SUCCESS] * len(ct_files)
-        assert send(address, mr_files) == [SUCCESS] * len(mr_files)
+        assert send(address, ct_files) == [Status.SUCCESS] * len(ct_files)
+        assert send(address, mr_files) == [Status.SUCCESS] * len(mr_files)
         app.repository.mark_stable_studies(0.0)
         assert app.embedding is not None
         while app.embedding.run_job().series:
@@ -121,7 +122,7 @@ def test_nine_encodings_find_each_other_first(real: RealArchive) -> None:
     studies = real.ts_studies
     for i, uid in enumerate(studies):
         res = c_find(real.address, similarity(study=uid, k=8, StudyInstanceUID=""))
-        assert res.status == SUCCESS
+        assert res.status == Status.SUCCESS
         found = [str(ds.StudyInstanceUID) for ds in res.identifiers]
         others = set(studies) - {uid}
         assert set(found) == others, f"encoding {i + 1}: {found}"
@@ -135,10 +136,10 @@ def test_nine_encodings_find_each_other_first(real: RealArchive) -> None:
 def test_ct_slice_finds_its_own_series_first(real: RealArchive, tmp_path: Path) -> None:
     middle = real.ct_files[len(real.ct_files) // 2]
     path, example = reidentified(middle, tmp_path / "example.dcm", "ELSEWHERE")
-    assert send(real.address, [path], called=EXAMPLE_AE) == [SUCCESS]
+    assert send(real.address, [path], called=EXAMPLE_AE) == [Status.SUCCESS]
     res = c_find(real.address, similarity("SERIES", sop=str(example.SOPInstanceUID), k=3,
                                           SeriesInstanceUID="", Modality=""))
-    assert res.status == SUCCESS
+    assert res.status == Status.SUCCESS
     top: Any = res.identifiers[0]
     assert str(top.SeriesInstanceUID) == real.ct_series
     assert top.Modality == "CT"

@@ -31,6 +31,7 @@ from scripts.orthanc_pacs import Modality, OrthancPacs, OrthancTls, orthanc_avai
 from scripts.tls_pki import OPENSSL, Pki, make_pki
 from sidecar.cli.main import main
 from sidecar.config import Config
+from sidecar.dicom.statuses import Status
 from sidecar.errors import ConfigError
 from sidecar.service.app import Sidecar
 from tests.conftest import dcmtk_env, dcmtk_tool, make_ct, part10
@@ -125,7 +126,8 @@ def test_pynetdicom_clients_with_and_without_certificates(
     pki: Pki, tls_node: Callable[..., tuple[Config, int]], caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, port = tls_node()
-    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+    good = client_context(pki, pki.client_cert, pki.client_key)
+    assert pynetdicom_echo(port, good) == Status.SUCCESS
     with caplog.at_level("WARNING", logger="sidecar.dicom.tls"):
         assert pynetdicom_echo(port, client_context(pki, None, None)) is None
         assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
@@ -137,20 +139,21 @@ def test_pynetdicom_clients_with_and_without_certificates(
                for m in failures), failures
     assert any("WRONG_VERSION_NUMBER" in m for m in failures), failures
     # the node still serves good clients afterwards
-    assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+    assert pynetdicom_echo(port, good) == Status.SUCCESS
 
 
 def test_without_required_client_certificates_any_tls_client_is_served(
     pki: Pki, tls_node: Callable[..., tuple[Config, int]], caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, port = tls_node(require_client_certificate=False, ca_certificates=None)
-    assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
+    assert pynetdicom_echo(port, client_context(pki, None, None)) == Status.SUCCESS
     assert pynetdicom_echo(port, None) is None  # still TLS only
     # with the CA given, a certificate is optional, but one that is presented must be valid
     _, port = tls_node(require_client_certificate=False)
     with caplog.at_level("INFO", logger="sidecar.dicom.node"):
-        assert pynetdicom_echo(port, client_context(pki, None, None)) == 0
-        assert pynetdicom_echo(port, client_context(pki, pki.client_cert, pki.client_key)) == 0
+        assert pynetdicom_echo(port, client_context(pki, None, None)) == Status.SUCCESS
+        mutual = client_context(pki, pki.client_cert, pki.client_key)
+        assert pynetdicom_echo(port, mutual) == Status.SUCCESS
     assert pynetdicom_echo(port, client_context(pki, pki.rogue_cert, pki.rogue_key)) is None
     # the association log line says how each peer was authenticated
     accepted = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
@@ -168,7 +171,7 @@ def test_a_stalled_handshake_delays_no_one_and_times_out(
     with caplog.at_level("WARNING", logger="sidecar.dicom.tls"), \
             socket.create_connection(("127.0.0.1", port)):  # connects, then says nothing
         started = time.monotonic()
-        assert pynetdicom_echo(port, good) == 0
+        assert pynetdicom_echo(port, good) == Status.SUCCESS
         assert time.monotonic() - started < 1.5, "the stalled client held up the handshake"
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and not any(
@@ -215,10 +218,10 @@ def test_receiver_processes_serve_tls_too(
     try:
         good = client_context(pki, pki.client_cert, pki.client_key)
         deadline = time.monotonic() + 30.0
-        while pynetdicom_echo(cfg.dicom.port, good) != 0:  # children still starting
+        while pynetdicom_echo(cfg.dicom.port, good) != Status.SUCCESS:  # children still starting
             assert time.monotonic() < deadline, "no TLS echo from the receiver processes"
             time.sleep(0.2)
-        assert all(pynetdicom_echo(cfg.dicom.port, good) == 0 for _ in range(4))
+        assert all(pynetdicom_echo(cfg.dicom.port, good) == Status.SUCCESS for _ in range(4))
         assert pynetdicom_echo(cfg.dicom.port, None) is None
     finally:
         app.stop()

@@ -34,7 +34,7 @@ from sidecar.training.contrastive import (
     study_others,
 )
 from sidecar.training.data import load_training_data
-from tests.conftest import make_ct
+from tests.conftest import make_ct, part10
 
 SIZE = 32
 TINY = SliceNetV1Params(stem_width=8, widths=(16, 32), depths=(1, 1), separable=(False, True),
@@ -254,7 +254,7 @@ def test_dicom_series_become_groups_in_slice_order(tmp_path: Path) -> None:
         for k in (3, 1, 2):  # written out of order
             ds = make_ct(study_uid=study if s < 2 else other_study, series_uid=series,
                          instance_number=k, seed=10 * s + k)
-            ds.save_as(tmp_path / f"s{s}_{k}.dcm", enforce_file_format=True)
+            (tmp_path / f"s{s}_{k}.dcm").write_bytes(part10(ds))
     (tmp_path / "notes.txt").write_text("not DICOM")
     data = load_training_data([tmp_path], Config(), SIZE)
     assert data.images.shape == (9, 1, SIZE, SIZE)

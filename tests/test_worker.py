@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
 from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
-from tests.conftest import make_ct, part10
+from tests.conftest import make_ct, part10, wait_for
 from tests.conftest import make_sr as make_sr_base
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,18 +58,6 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
 # --------------------------------------------------------------------- helpers
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def ct_series(n: int, *, seed0: int = 0, first: int = 1) -> list[Dataset]:
     """``n`` CT slices of a new series in a new study, 1 mm apart (make_ct puts slice
     ``i`` at z = i mm); pixels seeded ``seed0 + i`` (give series distinct ``seed0``)."""
@@ -1108,9 +1095,9 @@ def ingested(
     for i, ds in enumerate(datasets):
         target = folder / f"{i:02d}.dcm"
         target.parent.mkdir(exist_ok=True)
-        ds.save_as(target, enforce_file_format=True)
+        target.write_bytes(part10(ds))
     sr = make_sr(datasets[0].StudyInstanceUID, generate_uid())
-    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    (folder / "sr.dcm").write_bytes(part10(sr))
     res = cli(path, "ingest", "-q", str(folder))
     assert res.exit_code == 0, res.output
     return config, path, datasets
