@@ -41,7 +41,8 @@ from sidecar.embeddings.model import (
     serialise_state_dict,
 )
 from sidecar.errors import ConfigError
-from sidecar.search.service import Reference, SearchService
+from sidecar.search.service import SearchService
+from sidecar.search.types import Reference
 from sidecar.service.app import Embedding, Sidecar, open_catalogue
 from sidecar.training import adapt
 from sidecar.training.adapt import (

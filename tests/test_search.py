@@ -54,17 +54,10 @@ from sidecar.embeddings import preprocess
 from sidecar.embeddings.index import VectorIndex, from_blob, read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService
-from sidecar.search.service import (
-    BadQuery,
-    IndexUnavailable,
-    NotEmbedded,
-    ReadOnlyEmbedding,
-    Reference,
-    SearchFilters,
-    SearchResult,
-    SearchService,
-    UnknownReference,
-)
+from sidecar.errors import BadQuery, IndexUnavailable, NotEmbedded, UnknownReference
+from sidecar.search.readonly import ReadOnlyEmbedding
+from sidecar.search.service import SearchService
+from sidecar.search.types import Reference, SearchFilters, SearchResult
 from sidecar.service.app import Embedding, open_catalogue
 from tests.conftest import free_port, make_ct, part10
 

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy import Engine as Engine  # re-exported: the engine type for the layers above db/
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
