@@ -1,11 +1,14 @@
-"""Domain errors of pacs-sidecar.
+"""Domain errors of pacs-sidecar: the one error vocabulary.
 
-Code inside the package raises these; they are translated only at the edges
-(a DIMSE handler turns them into a status, the CLI into a message and an exit
-code).
+Each query error carries, as class attributes, its C-FIND status (``find_status``),
+its C-STORE status when refusing an example image (``store_status``), its HTTP
+status and its wire kind (metrics, audit, inter-process); each front door
+translates by reading them. DICOM statuses are ints named after ``dicom.statuses.Status``.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class SidecarError(Exception):
@@ -62,6 +65,16 @@ class QueryError(SidecarError):
     to process) and the message as Error Comment.
     """
 
+    find_status: ClassVar[int] = 0xC000  # Status.UNABLE_TO_PROCESS
+    store_status: ClassVar[int] = 0xC000  # Status.CANNOT_UNDERSTAND
+    http_status: ClassVar[int] = 500
+    wire_kind: ClassVar[str] = "error"
+
+    @property
+    def dicom_status(self) -> int:
+        """The C-FIND status of this error (an instance may refine its class's)."""
+        return self.find_status
+
 
 class InvalidQuery(QueryError):
     """The query identifier does not fit its information model (C-FIND 0xA900).
@@ -74,6 +87,8 @@ class InvalidQuery(QueryError):
         The offending attribute, when one is to blame (Offending Element).
     """
 
+    find_status = 0xA900  # Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+
     def __init__(self, message: str, tag: int | None = None) -> None:
         self.tag = tag
         super().__init__(message)
@@ -84,6 +99,8 @@ class QueryRefused(QueryError):
 
     The catalogue cannot be read, or more entities match than the configured limit.
     """
+
+    find_status = 0xA700  # Status.OUT_OF_RESOURCES
 
 
 class ReferenceNotUsable(QueryError):
@@ -101,3 +118,69 @@ class ReferenceNotUsable(QueryError):
     def __init__(self, kind: str, message: str) -> None:
         self.kind = kind
         super().__init__(message)
+
+    @property
+    def dicom_status(self) -> int:
+        """0xC001 (Status.UNKNOWN_REFERENCE) or 0xC002 (Status.REFERENCE_NOT_EMBEDDED)."""
+        return 0xC001 if self.kind == "unknown" else 0xC002
+
+
+class SearchError(QueryError):
+    """Base of the errors of a similarity query (of no known kind: C-FIND 0xA700, HTTP 500)."""
+
+    find_status = 0xA700  # Status.OUT_OF_RESOURCES
+
+
+class BadQuery(SearchError):
+    """The query's arguments are invalid (k, level, references, filters, images)."""
+
+    find_status = 0xA900  # Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 400
+    wire_kind = "bad_query"
+
+
+class UnknownReference(SearchError):
+    """The reference UID is not in the catalogue."""
+
+    find_status = 0xC001  # Status.UNKNOWN_REFERENCE
+    http_status = 404
+    wire_kind = "unknown_reference"
+
+
+class NotEmbedded(SearchError):
+    """The reference is known but has no vectors under the serving model.
+
+    Parameters
+    ----------
+    message
+        What happened, for the user.
+    state
+        ``"pending"``, ``"failed"``, ``"skipped"`` or ``"embedded"`` (under
+        another model only, during re-embedding).
+    counts
+        Instances of the reference by state.
+    """
+
+    find_status = 0xC002  # Status.REFERENCE_NOT_EMBEDDED
+    http_status = 409
+    wire_kind = "not_embedded"
+
+    def __init__(self, message: str, state: str, counts: dict[str, int]) -> None:
+        self.state = state
+        self.counts = counts
+        super().__init__(message)
+
+
+class IndexUnavailable(SearchError):
+    """No index or embedding model can answer the query in this process."""
+
+    find_status = 0xA700  # Status.OUT_OF_RESOURCES
+    store_status = 0xA700  # Status.OUT_OF_RESOURCES
+    http_status = 503
+    wire_kind = "unavailable"
+
+
+#: The search errors a wire kind names (inter-process), besides ``"error"``.
+SEARCH_ERRORS: tuple[type[SearchError], ...] = (
+    BadQuery, UnknownReference, NotEmbedded, IndexUnavailable,
+)

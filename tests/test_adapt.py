@@ -46,7 +46,8 @@ from sidecar.embeddings.registry import (
     record_adapted_model,
 )
 from sidecar.errors import ConfigError
-from sidecar.search.service import Reference, SearchService
+from sidecar.search.service import SearchService
+from sidecar.search.types import Reference
 from sidecar.service.app import Sidecar, open_catalogue
 from sidecar.service.lifecycle import Embedding
 from sidecar.training import adapt

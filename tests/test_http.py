@@ -44,7 +44,8 @@ from sidecar.config import HttpConfig, QueryConfig
 from sidecar.http.app import HttpServer, HttpServerError, create_app
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.search.front import QueryService
-from sidecar.search.service import Reference, SearchService
+from sidecar.search.service import SearchService
+from sidecar.search.types import Reference
 from tests.conftest import free_port
 from tests.test_search import LAYOUT, Archive, build_archive, ct_slice, make_sr, part10
 

@@ -56,17 +56,10 @@ from sidecar.embeddings.index import VectorIndex
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService
-from sidecar.search.service import (
-    BadQuery,
-    IndexUnavailable,
-    NotEmbedded,
-    ReadOnlyEmbedding,
-    Reference,
-    SearchFilters,
-    SearchResult,
-    SearchService,
-    UnknownReference,
-)
+from sidecar.errors import BadQuery, IndexUnavailable, NotEmbedded, UnknownReference
+from sidecar.search.readonly import ReadOnlyEmbedding
+from sidecar.search.service import SearchService
+from sidecar.search.types import Reference, SearchFilters, SearchResult
 from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import free_port, make_ct, part10

@@ -657,7 +657,7 @@ def _cut(text: str, width: int) -> str:
 
 
 def _print_result(result: Any) -> None:
-    from sidecar.search.service import SearchResult
+    from sidecar.search.types import SearchResult
 
     res: SearchResult = result
     ref = res.reference
@@ -736,13 +736,9 @@ def search(
     index), 2 usage.
     """
     from sidecar.search.front import QueryService, Requester, SimilarityRequest
-    from sidecar.search.service import (
-        Level,
-        ReadOnlyEmbedding,
-        Reference,
-        SearchFilters,
-        SearchService,
-    )
+    from sidecar.search.readonly import ReadOnlyEmbedding
+    from sidecar.search.service import SearchService
+    from sidecar.search.types import Level, Reference, SearchFilters
     from sidecar.service.app import open_catalogue
 
     given = [x for x in (file_or_folder, study_uid, series_uid, instance_uid) if x]

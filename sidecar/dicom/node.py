@@ -41,7 +41,6 @@ from sidecar.dicom.find import (
     is_similarity_query,
     model_name,
 )
-from sidecar.dicom.similarity import status_for
 from sidecar.dicom.statuses import Status, error_comment
 from sidecar.dicom.tls import TlsHandshakeInThread, peer_summary, server_context
 from sidecar.errors import (
@@ -49,11 +48,10 @@ from sidecar.errors import (
     InvalidQuery,
     OutOfResources,
     QueryError,
-    QueryRefused,
+    SearchError,
     StorageFailure,
 )
 from sidecar.search.front import Requester, SimilarityBackend
-from sidecar.search.service import IndexUnavailable, SearchError
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +116,8 @@ def _status(code: Status, comment: str | None = None, offending: int | None = No
 
 def _query_failure(exc: QueryError) -> Dataset:
     """The final C-FIND status for a query error."""
-    if isinstance(exc, InvalidQuery):
-        return _status(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc), exc.tag)
-    if isinstance(exc, QueryRefused):
-        return _status(Status.OUT_OF_RESOURCES, str(exc))
-    return _status(status_for(exc) or Status.UNABLE_TO_PROCESS, str(exc))
+    tag = exc.tag if isinstance(exc, InvalidQuery) else None
+    return _status(Status(exc.dicom_status), str(exc), tag)
 
 
 class DicomNode:
@@ -425,8 +420,7 @@ class DicomNode:
             data = event.encoded_dataset(include_meta=True)
             self._examples.add_example(data, who)
         except SearchError as exc:
-            code = (Status.OUT_OF_RESOURCES if isinstance(exc, IndexUnavailable)
-                    else Status.CANNOT_UNDERSTAND)
+            code = Status(exc.store_status)
             logger.info("example image from %s@%s refused: %s", who.name, who.address,
                         exc.__class__.__name__)
             logger.debug("example image refused: %s", exc)

@@ -59,21 +59,20 @@ from sidecar.dicom.find import (
     parse_query,
     response_identifier,
 )
-from sidecar.dicom.statuses import Status
-from sidecar.errors import InvalidQuery, QueryError, QueryRefused, ReferenceNotUsable
-from sidecar.search.front import Requester, SimilarityBackend, SimilarityRequest, effective_k
-from sidecar.search.service import (
+from sidecar.errors import (
     BadQuery,
-    Hit,
     IndexUnavailable,
+    InvalidQuery,
     NotEmbedded,
-    Reference,
+    QueryError,
+    QueryRefused,
+    ReferenceNotUsable,
     SearchError,
-    SearchFilters,
-    SearchResult,
     UnknownReference,
 )
-from sidecar.search.service import Level as SearchLevel
+from sidecar.search.front import Requester, SimilarityBackend, SimilarityRequest, effective_k
+from sidecar.search.types import Hit, Reference, SearchFilters, SearchResult
+from sidecar.search.types import Level as SearchLevel
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ _LEVELS: dict[Level, SearchLevel] = {
 _HIT_UID = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID",
             Level.IMAGE: "SOPInstanceUID"}
 _LEVEL_ORDER: Final = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
-#: Standard keys whose values a :class:`~sidecar.search.service.Hit` carries, as the
+#: Standard keys whose values a :class:`~sidecar.search.types.Hit` carries, as the
 #: catalogue would give them (the search read them from it moments before).
 _HIT_VALUES: Final[dict[str, Callable[[Hit], Any]]] = {
     "PatientID": lambda h: h.patient_id,
@@ -465,13 +464,6 @@ class _HitRow:
         return cls({keyword: value(hit) for keyword, value in _HIT_VALUES.items()})
 
 
-def status_for(exc: QueryError) -> Status | None:
-    """The specific status of a :class:`ReferenceNotUsable` (``None`` for other errors)."""
-    if isinstance(exc, ReferenceNotUsable):
-        return Status.UNKNOWN_REFERENCE if exc.kind == "unknown" else Status.REFERENCE_NOT_EMBEDDED
-    return None
-
-
 __all__ = [
     "PK_LABEL",
     "PRIVATE_TAGS",
@@ -482,5 +474,4 @@ __all__ = [
     "parse_similarity",
     "register_private_dictionary",
     "search_error_to_query_error",
-    "status_for",
 ]

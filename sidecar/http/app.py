@@ -47,7 +47,7 @@ Routes
 
 Answers and errors
 ------------------
-A search answers 200 with :meth:`sidecar.search.service.SearchResult.to_dict` (the
+A search answers 200 with :meth:`sidecar.search.types.SearchResult.to_dict` (the
 same object ``sidecar search --json`` prints). Every error is JSON
 ``{"error": {"kind": KIND, "message": TEXT}}`` (``NotEmbedded`` adds
 ``state`` and ``counts``):
@@ -116,30 +116,18 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from sidecar.config import HttpConfig
-from sidecar.errors import SidecarError
-from sidecar.metrics import CONTENT_TYPE, Metrics
-from sidecar.search.front import ERROR_KINDS, QueryService, Requester, SimilarityRequest
-from sidecar.search.service import (
+from sidecar.errors import (
     BadQuery,
-    IndexUnavailable,
-    Level,
     NotEmbedded,
-    Reference,
     SearchError,
-    SearchFilters,
-    SearchResult,
-    UnknownReference,
+    SidecarError,
 )
+from sidecar.metrics import CONTENT_TYPE, Metrics
+from sidecar.search.front import QueryService, Requester, SimilarityRequest
+from sidecar.search.types import Level, Reference, SearchFilters, SearchResult
 
 logger = logging.getLogger(__name__)
 
-#: HTTP status of each search error.
-ERROR_STATUS: Final[dict[type[SearchError], int]] = {
-    BadQuery: 400,
-    UnknownReference: 404,
-    NotEmbedded: 409,
-    IndexUnavailable: 503,
-}
 #: Content types accepted for the body of ``POST /v1/search`` (besides none at all):
 #: form-urlencoded is what curl ``--data-binary`` and urllib send by default.
 DICOM_CONTENT_TYPES: Final = frozenset(
@@ -203,8 +191,7 @@ def error_response(
 
 
 def _search_error_response(exc: SearchError) -> JSONResponse:
-    status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 500)
-    kind = next((name for cls, name in ERROR_KINDS.items() if isinstance(exc, cls)), "internal")
+    status, kind = exc.http_status, exc.wire_kind
     if status == 500:  # a SearchError of no known kind: nothing to tell the client
         logger.error("HTTP API: search failed with an error of no known kind: %s", exc)
         return error_response(500, "internal", "internal error (see the sidecar's log)")
@@ -711,7 +698,6 @@ class HttpServer:
 
 __all__ = [
     "DICOM_CONTENT_TYPES",
-    "ERROR_STATUS",
     "HttpServer",
     "HttpServerError",
     "create_app",

@@ -42,46 +42,31 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from sidecar.config import Config, QueryConfig
-from sidecar.metrics import Metrics
-from sidecar.search.service import (
+from sidecar.errors import (
+    SEARCH_ERRORS,
     BadQuery,
-    EmbeddedImages,
-    IndexUnavailable,
-    Level,
     NotEmbedded,
-    Reference,
+    QueryError,
     SearchError,
-    SearchFilters,
-    SearchResult,
-    SearchService,
     UnknownReference,
 )
+from sidecar.metrics import Metrics
+from sidecar.search.service import SearchService
+from sidecar.search.types import EmbeddedImages, Level, Reference, SearchFilters, SearchResult
 
 logger = logging.getLogger(__name__)
 
 Interface = Literal["dicom", "http", "cli"]
 
-#: Error kinds (for metrics, audit and the inter-process protocol).
-ERROR_KINDS: dict[type[SearchError], str] = {
-    BadQuery: "bad_query",
-    UnknownReference: "unknown_reference",
-    NotEmbedded: "not_embedded",
-    IndexUnavailable: "unavailable",
-}
-
-
 def error_kind(exc: BaseException) -> str:
-    """The kind of a search error (``"error"`` for anything else)."""
-    for cls, kind in ERROR_KINDS.items():
-        if isinstance(exc, cls):
-            return kind
-    return "error"
+    """The wire kind of a query error (metrics, audit, inter-process; ``"error"`` for others)."""
+    return exc.wire_kind if isinstance(exc, QueryError) else "error"
 
 
 def error_from_kind(kind: str, message: str) -> SearchError:
     """Rebuild a search error from its kind and message (inter-process)."""
-    for cls, name in ERROR_KINDS.items():
-        if name == kind:
+    for cls in SEARCH_ERRORS:
+        if cls.wire_kind == kind:
             if cls is NotEmbedded:
                 return NotEmbedded(message, "unknown", {})
             return cls(message)
@@ -138,7 +123,7 @@ class SimilarityBackend(Protocol):
     """Answers similarity queries and takes example images (in-process or remote)."""
 
     def search(self, request: SimilarityRequest, requester: Requester) -> SearchResult:
-        """Answer a query or raise a :class:`sidecar.search.service.SearchError`."""
+        """Answer a query or raise a :class:`sidecar.errors.SearchError`."""
         ...
 
     def add_example(self, data: bytes, requester: Requester) -> ExampleInfo:
@@ -330,7 +315,7 @@ class QueryService:
 
         Raises
         ------
-        sidecar.search.service.SearchError
+        sidecar.errors.SearchError
             As :meth:`sidecar.search.service.SearchService.search`.
         """
         start = time.perf_counter()
@@ -451,7 +436,6 @@ class QueryService:
 
 __all__ = [
     "AuditLog",
-    "ERROR_KINDS",
     "ExampleInfo",
     "ExampleStore",
     "Interface",

@@ -15,8 +15,8 @@ hands to its children (never on a command line). Messages are pickled tuples:
 * ``("search", SimilarityRequest, Requester)`` → ``("ok", SearchResult)``
 * ``("example", bytes, Requester)`` → ``("ok", ExampleInfo)``
 * failures → ``("error", kind, message, state)`` with the kinds of
-  :data:`sidecar.search.front.ERROR_KINDS`; the client raises the same
-  :class:`sidecar.search.service.SearchError` subclass.
+  each error's ``wire_kind`` (:mod:`sidecar.errors`); the client raises the same
+  :class:`sidecar.errors.SearchError` subclass.
 
 Each client thread keeps one connection (pynetdicom runs one thread per
 association) and reconnects once when it breaks; the server runs one thread
@@ -35,6 +35,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+from sidecar.errors import IndexUnavailable, NotEmbedded, SearchError
 from sidecar.search.front import (
     ExampleInfo,
     QueryService,
@@ -43,7 +44,7 @@ from sidecar.search.front import (
     error_from_kind,
     error_kind,
 )
-from sidecar.search.service import IndexUnavailable, NotEmbedded, SearchError, SearchResult
+from sidecar.search.types import SearchResult
 
 logger = logging.getLogger(__name__)
 
