@@ -8,58 +8,7 @@ answers it; :func:`response_identifier` builds a Pending response from one
 result row. :class:`CatalogueFind` runs the query in one short read and is the
 node's ordinary C-FIND branch.
 
-Information models and levels (PS3.4 C.6.1, C.6.2)
----------------------------------------------------
-Patient Root: ``PATIENT`` → ``STUDY`` → ``SERIES`` → ``IMAGE``; Study Root:
-``STUDY`` → ``SERIES`` → ``IMAGE`` (patient attributes belong to the study
-level). Queries are hierarchical: below the top level the unique key of every
-higher level must be present with a value (PatientID in Patient Root,
-StudyInstanceUID, SeriesInstanceUID). Non-unique keys of higher levels are
-accepted, matched against the parent entity and returned (lenient, as most
-archives are). A unique key of a *lower* level with a value is refused.
-
-Matching (PS3.4 C.2.2.2)
-------------------------
-* **Single value**: exact and case-sensitive, except person names (PN), which
-  match case-insensitively (the standard allows it and users expect it; on
-  SQLite only ASCII letters fold, on PostgreSQL all letters do). Integer keys
-  (IS, US) compare as numbers.
-* **Wildcards** ``*`` and ``?`` for text VRs (AE, CS, LO, PN, SH, ...): a case-
-  sensitive pattern (SQLite ``GLOB``, elsewhere ``LIKE``), case-insensitive
-  ``LIKE``/``ILIKE`` for PN. SQL's own wildcards ``%``, ``_`` and the escape
-  characters in a value are escaped, so they match literally. A lone ``*``
-  is universal matching for any key (a common client habit).
-* **Range** for DA and TM: ``A-B``, ``A-`` and ``-B``, inclusive; a time bound
-  with fewer digits covers its whole unit (``-1200`` includes 12:00:59).
-  Entities with an empty value never match a range. Date and time are matched
-  independently (no combined datetime matching is negotiated).
-* **List of UID**: a backslash-separated list matches any of its UIDs.
-* **Multiple values** of other keys (``CT\\MR``) match when any value does.
-* **Universal**: an empty value matches everything and asks for the key.
-* **ModalitiesInStudy** matches a study when one of its series' Modality
-  matches; sequence matching is not supported.
-
-Keys the catalogue does not hold (InstitutionName, sequences, ...) are
-returned with a zero-length value and every Pending response then carries
-status 0xFF01 ("one or more Optional Keys were not supported"); so do
-computed keys (NumberOfStudyRelatedSeries, ...) given with a value, which are
-return keys only. Private elements are neither matched nor returned.
-
-Responses carry only the keys asked for, plus QueryRetrieveLevel,
-RetrieveAETitle (``dicom.retrieve_ae_title``: the PACS, so tools retrieve from
-the system of record) and SpecificCharacterSet when the request had one or a
-returned value needs more than ASCII (then the request's character set if it
-can encode the values, else ``ISO_IR 192``, UTF-8).
-
-The similarity branch
----------------------
-An identifier whose private block ``PACS SIDECAR SIMILARITY`` is present
-(:func:`is_similarity_query`) is not an ordinary query: the node hands it to
-its similarity branch, any callable ``FindRequest -> FindAnswer`` (see
-:class:`FindBranch`). Such a branch can reuse :func:`parse_query` (with
-``hierarchical=False``: a similarity query names no parent UIDs) for the
-standard filter keys, :mod:`sidecar.db.find_queries` for candidate keys and
-:func:`response_identifier` for the standard part of its responses.
+Matching rules, levels, unsupported keys and the similarity branch: docs/design/dicom.md.
 """
 
 from __future__ import annotations

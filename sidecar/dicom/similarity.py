@@ -1,36 +1,6 @@
 """The similarity C-FIND branch: the private block ``PACS SIDECAR SIMILARITY`` → ranked hits.
 
-Contract (``docs/conformance.md`` is the user-facing statement; this module
-is its implementation and :data:`PRIVATE_TAGS` its single source):
-
-* Request: the private creator (0099,00xx) = ``PACS SIDECAR SIMILARITY`` and
-  exactly one reference key: (0099,xx01) SOP Instance UID (an archived
-  instance or an example image sent to ``query.example_ae_title``),
-  (0099,xx02) Study Instance UID or (0099,xx03) Series Instance UID;
-  optional (0099,xx04) US top-K (0 or absent: ``query.default_k``; above
-  ``query.max_k``: lowered to it) and (0099,xx05) CS ``YES``/``NO`` (include
-  studies of the reference's patient; default ``NO``). ``xx`` is the block
-  the creator reserved (normally ``10``).
-* QueryRetrieveLevel ``STUDY`` ranks studies, ``SERIES`` series, ``IMAGE``
-  instances (``PATIENT`` is refused).
-* Filters: Modality or ModalitiesInStudy (any of; a study passes when one of
-  its series has one), StudyDate (date or range) and BodyPartExamined
-  (wildcards) restrict the candidates *before* ranking, so K hits come back
-  when K qualify. Any other standard key with a value is matched like an
-  ordinary C-FIND key against the ``query.max_k`` best-ranked hits; fewer
-  than K may then remain.
-* Responses: one Pending response per hit in rank order, with the requested
-  standard keys (values from the catalogue), QueryRetrieveLevel,
-  RetrieveAETitle (``dicom.retrieve_ae_title``: the PACS), and the private
-  block (0099,0010) with (0099,1010) FD score, (0099,1011) UL rank,
-  (0099,1012) UI best-matching SOP Instance UID, (0099,1013) UI best-matching
-  Series Instance UID and (0099,1014) LO model id.
-* Failures: see :func:`search_error_to_query_error` and
-  ``DicomNode.handle_find``.
-
-:func:`register_private_dictionary` teaches pydicom the block's VRs, so an
-identifier sent in Implicit VR decodes with the right types; a block that
-still arrives as ``UN`` is decoded here by its known VR.
+The request/response contract (private tags, levels, filters, responses, failures) is in docs/conformance.md and docs/design/dicom.md; :data:`PRIVATE_TAGS` is its single source in code.
 """
 
 from __future__ import annotations
