@@ -218,7 +218,7 @@ def test_cstore_series_is_embedded_searchable_and_survives_a_restart(
     stop(app)  # saves the index
     saved = read_saved_facts(config.index_dir / app.embedding.embedder.model_id)
     assert saved["count"] == 12
-    with caplog.at_level(logging.INFO, logger="sidecar.service.app"):
+    with caplog.at_level(logging.INFO, logger="sidecar.service"):
         again = live()
         # the search's in-memory vectors are loaded at start, before any query
         wait_for(lambda: again.search.cache_loaded, 60, what="search vectors loaded at start")
