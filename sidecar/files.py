@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
@@ -53,17 +54,30 @@ def write_new(path: Path, data: bytes, *, mode: int = 0o640, fsync: bool = True)
 
 
 def write_durably(
-    path: Path, data: bytes, *, mode: int = 0o640, fsync: bool = True, exact_mode: bool = False
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o640,
+    fsync: bool = True,
+    exact_mode: bool = False,
+    tmp: Path | None = None,
 ) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves either the old or the new bytes.
 
-    Writes ``<name>.tmp`` beside it, fsyncs it, renames it over ``path`` and
-    fsyncs the directory (``fsync=False`` skips both fsyncs: tests, scratch).
-    ``exact_mode`` gives the file ``mode`` whatever the umask (model files must
-    stay readable by the service's user); otherwise the umask narrows it.
+    Writes a temporary file beside it (``tmp``, for a writer that holds a lock
+    and clears its own leftovers by name; else a new ``.<name>.<random>.tmp``,
+    so that concurrent writers never share one), fsyncs it, renames it over
+    ``path`` and fsyncs the directory (``fsync=False`` skips both fsyncs:
+    tests, scratch). ``exact_mode`` gives the file ``mode`` whatever the umask
+    (model files must stay readable by the service's user); otherwise the
+    umask narrows it.
     """
-    tmp = path.with_name(path.name + ".tmp")
-    _write(tmp, data, os.O_TRUNC, mode, fsync=fsync, exact_mode=exact_mode)
+    if tmp is None:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        flags = os.O_EXCL
+    else:
+        flags = os.O_TRUNC
+    _write(tmp, data, flags, mode, fsync=fsync, exact_mode=exact_mode)
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -526,6 +526,7 @@ class VectorIndex:
                     directory / FACTS_NAME,
                     (json.dumps(saved, indent=2, sort_keys=True) + "\n").encode(),
                     fsync=fsync,
+                    tmp=directory / (FACTS_NAME + ".tmp"),  # cleared by name (index_files)
                 )
             except OSError as exc:
                 raise IndexSaveError(f"cannot save index in {directory}: {exc}") from exc
