@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -471,8 +472,6 @@ class AdaptationConfig(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, v: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
-
         text = " ".join(v.split())
         try:
             CronTrigger.from_crontab(text, timezone="UTC")

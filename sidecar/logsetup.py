@@ -13,7 +13,8 @@ def configure_logging(level: str) -> None:
     """Log to stderr; third-party DICOM libraries stay at WARNING unless DEBUG.
 
     pynetdicom's own INFO/DEBUG logs can print identifiers that carry patient
-    names and IDs, so they are only shown when the operator asks for DEBUG.
+    names and IDs, so they are only shown when the operator asks for DEBUG
+    (with :func:`sidecar.dicom.logs.log_identifiers`, called beside this).
     """
     logging.basicConfig(
         level=getattr(logging, level),
@@ -24,7 +25,3 @@ def configure_logging(level: str) -> None:
     noisy = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in ("pynetdicom", "pydicom", "apscheduler", "alembic"):
         logging.getLogger(name).setLevel(noisy)
-    from pynetdicom import _config as pnd_config
-
-    pnd_config.LOG_REQUEST_IDENTIFIERS = level == "DEBUG"
-    pnd_config.LOG_RESPONSE_IDENTIFIERS = level == "DEBUG"

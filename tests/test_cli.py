@@ -344,3 +344,18 @@ def test_info_logs_carry_no_patient_identifiers(cfg_path: Path, tmp_path: Path) 
     assert "quarantined" in result.stderr  # the refusal was logged ...
     assert "PID-SECRET-123" not in result.output  # ... without the patient's identity
     assert "Secret" not in result.output
+
+
+def test_config_is_accepted_after_the_subcommand_too(cfg_path: Path, tmp_path: Path) -> None:
+    for args in (["serve", "--help"], ["status", "--help"], ["model", "list", "--help"]):
+        result = cli(None, *args)
+        assert result.exit_code == 0 and "--config" in result.output, result.output
+    before = cli(cfg_path, "status", "--json")
+    after = cli(None, "status", "--config", str(cfg_path), "--json")
+    assert before.exit_code == after.exit_code == 0, after.output
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    # the subcommand's --config wins over the group's
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "elsewhere")}}))
+    both = cli(other, "status", "--config", str(cfg_path), "--json")
+    assert json.loads(both.stdout)["data_dir"] == json.loads(before.stdout)["data_dir"]

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 from sidecar.archive.store import InstanceStore, Origin
 from sidecar.cli.main import main
 from sidecar.config import Config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, Patient, SliceVector, Study
 from sidecar.embeddings.model import TinyEmbedder
-from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10
 

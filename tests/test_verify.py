@@ -22,7 +22,8 @@ from sidecar.archive.store import InstanceStore, Origin
 from sidecar.archive.verify import verify_storage
 from sidecar.cli.main import main
 from sidecar.config import Config
-from sidecar.service.app import Sidecar, open_catalogue
+from sidecar.db.connect import open_catalogue
+from sidecar.service.app import Sidecar
 from tests.conftest import make_ct, part10
 
 OLD = time.time() - 3600.0

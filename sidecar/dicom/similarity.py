@@ -1,6 +1,8 @@
 """The similarity C-FIND branch: the private block ``PACS SIDECAR SIMILARITY`` → ranked hits.
 
-The request/response contract (private tags, levels, filters, responses, failures) is in docs/conformance.md and docs/design/dicom.md; :data:`PRIVATE_TAGS` is its single source in code.
+The request/response contract (private tags, levels, filters, responses,
+failures) is in docs/conformance.md and docs/design/dicom.md;
+:data:`PRIVATE_TAGS` is its single source in code.
 """
 
 from __future__ import annotations

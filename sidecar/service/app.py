@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine
-
-from sidecar.archive.store import (
-    STALE_TEMPORARY_AGE,
-    InstanceStore,
-    quarantine_usage,
-    remove_temporaries,
-    stale_temporaries,
-)
+from sidecar.archive.store import InstanceStore, quarantine_usage
 from sidecar.config import Config
-from sidecar.db.engine import make_engine, make_session_factory
-from sidecar.db.migrate import upgrade
-from sidecar.db.repository import Repository
+from sidecar.db.connect import open_catalogue, ping
 from sidecar.dicom.node import DicomNode
 from sidecar.dicom.similarity import SimilarityFind
 from sidecar.dicom.tls import checked_certificate
@@ -30,6 +18,7 @@ from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.search.front import QueryService
 from sidecar.search.ipc import QueryServer
 from sidecar.search.service import SearchService
+from sidecar.service import health, jobs
 from sidecar.service.receivers import (
     ReceiverPool,
     effective_receivers,
@@ -42,18 +31,6 @@ if TYPE_CHECKING:  # torch is imported only when embedding is on
     from sidecar.service.lifecycle import Embedding
 
 logger = logging.getLogger(__name__)
-
-
-def open_catalogue(config: Config, *, migrate: bool = True) -> tuple[Engine, Repository]:
-    """The process's engine (schema upgraded to head unless told not to) and repository."""
-    engine = make_engine(
-        config.database_url,
-        busy_timeout_ms=config.database.busy_timeout_ms,
-        echo=config.database.echo,
-    )
-    if migrate:
-        upgrade(engine)
-    return engine, Repository(make_session_factory(engine))
 
 
 class Sidecar:
@@ -131,95 +108,35 @@ class Sidecar:
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
             ))
-        self.scheduler = BackgroundScheduler(timezone="UTC")
-        # At start, then hourly: temporary files a crash left behind (never acknowledged).
-        self.scheduler.add_job(
-            self.clear_temporaries,
-            "interval",
-            seconds=STALE_TEMPORARY_AGE,
-            id="clear_temporaries",
-            next_run_time=dt.datetime.now(dt.UTC),
-            max_instances=1,
-            coalesce=True,
+        emb = self.embedding if config.worker.enabled else None
+        self.scheduler = jobs.scheduler(
+            config,
+            clear_temporaries=self.clear_temporaries,
+            mark_stable=self.mark_stable,
+            report_tls_certificate=self.report_tls_certificate if tls_cert else None,
+            embed=emb.run_job if emb is not None else None,
+            maintain=emb.maintain if emb is not None else None,
+            adapt=self.adapt,
         )
-        if tls_cert is not None:
-            # Daily: the certificate in use, until it is renewed and the service restarted.
-            self.scheduler.add_job(
-                self.report_tls_certificate,
-                "interval",
-                days=1,
-                id="report_tls_certificate",
-                max_instances=1,
-                coalesce=True,
-            )
-        self.scheduler.add_job(
-            self.mark_stable,
-            "interval",
-            seconds=config.stability.check_interval,
-            id="mark_stable",
-            max_instances=1,
-            coalesce=True,
-        )
-        if self.embedding is not None and config.worker.enabled:
-            self.scheduler.add_job(
-                self.embedding.run_job,
-                "interval",
-                seconds=config.worker.interval,
-                id="embed",
-                max_instances=1,
-                coalesce=True,
-            )
-            self.scheduler.add_job(
-                self.embedding.maintain,
-                "interval",
-                seconds=config.index.save_interval,
-                id="save_index",
-                max_instances=1,
-                coalesce=True,
-            )
-            if config.adaptation.enabled:
-                from apscheduler.triggers.cron import CronTrigger
-
-                self.scheduler.add_job(
-                    self.adapt,
-                    CronTrigger.from_crontab(config.adaptation.schedule, timezone="UTC"),
-                    id="adapt",
-                    max_instances=1,
-                    coalesce=True,
-                    misfire_grace_time=3600,
-                )
-                logger.info("on-site adaptation scheduled: %s (UTC)",
-                            config.adaptation.schedule)
         self.address: tuple[str, int] | None = None
 
     def report_tls_certificate(self, at_start: bool = False) -> None:
-        """Log the DICOM TLS certificate in use: WARNING when it expires soon
-        (``NodeCertificate.expires_soon``), ERROR once it has expired (TLS peers
-        then refuse every handshake), otherwise INFO at start only."""
-        cert = self.tls_certificate
-        if cert is None:
-            return
-        if cert.days_left() <= 0:
-            logger.error("DICOM TLS certificate %s has expired: TLS peers refuse every "
-                         "association; renew it, then restart the service", cert.describe())
-        elif cert.expires_soon():
-            logger.warning("DICOM TLS certificate %s: renew it, then restart the service",
-                           cert.describe())
-        elif at_start:
-            logger.info("DICOM TLS certificate %s", cert.describe())
+        """Log the DICOM TLS certificate in use (:func:`jobs.report_tls_certificate`)."""
+        if self.tls_certificate is not None:
+            jobs.report_tls_certificate(self.tls_certificate, at_start=at_start)
 
     def clear_temporaries(self) -> int:
-        """Remove the storage's temporary files older than :data:`STALE_TEMPORARY_AGE`.
+        """Remove the storage's stale temporary files (:func:`jobs.clear_temporaries`)."""
+        return jobs.clear_temporaries(self.store.root)
 
-        They were left by a store that stopped between writing and linking (its
-        sender got no Success and sends again). Files without a catalogue row in
-        the storage itself are only found by ``sidecar verify``, which walks it all.
-        """
-        root = self.store.root
-        removed = remove_temporaries(root, stale_temporaries(root, STALE_TEMPORARY_AGE))
-        if removed:
-            logger.info("removed %d temporary file(s) left by an interrupted store", removed)
-        return removed
+    def mark_stable(self) -> int:
+        """Mark studies quiet for ``stability.stable_age`` seconds as stable."""
+        return jobs.mark_stable(self.repository, self.config.stability.stable_age)
+
+    def adapt(self) -> None:
+        """Scheduled job: one on-site adaptation run (errors are logged, never raised)."""
+        if self.embedding is not None:
+            jobs.adapt(self.embedding.adapt)
 
     def catalogue_figures(self) -> CatalogueFigures:
         """Catalogue, index, example, quarantine and disk figures (read at scrape time)."""
@@ -254,58 +171,14 @@ class Sidecar:
         disk above the watermark (below it every store is refused), the
         scheduler runs, and (when embedding is on) the serving index is loaded.
         """
-        checks: dict[str, dict[str, Any]] = {}
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            checks["database"] = {"ok": True, "detail": "reachable"}
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["database"] = {"ok": False, "detail": exc.__class__.__name__}
-        if self.pool is not None:
-            alive = len(self.pool.pids)
-            checks["dicom"] = {"ok": alive == self.pool.count,
-                               "detail": f"{alive} of {self.pool.count} receiver processes"}
-        else:
-            listening = self.node is not None and self.node.listening
-            checks["dicom"] = {"ok": listening,
-                               "detail": "listening" if listening else "not listening"}
-        floor = self.store.min_free_bytes
-        try:
-            free = self.store.free_bytes()
-            checks["storage"] = {"ok": free >= floor,
-                                 "detail": f"{free // 2**20} MiB free, stores refused below "
-                                           f"{floor // 2**20} MiB (storage.min_free_mb)"}
-        except OSError as exc:
-            checks["storage"] = {"ok": False, "detail": f"cannot examine: {exc.strerror}"}
-        checks["scheduler"] = {"ok": bool(self.scheduler.running),
-                               "detail": "running" if self.scheduler.running else "stopped"}
-        if self.embedding is not None:
-            serving = self.embedding.serving
-            checks["index"] = {"ok": True, "detail": f"model {serving.model_id}, "
-                               f"{len(serving.index)} vectors"}
-        else:
-            checks["index"] = {"ok": True, "detail": "embedding off (worker.enabled: false)"}
-        return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
-
-    def adapt(self) -> None:
-        """Scheduled job: one on-site adaptation run (errors are logged, never raised)."""
-        from sidecar.training.adapt import AdaptationBusy
-
-        if self.embedding is None:
-            return
-        try:
-            self.embedding.adapt()
-        except AdaptationBusy as exc:
-            logger.info("on-site adaptation skipped: %s", exc)
-        except Exception:
-            logger.exception("on-site adaptation failed; the current model stays")
-
-    def mark_stable(self) -> int:
-        """Mark studies quiet for ``stability.stable_age`` seconds as stable."""
-        n = self.repository.mark_stable_studies(self.config.stability.stable_age)
-        if n:
-            logger.info("%d stud%s became stable", n, "y" if n == 1 else "ies")
-        return n
+        return health.report({
+            "database": health.database(lambda: ping(self.engine)),
+            "dicom": health.dicom(self.pool, self.node),
+            "storage": health.storage(self.store),
+            "scheduler": health.scheduler(self.scheduler),
+            "index": health.index(
+                None if self.embedding is None else self.embedding.serving),
+        })
 
     def _warm_search(self) -> None:
         """Load the search's in-memory vectors now, not on the first query (in a thread)."""

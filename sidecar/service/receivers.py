@@ -1,13 +1,6 @@
-"""Extra receiver processes that share the DICOM port (SO_REUSEPORT).
+"""Receiver processes that share the DICOM port (SO_REUSEPORT), supervised and restarted.
 
-One Python process is GIL-bound at roughly one core of C-STORE work (see
-FIELD_NOTES). To use every core, ``sidecar serve`` runs the DICOM node in
-``n`` child processes bound to the same port; the kernel spreads new
-associations over them, and the main process keeps the scheduled jobs (the
-CNN among them) out of their way. Each process has its own database
-engine; SQLite in WAL mode with ``BEGIN IMMEDIATE`` and a busy timeout
-serialises their short write transactions. The main process alone runs the
-scheduled jobs. A receiver that dies is restarted.
+Why and how: docs/design/cli.md, "service/receivers.py".
 """
 
 from __future__ import annotations
@@ -20,7 +13,14 @@ import signal
 import threading
 from multiprocessing.process import BaseProcess
 
+from sidecar.archive.store import InstanceStore
 from sidecar.config import Config
+from sidecar.db.connect import open_catalogue
+from sidecar.dicom.logs import log_identifiers
+from sidecar.dicom.node import DicomNode
+from sidecar.dicom.similarity import SimilarityFind
+from sidecar.logsetup import configure_logging
+from sidecar.search.ipc import QueryClient
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,8 @@ def _receiver_main(
     stop: mp.synchronize.Event,
     query_endpoint: tuple[str, bytes] | None,
 ) -> None:  # pragma: no cover - runs in a child process (exercised by tests via serve)
-    from sidecar.archive.store import InstanceStore
-    from sidecar.dicom.node import DicomNode
-    from sidecar.dicom.similarity import SimilarityFind
-    from sidecar.logsetup import configure_logging
-    from sidecar.search.ipc import QueryClient
-    from sidecar.service.app import open_catalogue
-
     configure_logging(log_level)
+    log_identifiers(log_level)
     terminated = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())

@@ -1,0 +1,85 @@
+"""`sidecar check-config` and `sidecar serve`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import click
+import yaml
+
+from sidecar.cli.options import config_option, load, logger
+from sidecar.dicom.tls import checked_certificate
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.sdnotify import notify
+from sidecar.service.app import Sidecar
+
+
+@click.command("check-config")
+@config_option(help_text="Configuration file to check.")
+@click.pass_context
+def check_config(ctx: click.Context) -> None:
+    """Validate the configuration and print the effective settings.
+
+    With dicom.tls.enabled, also loads the certificate, key and CA files and
+    prints until when the certificate is valid (a warning within 30 days; an
+    expired one is an error).
+    """
+    cfg = load(ctx)
+    cert_line = None
+    if cfg.dicom.tls.enabled:
+        try:
+            cert = checked_certificate(cfg.dicom.tls)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+        soon = cert.expires_soon()
+        cert_line = (f"# {'WARNING: ' if soon else ''}DICOM TLS certificate {cert.describe()}"
+                     + (": renew it soon" if soon else ""))
+    click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))
+    if cert_line is not None:
+        click.echo(cert_line, err=True)
+    click.echo("# configuration OK", err=True)
+
+
+@click.command()
+@config_option()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the DICOM node and the scheduled jobs in the foreground until stopped."""
+    cfg = load(ctx)
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        logger.info("received signal %d, stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _signal)
+    signal.signal(signal.SIGTERM, _signal)
+    try:
+        app = Sidecar(
+            cfg,
+            receiver_processes=None,
+            log_level=ctx.obj.get("log_level") or cfg.logging.level,
+        )
+    except Exception as exc:
+        raise click.ClickException(f"cannot start: {exc}") from exc
+    try:
+        host, port = app.start()
+    except OSError as exc:
+        app.stop()
+        raise click.ClickException(
+            f"cannot listen on {cfg.dicom.bind_address}:{cfg.dicom.port}: {exc.strerror}"
+        ) from exc
+    except SidecarError as exc:  # the index is busy, say
+        app.stop()
+        raise click.ClickException(f"cannot start: {exc}") from exc
+    click.echo(f"sidecar ready: AE {cfg.dicom.ae_title} on {host}:{port}, data in {cfg.data_dir}",
+               err=True)
+    notify(f"READY=1\nSTATUS=AE {cfg.dicom.ae_title} on {host}:{port}")
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        notify("STOPPING=1")
+        app.stop()
