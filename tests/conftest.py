@@ -278,7 +278,8 @@ STORESCU_PROPOSE = {
 
 
 def dcmtk_env() -> dict[str, str]:
-    """Environment for DCMTK clients: Nagle off (see FIELD_NOTES)."""
+    """Environment for DCMTK clients: TCP_NODELAY=1 (DCMTK keeps Nagle on otherwise, and
+    each small PDU then waits for the peer's delayed ACK)."""
     env = dict(os.environ)
     env["TCP_NODELAY"] = "1"
     return env

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 VERIFICATION = "1.2.840.10008.1.1"
 #: C-FIND identifiers: Explicit VR Little Endian first, so that it is chosen
 #: whenever the requester offers it (pynetdicom takes the acceptor's order):
-#: private attributes then travel with their VR (see FIELD_NOTES).
+#: private attributes then travel with their VR (in Implicit VR they arrive as UN).
 FIND_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
