@@ -16,6 +16,7 @@ from sidecar.archive.verify import repair_storage, verify_storage
 from sidecar.cli.options import config_option, human, load, logger
 from sidecar.db.connect import catalogue
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.embeddings.service import index_in_use
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 from sidecar.files import walk_files
 
@@ -156,8 +157,6 @@ def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
     2 when only orphans or stale temporaries are left (never acknowledged;
     --repair tidies them).
     """
-    # embeddings.registry imports torch: only for --repair
-    from sidecar.embeddings.registry import index_in_use  # noqa: PLC0415
 
     cfg = load(ctx)
     if repair and index_in_use(cfg):

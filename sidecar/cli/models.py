@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sidecar.cli.models_text import describe
 from sidecar.cli.options import config_option, load
 from sidecar.config import Config
 from sidecar.db.connect import catalogue
 from sidecar.db.repository import Repository
 from sidecar.db.vectors import VectorRepository
-from sidecar.embeddings.service import IndexBusy
+from sidecar.embeddings.service import IndexBusy, index_in_use
 from sidecar.errors import SidecarError
 from sidecar.files import sha256_file
 
@@ -120,7 +121,6 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     queries), `>` the model the next start of `sidecar serve` loads (they
     differ while a model change re-embeds).
     """
-    from sidecar.cli.models_text import describe  # noqa: PLC0415 - beside list_models
     from sidecar.embeddings.registry import list_models  # noqa: PLC0415 - imports torch
 
     cfg = load(ctx)
@@ -155,7 +155,7 @@ def model_restore(ctx: click.Context, model_id: str | None) -> None:
     missing series are embedded in the background, then it becomes active.
     Refused while embedding.model_path is set (the configuration chooses).
     """
-    from sidecar.embeddings.registry import index_in_use, restore_model  # noqa: PLC0415 - torch
+    from sidecar.embeddings.registry import restore_model  # noqa: PLC0415 - imports torch
 
     cfg = load(ctx)
     running = index_in_use(cfg)
@@ -220,7 +220,6 @@ def adapt(
     `sidecar evaluate FILE --model DIR/<id>.pt` measures what adaptation adds.
     """
     # training.adapt imports torch
-    from sidecar.embeddings.registry import index_in_use  # noqa: PLC0415
     from sidecar.training.adapt import AdaptationBusy, adapt_npz  # noqa: PLC0415
 
     cfg = load(ctx)

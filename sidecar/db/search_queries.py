@@ -91,7 +91,7 @@ class CatalogueRow:
     study_date: str
     study_description: str
     accession_number: str
-    modalities_in_study: str
+    modalities_in_study: tuple[str, ...]
     modality: str
     body_part_examined: str
     series_description: str
@@ -469,31 +469,15 @@ class SearchQueries:
                         issuer_of_patient_id=str(row[7] or ""), study_date=str(row[8] or ""),
                         study_description=str(row[9] or ""),
                         accession_number=str(row[10] or ""),
-                        modalities_in_study=str(row[11] or ""), modality=str(row[12] or ""),
+                        modalities_in_study=tuple(m for m in str(row[11] or "").split("\\")
+                                                  if m),
+                        modality=str(row[12] or ""),
                         body_part_examined=str(row[13] or ""),
                         series_description=str(row[14] or ""),
                         series_number=None if row[15] is None else int(row[15]),
                         instance_number=None if row[16] is None else int(row[16]),
                     )
         return out
-
-
-def like_pattern(dicom_pattern: str) -> str:
-    """A DICOM wildcard value (``*`` any run, ``?`` one character) as a LIKE pattern.
-
-    The result is upper case and uses ``!`` as the escape character.
-    """
-    out: list[str] = []
-    for ch in dicom_pattern.upper():
-        if ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        elif ch in "%_!":
-            out.append("!" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 __all__ = [
@@ -503,5 +487,4 @@ __all__ = [
     "SearchQueries",
     "SliceRow",
     "StateSummary",
-    "like_pattern",
 ]

@@ -7,7 +7,6 @@ weights (:func:`load_service_embedder`). See docs/design/models.md.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -328,16 +327,3 @@ def restore_model(
     return RestorePlan(model_id, current, path, missing, activated)
 
 
-def index_in_use(config: Config) -> bool:
-    """Whether another process holds an index lock (``sidecar serve``, ``embed``, ``reindex``)."""
-    root = config.index_dir
-    if not root.is_dir():
-        return False
-    for lock in sorted(root.glob("*/.lock")):
-        with lock.open("a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    return False

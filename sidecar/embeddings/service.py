@@ -236,3 +236,18 @@ def repair(
     if extra:
         deleted = index.mark_deleted(np.asarray(sorted(extra), dtype=np.int64))
     return len(missing), deleted
+
+
+def index_in_use(config: Config) -> bool:
+    """Whether another process holds an index lock (``sidecar serve``, ``embed``, ``reindex``)."""
+    root = config.index_dir
+    if not root.is_dir():
+        return False
+    for lock in sorted(root.glob("*/.lock")):
+        with lock.open("a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    return False

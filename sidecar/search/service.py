@@ -650,24 +650,7 @@ class SearchService:
         described.sort(key=lambda item: (-round(item[0], 6), uid(item[1])))
         hits: list[Hit] = []
         for rank, (score, row) in enumerate(described[:k], start=1):
-            hits.append(Hit(
-                rank=rank,
-                score=round(float(score), 6),
-                study_instance_uid=row.study_instance_uid,
-                series_instance_uid=row.series_instance_uid,
-                sop_instance_uid=row.sop_instance_uid,
-                patient_id=row.patient_id,
-                issuer_of_patient_id=row.issuer_of_patient_id,
-                study_date=row.study_date,
-                study_description=row.study_description,
-                accession_number=row.accession_number,
-                modalities_in_study=tuple(m for m in row.modalities_in_study.split("\\") if m),
-                modality=row.modality,
-                body_part_examined=row.body_part_examined,
-                series_description=row.series_description,
-                series_number=row.series_number,
-                instance_number=row.instance_number,
-            ))
+            hits.append(Hit.of(rank, round(float(score), 6), row))
         return hits
 
 

@@ -8,23 +8,16 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from sidecar.db.search_queries import (
-    CatalogueFilter,
-    like_pattern,
-)
+from sidecar.db.find_queries import like_pattern
+from sidecar.db.search_queries import CatalogueFilter, CatalogueRow
 from sidecar.errors import BadQuery
-
-if TYPE_CHECKING:
-    pass
-
-
 
 Level = Literal["study", "series", "image"]
 LEVELS: Final[tuple[str, ...]] = get_args(Level)
@@ -235,13 +228,13 @@ class SearchFilters:
         if body in ("*", ""):
             body_like = None
         else:
-            body_like = like_pattern(body)
+            body_like = like_pattern(body.upper())
         return CatalogueFilter(tuple(sorted(set(mods))), low, high, body_like)
 
 
 @dataclass(frozen=True)
-class Hit:
-    """One ranked answer.
+class Hit(CatalogueRow):
+    """One ranked answer: its rank and score, and the catalogue row it describes.
 
     ``series_instance_uid`` and ``sop_instance_uid`` are the best-matching
     series and instance of the hit (the hit series itself at series level,
@@ -251,20 +244,19 @@ class Hit:
 
     rank: int
     score: float
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    patient_id: str
-    issuer_of_patient_id: str
-    study_date: str
-    study_description: str
-    accession_number: str
-    modalities_in_study: tuple[str, ...]
-    modality: str
-    body_part_examined: str
-    series_description: str
-    series_number: int | None
-    instance_number: int | None
+
+    @classmethod
+    def of(cls, rank: int, score: float, row: CatalogueRow) -> Hit:
+        """The hit ranked ``rank`` with ``score``, described by ``row``."""
+        return cls(rank=rank, score=score, **{f.name: getattr(row, f.name) for f in fields(row)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary: rank and score first, then the row's fields."""
+        data: dict[str, Any] = {"rank": self.rank, "score": self.score}
+        for f in fields(CatalogueRow):
+            data[f.name] = getattr(self, f.name)
+        data["modalities_in_study"] = list(self.modalities_in_study)
+        return data
 
 
 @dataclass(frozen=True)
@@ -309,9 +301,7 @@ class SearchResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary (for ``--json`` and HTTP)."""
         data = asdict(self)
-        for hit in data["hits"]:
-            hit["modalities_in_study"] = list(hit["modalities_in_study"])
-        data["hits"] = list(data["hits"])
+        data["hits"] = [hit.to_dict() for hit in self.hits]
         return data
 
 
