@@ -244,8 +244,8 @@ def load_cfg(path: Path, data: dict[str, Any], overrides: dict[str, str]) -> Any
 def store_all(cfg: Any, items: Iterator[tuple[str, bytes]]) -> tuple[set[str], int]:
     """Store Part-10 byte strings with InstanceStore and mark every study stable."""
     from sidecar.archive.store import InstanceStore, Origin, Outcome
+    from sidecar.db.connect import open_catalogue
     from sidecar.db.repository import utcnow
-    from sidecar.service.app import open_catalogue
 
     engine, repo = open_catalogue(cfg)
     try:
@@ -280,10 +280,10 @@ def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from pydicom import dcmread
 
+    from sidecar.db.connect import open_catalogue
     from sidecar.embeddings import preprocess
     from sidecar.embeddings.model import load_weights
     from sidecar.embeddings.worker import WorkStats
-    from sidecar.service.app import open_catalogue
     from sidecar.service.lifecycle import Embedding
 
     root = work / "part-a"

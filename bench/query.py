@@ -285,7 +285,7 @@ def scratch_engine(cfg: Any) -> tuple[Any, Any]:
     """The repository on an engine whose SQLite connections skip fsync (build only)."""
     from sqlalchemy import event
 
-    from sidecar.service.app import open_catalogue
+    from sidecar.db.connect import open_catalogue
 
     engine, repo = open_catalogue(cfg)
 
@@ -646,12 +646,14 @@ def exact_study_ranking(ar: Archive, m16: np.ndarray, q: np.ndarray, own: int) -
 def in_process(ar: Archive, cfg: Any, refs: dict[str, list[Reference]], gen: Generator,
                args: argparse.Namespace) -> dict[str, Any]:
     import sidecar.search.service as search_mod
-    from sidecar.service.app import open_catalogue
+    from sidecar.db.connect import open_catalogue
+    from sidecar.search.readonly import ReadOnlyEmbedding
+    from sidecar.search.types import EmbeddedImages, Reference
 
     engine, _ = open_catalogue(cfg, migrate=False)
     try:
         t0 = time.perf_counter()
-        emb = search_mod.ReadOnlyEmbedding(cfg, engine)
+        emb = ReadOnlyEmbedding(cfg, engine)
         open_s = time.perf_counter() - t0
         # as in sidecar serve: the service's slice cache on (a ReadOnlyEmbedding alone
         # would turn it off, as for the one-shot CLI), loaded before the first query
@@ -665,17 +667,17 @@ def in_process(ar: Archive, cfg: Any, refs: dict[str, list[Reference]], gen: Gen
         warm = refs["series"][:20]
         t0 = time.perf_counter()
         for r in warm[:1]:
-            svc.search(search_mod.Reference.series(r.uid), k=K, level="study")
+            svc.search(Reference.series(r.uid), k=K, level="study")
         first_s = time.perf_counter() - t0
         for r in warm:
-            svc.search(search_mod.Reference.series(r.uid), k=K, level="study")
+            svc.search(Reference.series(r.uid), k=K, level="study")
         results: dict[str, Latency] = {}
         answers: dict[str, list[str]] = {}
         cand: list[int] = []
         recall_hits: list[float] = []
         study_uid_index = {uid(args.seed, 1, t): t for t in range(ar.study_count)}
-        make = {"series": search_mod.Reference.series, "study": search_mod.Reference.study,
-                "instance": search_mod.Reference.instance}
+        make = {"series": Reference.series, "study": Reference.study,
+                "instance": Reference.instance}
         for kind in ("series", "study", "instance"):
             lat = Latency(f"SearchService.search, {kind} reference")
             for r in refs[kind][:args.queries]:
@@ -689,15 +691,15 @@ def in_process(ar: Archive, cfg: Any, refs: dict[str, list[Reference]], gen: Gen
                 if kind == "series":
                     answers[r.uid] = [h.study_instance_uid for h in res.hits]
             results[kind] = lat
-        if hasattr(search_mod.Reference, "example"):
+        if hasattr(Reference, "example"):
             lat = Latency("SearchService.search, example (held-out vectors)")
             for i, vecs in enumerate(gen.held_out(args.queries, args.seed + 13)):
-                images = search_mod.EmbeddedImages(
+                images = EmbeddedImages(
                     model_id=emb.serving.model_id, vectors=vecs, sop_instance_uid=f"9.9.{i}",
                     series_instance_uid="", study_instance_uid="", patient_id="",
                     issuer_of_patient_id="")
                 t1 = time.perf_counter()
-                res = svc.search(search_mod.Reference.example(images), k=K, level="study")
+                res = svc.search(Reference.example(images), k=K, level="study")
                 lat.ms.append(1000 * (time.perf_counter() - t1))
                 if len(res.hits) != K:
                     lat.errors += 1

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from sidecar.archive.store import InstanceStore, Origin
 from sidecar.cli.main import main
 from sidecar.config import Config, load_config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings.model import Embedder, atomic_write
 from sidecar.embeddings.network import (
@@ -48,7 +49,7 @@ from sidecar.embeddings.registry import (
 from sidecar.errors import ConfigError
 from sidecar.search.service import SearchService
 from sidecar.search.types import Reference
-from sidecar.service.app import Sidecar, open_catalogue
+from sidecar.service.app import Sidecar
 from sidecar.service.lifecycle import Embedding
 from sidecar.training import adapt
 from sidecar.training.adapt import TrainingLibrary

@@ -495,8 +495,8 @@ def test_postgresql_catalogue_verify_and_newest_instance(
 ) -> None:
     from sidecar.archive.store import InstanceStore, Origin
     from sidecar.archive.verify import verify_storage
+    from sidecar.db.connect import open_catalogue
     from sidecar.db.vectors import VectorRepository
-    from sidecar.service.app import open_catalogue
     from tests.conftest import make_ct, part10
 
     cfg = config_factory({"database": {

@@ -9,9 +9,9 @@ from pydicom.uid import generate_uid
 
 from sidecar.archive.store import InstanceStore, Origin
 from sidecar.config import Config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.vectors import ACTIVE_MODEL_KEY
 from sidecar.embeddings.model import TinyEmbedder
-from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10
 

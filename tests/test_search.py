@@ -48,6 +48,7 @@ import sidecar.search.service as search_mod
 from sidecar.archive.store import InstanceStore, Origin
 from sidecar.cli.main import main
 from sidecar.config import Config, load_config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Study, StudyVector
 from sidecar.db.repository import Repository
 from sidecar.embeddings import preprocess
@@ -60,7 +61,6 @@ from sidecar.errors import BadQuery, IndexUnavailable, NotEmbedded, UnknownRefer
 from sidecar.search.readonly import ReadOnlyEmbedding
 from sidecar.search.service import SearchService
 from sidecar.search.types import Reference, SearchFilters, SearchResult
-from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import free_port, make_ct, part10
 from tests.conftest import make_sr as make_sr_base

@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 from sidecar.archive.parse import IMAGE_SOP_CLASSES
 from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from sidecar.service.app import open_catalogue
 from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")

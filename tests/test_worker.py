@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from sidecar.archive.store import InstanceStore, Origin
 from sidecar.cli.main import main
 from sidecar.config import Config
+from sidecar.db.connect import open_catalogue
 from sidecar.db.models import (
     Instance,
     InstanceState,
@@ -48,7 +49,6 @@ from sidecar.embeddings.codec import from_blob, to_blob
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
-from sidecar.service.app import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10, wait_for
 from tests.conftest import make_sr as make_sr_base
@@ -882,7 +882,7 @@ import sys
 import time
 from pathlib import Path
 
-from sidecar.service.app import open_catalogue
+from sidecar.db.connect import open_catalogue
 from sidecar.service.lifecycle import Embedding
 from sidecar.config import load_config
 from sidecar.embeddings.model import TinyEmbedder
