@@ -103,7 +103,7 @@ class Sidecar:
         self.pool = ReceiverPool(config, n, share, log_level) if n > 1 else None
         self.http: HttpServer | None = None
         if config.http.enabled:
-            from sidecar.http.app import HttpServer, create_app
+            from sidecar.http.app import HttpServer, create_app  # noqa: PLC0415 - fastapi, only when on
 
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
