@@ -382,16 +382,7 @@ class SearchService:
         return NotEmbedded(f"{what} has no instances to embed", "pending", counts)
 
     def embed_images(self, datasets: Sequence[Dataset]) -> EmbeddedImages:
-        """Embed query images with the serving model (sampled as the worker samples).
-
-        Raises
-        ------
-        BadQuery
-            No dataset, or one that cannot be embedded (no pixel data, bad header).
-        IndexUnavailable
-            Embedding is off, or the process's model is not the serving model
-            (a model change is being re-embedded).
-        """
+        """Embed query images with the serving model: :func:`sidecar.search.images.embed_images`."""
         return embed_images(self._embedding, self._cfg, datasets)
 
     def _query_embedded(
