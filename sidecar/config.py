@@ -54,12 +54,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
+#: What a DICOM peer may do: C-STORE to the archive, ordinary C-FIND, similarity
+#: C-FIND, C-STORE of example images to ``query.example_ae_title``.
+PERMISSIONS: tuple[str, ...] = ("store", "find", "similarity", "example")
+Permission = Literal["store", "find", "similarity", "example"]
+
+
 class PeerConfig(_Section):
     """One calling peer allowed to open associations."""
 
     ae_title: str = Field(description="Calling AE title of the peer; '*' matches any title.")
     host: str = Field(
         description="IP address or network (CIDR) the peer connects from; '*' matches any host."
+    )
+    permissions: list[Permission] | None = Field(
+        None,
+        description="What the peer may do: any of store (C-STORE to the archive), find "
+        "(ordinary C-FIND), similarity (similarity C-FIND), example (C-STORE of example "
+        "images to query.example_ae_title). An archive PACS needs [store]; a viewer "
+        "[find, similarity, example]. [] refuses its associations. Not set: all four, as "
+        "before this setting existed (the service says so at start); set it to narrow.",
     )
 
     @field_validator("ae_title")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.config import PeerConfig
-from sidecar.dicom.access import AccessPolicy
+from sidecar.dicom.access import AccessPolicy, assumed_permissions
 
 LOOPBACKS = ["127.0.0.1", "127.5.5.5", "127.255.255.254", "::1", "::ffff:127.0.0.1"]
 
@@ -120,3 +120,39 @@ def test_ipv4_mapped_peer_matches_ipv4_rule() -> None:
     p = policy(("PACS", "10.0.0.5"), allow_loopback=False)
     assert p.allows("PACS", "::ffff:10.0.0.5")
     assert not p.allows("PACS", "::ffff:10.0.0.6")
+
+
+def test_permissions_per_peer_and_unlisted_means_all() -> None:
+    p = AccessPolicy([
+        PeerConfig(ae_title="PACS", host="10.0.0.5", permissions=["store"]),
+        PeerConfig(ae_title="VIEWER", host="10.0.0.0/24", permissions=["find", "similarity"]),
+        PeerConfig(ae_title="OLD", host="10.0.0.7"),  # written before permissions existed
+        PeerConfig(ae_title="MUTED", host="10.0.0.8", permissions=[]),
+    ])
+    assert p.permissions("PACS", "10.0.0.5") == {"store"}
+    assert p.permits("PACS", "10.0.0.5", "store")
+    assert not p.permits("PACS", "10.0.0.5", "find")
+    assert p.permissions("VIEWER", "10.0.0.9") == {"find", "similarity"}
+    assert not p.permits("VIEWER", "10.0.0.9", "example")
+    assert p.permissions("OLD", "10.0.0.7") == {"store", "find", "similarity", "example"}
+    assert not p.allows("MUTED", "10.0.0.8")  # nothing permitted: the association is refused
+    assert p.permissions("PACS", "10.0.0.6") == frozenset()
+    assert p.permissions("ANY", "127.0.0.1") == {"store", "find", "similarity", "example"}
+    assert assumed_permissions([
+        PeerConfig(ae_title="OLD", host="10.0.0.7"),
+        PeerConfig(ae_title="PACS", host="10.0.0.5", permissions=["store"]),
+    ]) == ["OLD@10.0.0.7/32"]
+
+
+def test_matching_entries_add_their_permissions() -> None:
+    p = AccessPolicy([
+        PeerConfig(ae_title="*", host="10.0.0.0/24", permissions=["find"]),
+        PeerConfig(ae_title="WS1", host="10.0.0.9", permissions=["similarity"]),
+    ])
+    assert p.permissions("WS1", "10.0.0.9") == {"find", "similarity"}
+    assert p.permissions("WS2", "10.0.0.9") == {"find"}
+
+
+def test_unknown_permission_is_refused_by_the_schema() -> None:
+    with pytest.raises(ValueError, match="permissions"):
+        PeerConfig(ae_title="PACS", host="10.0.0.5", permissions=["delete"])  # type: ignore[list-item]

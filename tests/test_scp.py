@@ -38,7 +38,14 @@ from sidecar.config import Config
 from sidecar.db.models import Instance, Patient, Series, Study
 from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
-from tests.conftest import CT_IMAGE_STORAGE, file_meta, make_ct, wait_for
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    SIMILARITY_CREATOR,
+    c_find,
+    file_meta,
+    make_ct,
+    wait_for,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 SCU_AE = "TESTSCU"
@@ -360,6 +367,61 @@ def test_allowed_peers_other_network_rejects_loopback(
         with associate(app, title) as assoc:
             assert assoc.is_rejected, title
             assert not assoc.is_established
+
+
+def test_permissions_per_peer(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = sidecar_factory(
+        config_factory(
+            {
+                "dicom": {
+                    "allow_loopback": False,
+                    "allowed_peers": [
+                        {"ae_title": "ARCHIVE", "host": "127.0.0.1", "permissions": ["store"]},
+                        {"ae_title": "VIEWER", "host": "127.0.0.1", "permissions": ["find"]},
+                        {"ae_title": "MUTED", "host": "127.0.0.1", "permissions": []},
+                    ],
+                }
+            }
+        )
+    )
+    assert app.address is not None
+    ds = make_ct()
+    with associate(app, "ARCHIVE") as assoc:
+        assert assoc.is_established
+        assert status_of(assoc.send_c_store(ds)) == Status.SUCCESS
+    with caplog.at_level(logging.WARNING, logger="sidecar.dicom.node"), \
+            associate(app, "VIEWER") as assoc:
+        assert assoc.is_established
+        rsp = assoc.send_c_store(make_ct())
+        assert status_of(rsp) == Status.NOT_AUTHORIZED
+        assert rsp.ErrorComment == "not authorised: no store permission"
+    assert any("lacks the 'store' permission" in m for m in caplog.messages)
+    assert [r["calling_ae_title"] for r in rows(app)] == ["ARCHIVE"]
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    found = c_find(app.address, query, calling="VIEWER")
+    assert found.status == Status.SUCCESS
+    assert found.values("StudyInstanceUID") == [ds.StudyInstanceUID]
+    refused = c_find(app.address, query, calling="ARCHIVE")
+    assert (refused.status, refused.identifiers) == (Status.NOT_AUTHORIZED, [])
+    assert refused.comment == "not authorised: no find permission"
+
+    similar = Dataset()
+    similar.QueryRetrieveLevel = "STUDY"
+    similar.StudyInstanceUID = ""
+    block = similar.private_block(0x0099, SIMILARITY_CREATOR, create=True)
+    block.add_new(0x02, "UI", ds.StudyInstanceUID)
+    refused = c_find(app.address, similar, calling="VIEWER")
+    assert refused.status == Status.NOT_AUTHORIZED
+    assert refused.comment == "not authorised: no similarity permission"
+
+    with associate(app, "MUTED") as assoc:  # nothing permitted: no association
+        assert assoc.is_rejected
 
 
 # ------------------------------------------------------------------ watermark

@@ -326,6 +326,16 @@ class DicomNode:
             st.stored, st.duplicates, st.refused, st.failed,
         )
 
+    def _not_permitted(self, assoc: Any, operation: str, what: str) -> Dataset | None:
+        """A 0x0124 status when the peer may not use ``operation``; ``None`` when it may."""
+        calling = str(assoc.requestor.ae_title).strip()
+        host = str(assoc.requestor.address)
+        if self._policy.permits(calling, host, operation):
+            return None
+        logger.warning("%s from %s@%s refused: the peer lacks the %r permission "
+                       "(dicom.allowed_peers)", what, calling, host, operation)
+        return _status(Status.NOT_AUTHORIZED, f"not authorised: no {operation} permission")
+
     def handle_echo(self, event: evt.Event) -> int:
         """C-ECHO.
 
@@ -352,6 +362,8 @@ class DicomNode:
             * ``0xC210`` Cannot decode dataset
             * ``0x0117`` Invalid SOP Instance (UID not digits and dots)
             * ``0x0110`` Processing failure (write or database commit failed)
+            * ``0x0124`` Refused: not authorised (the peer lacks the ``store``
+              permission, or ``example`` for an example image)
             * ``0xC211`` Unexpected error in the handler
         """
         assoc = event.assoc
@@ -360,11 +372,16 @@ class DicomNode:
             if primitive is not None and str(primitive.called_ae_title).strip() == (
                 self._example_ae
             ):
-                return self._store_example(event)
+                refused = self._not_permitted(assoc, "example", "example image")
+                return refused if refused is not None else self._store_example(event)
         origin = Origin(
             ae_title=str(assoc.requestor.ae_title).strip(), host=str(assoc.requestor.address)
         )
         st = self._stats.get(assoc) or _AssocStats()
+        refused = self._not_permitted(assoc, "store", "C-STORE")
+        if refused is not None:
+            st.refused += 1
+            return refused
         try:
             request = event.request
             if not isinstance(request, C_STORE):  # pragma: no cover - bound to EVT_C_STORE
@@ -463,6 +480,8 @@ class DicomNode:
               failed, not an image, or not by the serving model)
             * ``0xC210`` Cannot decode the identifier
             * ``0xC211`` Unexpected error in the handler
+            * ``0x0124`` Refused: not authorised (the peer lacks the ``find``
+              permission, or ``similarity`` for a similarity query)
         """
         assoc = event.assoc
         peer_ae, peer_host = str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)
@@ -480,7 +499,15 @@ class DicomNode:
         sent = 0
         try:
             req = FindRequest(identifier, model, peer_ae, peer_host)
-            if is_similarity_query(identifier):
+            similarity = is_similarity_query(identifier)
+            operation = "similarity" if similarity else "find"
+            refused = self._not_permitted(
+                assoc, operation, f"{what} similarity" if similarity else what
+            )
+            if refused is not None:
+                yield refused, None
+                return
+            if similarity:
                 what += " similarity"
                 if self._similarity is None:
                     raise InvalidQuery(SIMILARITY_NOT_AVAILABLE)

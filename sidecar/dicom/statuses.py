@@ -26,6 +26,8 @@ class Status(IntEnum):
     # General failures (PS3.7 C)
     PROCESSING_FAILURE = 0x0110
     INVALID_SOP_INSTANCE = 0x0117
+    # Refused: not authorised (PS3.7 C.5): the peer lacks the permission (allowed_peers)
+    NOT_AUTHORIZED = 0x0124
 
     # C-FIND (PS3.4 C.4.1.1.4). Same numbers as above, C-FIND meanings:
     # 0xA700 refused, out of resources (catalogue unavailable, too many matches);

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sidecar.archive.store import InstanceStore, quarantine_usage
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue, ping
+from sidecar.dicom.access import assumed_permissions
 from sidecar.dicom.node import DicomNode
 from sidecar.dicom.similarity import SimilarityFind
 from sidecar.dicom.tls import checked_certificate
@@ -70,6 +71,13 @@ class Sidecar:
         self.config = config
         # bad TLS files fail here, named, before anything opens (not in each receiver)
         tls_cert = checked_certificate(config.dicom.tls) if config.dicom.tls.enabled else None
+        assumed = assumed_permissions(config.dicom.allowed_peers)
+        if assumed:
+            logger.warning(
+                "dicom.allowed_peers without permissions: %s may store, find, similarity and "
+                "example (as before permissions existed); list permissions to narrow",
+                ", ".join(assumed),
+            )
         self.engine, self.repository = open_catalogue(config)
         self.store = InstanceStore(config, self.repository)
         n = effective_receivers(config) if receiver_processes is None else receiver_processes
