@@ -424,6 +424,22 @@ def test_permissions_per_peer(
         assert assoc.is_rejected
 
 
+def test_peers_listed_without_permissions_keep_all_and_are_named_at_start(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = config_factory({"dicom": {"allowed_peers": [
+        {"ae_title": "OLDPACS", "host": "10.0.0.7"},
+        {"ae_title": "ARCHIVE", "host": "10.0.0.5", "permissions": ["store"]},
+    ]}})
+    with caplog.at_level(logging.WARNING, logger="sidecar.service.app"):
+        sidecar_factory(cfg)
+    named = [m for m in caplog.messages if "without permissions" in m]
+    assert len(named) == 1
+    assert "OLDPACS@10.0.0.7/32 may store, find, similarity and example" in named[0]
+    assert "ARCHIVE" not in named[0]
+
+
 # ------------------------------------------------------------------ watermark
 def test_watermark_refuses_with_out_of_resources(
     config_factory: Callable[..., Config],
