@@ -17,7 +17,7 @@ import torch
 
 from sidecar.config import Config, EmbeddingConfig
 from sidecar.db import model_queries
-from sidecar.db.engine import Engine
+from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import model as models  # models.load_embedder: tests patch it
 from sidecar.embeddings.model import Embedder, ModelError, TorchEmbedder, load_weights

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.config import Config
-from sidecar.db.engine import Engine
+from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings.index import VectorIndex
 from sidecar.embeddings.index_files import IndexMismatch, read_saved_facts

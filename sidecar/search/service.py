@@ -18,7 +18,6 @@ from pydicom.dataset import Dataset
 
 from sidecar.archive.reader import read_stored
 from sidecar.config import Config
-from sidecar.db.engine import Engine
 from sidecar.db.search_queries import (
     CatalogueRow,
     ReferenceRow,
@@ -26,6 +25,7 @@ from sidecar.db.search_queries import (
     SliceRow,
     StateSummary,
 )
+from sidecar.db.types import Engine
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.codec import from_blobs
 from sidecar.embeddings.index import VectorIndex

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from sidecar.config import Config
-from sidecar.db.engine import Engine
+from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import Embedder

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db import model_queries
-from sidecar.db.engine import Engine
+from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.model import Embedder, ModelError, TorchEmbedder, load_weights
