@@ -3,12 +3,14 @@
 Each query error carries, as class attributes, its C-FIND status (``find_status``),
 its C-STORE status when refusing an example image (``store_status``), its HTTP
 status and its wire kind (metrics, audit, inter-process); each front door
-translates by reading them. DICOM statuses are ints named after ``dicom.statuses.Status``.
+translates by reading them. DICOM statuses are :class:`sidecar.dimse.Status` members.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+from sidecar.dimse import Status
 
 
 class SidecarError(Exception):
@@ -65,8 +67,8 @@ class QueryError(SidecarError):
     to process) and the message as Error Comment.
     """
 
-    find_status: ClassVar[int] = 0xC000  # Status.UNABLE_TO_PROCESS
-    store_status: ClassVar[int] = 0xC000  # Status.CANNOT_UNDERSTAND
+    find_status: ClassVar[int] = Status.UNABLE_TO_PROCESS
+    store_status: ClassVar[int] = Status.CANNOT_UNDERSTAND
     http_status: ClassVar[int] = 500
     wire_kind: ClassVar[str] = "error"
 
@@ -87,7 +89,7 @@ class InvalidQuery(QueryError):
         The offending attribute, when one is to blame (Offending Element).
     """
 
-    find_status = 0xA900  # Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    find_status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
 
     def __init__(self, message: str, tag: int | None = None) -> None:
         self.tag = tag
@@ -100,7 +102,7 @@ class QueryRefused(QueryError):
     The catalogue cannot be read, or more entities match than the configured limit.
     """
 
-    find_status = 0xA700  # Status.OUT_OF_RESOURCES
+    find_status = Status.OUT_OF_RESOURCES
 
 
 class ReferenceNotUsable(QueryError):
@@ -121,20 +123,20 @@ class ReferenceNotUsable(QueryError):
 
     @property
     def dicom_status(self) -> int:
-        """0xC001 (Status.UNKNOWN_REFERENCE) or 0xC002 (Status.REFERENCE_NOT_EMBEDDED)."""
-        return 0xC001 if self.kind == "unknown" else 0xC002
+        """Status.UNKNOWN_REFERENCE (0xC001) or Status.REFERENCE_NOT_EMBEDDED (0xC002)."""
+        return Status.UNKNOWN_REFERENCE if self.kind == "unknown" else Status.REFERENCE_NOT_EMBEDDED
 
 
 class SearchError(QueryError):
     """Base of the errors of a similarity query (of no known kind: C-FIND 0xA700, HTTP 500)."""
 
-    find_status = 0xA700  # Status.OUT_OF_RESOURCES
+    find_status = Status.OUT_OF_RESOURCES
 
 
 class BadQuery(SearchError):
     """The query's arguments are invalid (k, level, references, filters, images)."""
 
-    find_status = 0xA900  # Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    find_status = Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
     http_status = 400
     wire_kind = "bad_query"
 
@@ -142,7 +144,7 @@ class BadQuery(SearchError):
 class UnknownReference(SearchError):
     """The reference UID is not in the catalogue."""
 
-    find_status = 0xC001  # Status.UNKNOWN_REFERENCE
+    find_status = Status.UNKNOWN_REFERENCE
     http_status = 404
     wire_kind = "unknown_reference"
 
@@ -161,7 +163,7 @@ class NotEmbedded(SearchError):
         Instances of the reference by state.
     """
 
-    find_status = 0xC002  # Status.REFERENCE_NOT_EMBEDDED
+    find_status = Status.REFERENCE_NOT_EMBEDDED
     http_status = 409
     wire_kind = "not_embedded"
 
@@ -174,8 +176,8 @@ class NotEmbedded(SearchError):
 class IndexUnavailable(SearchError):
     """No index or embedding model can answer the query in this process."""
 
-    find_status = 0xA700  # Status.OUT_OF_RESOURCES
-    store_status = 0xA700  # Status.OUT_OF_RESOURCES
+    find_status = Status.OUT_OF_RESOURCES
+    store_status = Status.OUT_OF_RESOURCES
     http_status = 503
     wire_kind = "unavailable"
 
