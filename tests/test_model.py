@@ -91,6 +91,21 @@ def test_bad_batches_are_refused(builtin: TorchEmbedder) -> None:
         builtin.embed(bad)
 
 
+def test_three_channel_network_takes_rgb_batches_only() -> None:
+    net = SliceNetV1(SliceNetV1Params(in_channels=3, stem_width=8, widths=(8, 16), depths=(1, 1),
+                                      separable=(False, False), dim=16))
+    rgb = TorchEmbedder(net, model_id="rgb", input_size=32, channels=3)
+    assert rgb.channels == 3
+    out = rgb.embed(np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32))
+    assert out.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        rgb.embed(np.zeros((2, 32, 32), dtype=np.float32))
+    # A network made for grey input fails its dry run when told it gets three channels.
+    with pytest.raises(ModelError, match="2 x 3 x 32 x 32"):
+        TorchEmbedder(SliceNetV1(SliceNetV1Params()), model_id="g", input_size=32, channels=3)
+
+
 def test_large_batches_match_one_at_a_time() -> None:
     embedder = TorchEmbedder.from_config(EmbeddingConfig(batch_size=4))
     batch = _slices(11)

@@ -26,6 +26,7 @@ from sidecar.embeddings.decode import FrameMeta, MissingCodecError, PreprocessEr
 from sidecar.embeddings.pixels import fit, window
 from sidecar.embeddings.preprocess import FrameInfo, frame_infos, prepare, sample
 from sidecar.errors import SidecarError
+from sidecar.training.npz import image_dataset, round_trip
 from tests.conftest import make_ct
 
 # The tests were calibrated at 1.5 mm; the shipped default (2.5 mm) is checked separately.
@@ -382,6 +383,65 @@ def test_pydicom_colour_files_to_grey() -> None:
     assert two.frames.shape == (2, 100, 100)
     palette = read_image(pydicom.dcmread(get_testdata_file("examples_palette.dcm")))
     assert palette.frames.shape == (1, 350, 800) and palette.frames.std() > 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm",
+     "SC_rgb_gdcm_KY.dcm"],
+)
+def test_three_channel_input_keeps_colour_in_rgb_order(name: str) -> None:
+    # The same picture as RGB RLE and as YBR_FULL / YBR_FULL_422 / JPEG 2000: the same RGB input.
+    fitted = PreprocessConfig(pixel_spacing_mm=0)  # the 100 px picture fills 64 px: 1.5625 px each
+    reference = prepare(pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")), fitted, 64,
+                        channels=3)
+    other = prepare(pydicom.dcmread(get_testdata_file(name)), fitted, 64, channels=3)
+    assert reference.shape == other.shape == (1, 3, 64, 64)
+    assert float(np.abs(reference - other).mean()) < 0.01
+    # Bands of 10 source rows: red (0-9), green (20-29), blue (40-49), grey 64 (70-79).
+    for row, channel in ((3, 0), (16, 1), (29, 2)):
+        pixel = reference[0, :, row, 32]
+        assert pixel[channel] > 0.9 and np.delete(pixel, channel).max() < 0.1, (row, pixel)
+    grey = reference[0, :, 48, 32]  # one window for the three channels: grey stays grey
+    assert np.ptp(grey) < 0.01 and 0.1 < grey[0] < 0.4
+
+
+def test_three_channel_input_replicates_grey_and_one_channel_sees_luminance() -> None:
+    ct = make_ct(rows=96, cols=80, seed=3)
+    grey = prepare(ct, CFG, 64)
+    rgb = prepare(ct, CFG, 64, channels=3)
+    assert grey.shape == (1, 64, 64) and rgb.shape == (1, 3, 64, 64)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[:, c], grey)
+    colour = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    assert prepare(colour, CFG, 32, channels=3).shape == (2, 3, 32, 32)
+    luminance = prepare(colour, CFG, 32)
+    assert luminance.shape == (2, 32, 32)
+    # Colour picture, one-channel model: the luminance path of before.
+    image = read_image(colour)
+    assert image.rgb is None  # not asked for
+    np.testing.assert_array_equal(
+        luminance[0], fit(window(image.frames[0], image.meta[0], CFG), image.spacing, CFG, 32)
+    )
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        prepare(ct, CFG, 64, channels=2)
+
+
+def test_small_images_are_a_bilinear_upscale_of_their_percentile_window() -> None:
+    # A 28 px Secondary Capture (no spacing, as MedMNIST images are sent): the product's fit is
+    # exactly torch's bilinear upscale (align_corners=False) of the windowed pixels; no block
+    # averaging, padding or half-pixel shift loses anything (measured on the val splits:
+    # docs/design/embeddings.md, "Small images").
+    torch = pytest.importorskip("torch")
+    pixels = np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)
+    ds = image_dataset(pixels, key="small", patient_id="P")
+    ours = prepare(round_trip(ds), PreprocessConfig(), 128)[0]
+    lo, hi = np.percentile(pixels.astype(np.float32), (0.5, 99.5))
+    windowed = np.clip((pixels.astype(np.float32) - lo) / (hi - lo), 0, 1)
+    upscaled = torch.nn.functional.interpolate(
+        torch.from_numpy(windowed)[None, None], size=128, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(ours, np.clip(upscaled, 0, 1), atol=1e-5)
 
 
 def test_resampled_scale_is_physical() -> None:

@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner, Result
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -48,6 +51,7 @@ from sidecar.embeddings import preprocess
 from sidecar.embeddings.codec import from_blob, to_blob
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import TinyEmbedder, TorchEmbedder
+from sidecar.embeddings.network import SliceNetV1, SliceNetV1Params
 from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10, wait_for
@@ -305,6 +309,50 @@ def test_stable_series_is_embedded_and_maps_back(node_factory: Callable[..., Nod
         expected = members.mean(axis=0)
         expected /= np.linalg.norm(expected)
         np.testing.assert_allclose(mean, expected, atol=3e-3)
+
+
+class RecordingEmbedder:
+    """Passes batches on to ``inner`` and records their shapes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.shapes = inner, []
+        self.model_id, self.dim, self.input_size = inner.model_id, inner.dim, inner.input_size
+        self.channels = inner.channels
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes.append(tuple(batch.shape))
+        return self.inner.embed(batch)
+
+
+def test_three_channel_model_gets_colour_in_colour_and_grey_replicated(
+    node_factory: Callable[..., Node],
+) -> None:
+    torch.manual_seed(0)
+    net = SliceNetV1(SliceNetV1Params(in_channels=3, stem_width=8, widths=(8, 16), depths=(1, 1),
+                                      separable=(False, False), dim=16))
+    inner = TorchEmbedder(net, model_id="rgb-test", input_size=64, channels=3)
+    embedder = RecordingEmbedder(inner)
+    node = node_factory(every_slice(), embedder=embedder)
+    colour = dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    grey = ct_series(3)
+    node.put(colour, *grey)
+    node.stabilise()
+    node.open()
+
+    stats = node.emb.worker.run_once()
+
+    assert (stats.instances_embedded, stats.instances_failed) == (4, 0)
+    assert embedder.shapes and all(len(s) == 4 and s[1:] == (3, 64, 64) for s in embedder.shapes)
+    rows = {r.sop: r for r in assert_consistent(node).values()}
+    cfg = node.config.preprocess
+    for ds in (colour, grey[0]):
+        stored = from_blob(rows[str(ds.SOPInstanceUID)].blob, inner.dim)
+        expected = inner.embed(preprocess.prepare(ds, cfg, 64, channels=3))[0]
+        np.testing.assert_allclose(stored, expected, atol=1e-3)  # blobs are float16
+    # What the model saw of the colour image is colour, not its luminance replicated.
+    seen = preprocess.prepare(colour, cfg, 64, channels=3)
+    luminance = np.repeat(preprocess.prepare(colour, cfg, 64)[:, None], 3, axis=1)
+    assert float(np.abs(seen - luminance).max()) > 0.5
 
 
 def test_ingest_watch_sees_arrivals_within_its_window() -> None:
@@ -902,6 +950,7 @@ class BlockingEmbedder:
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
         self.model_id, self.dim, self.input_size = inner.model_id, inner.dim, inner.input_size
+        self.channels = inner.channels
 
     def embed(self, batch):
         self.calls += 1

@@ -1,7 +1,8 @@
 """Decoding one DICOM instance: header facts per frame and pixels in modality units.
 
 ``read_image`` decodes the chosen frames (every transfer syntax with an installed
-codec), turns colour into grey, applies the modality LUT and returns what
+codec), turns colour into grey (and keeps it as RGB on request), applies the
+modality LUT and returns what
 windowing needs per frame (:class:`FrameMeta`). The header helpers here
 (frame count, position along the slice normal, spacing, rescale, file window)
 are shared with slice sampling. Errors are :class:`PreprocessError`;
@@ -21,7 +22,7 @@ import pydicom.uid as dicom_uid
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import Decoder, get_decoder
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
 
 from sidecar.errors import SidecarError
 
@@ -140,6 +141,10 @@ class DecodedImage:
         One :class:`FrameMeta` per frame.
     padding
         ``(F, H, W)`` True where a pixel is Pixel Padding Value, or ``None``.
+    rgb
+        ``(F, H, W, 3)`` float32 RGB in stored units when colour was asked for
+        and the image is colour (YBR_FULL and YBR_FULL_422 converted; JPEG 2000's
+        YBR_ICT and YBR_RCT are RGB once decoded), else ``None``.
     """
 
     frames: F32
@@ -148,6 +153,7 @@ class DecodedImage:
     spacing: tuple[float, float] | None
     meta: tuple[FrameMeta, ...]
     padding: NDArray[np.bool_] | None
+    rgb: F32 | None = None
 
 
 # --------------------------------------------------------------------------- header helpers
@@ -335,8 +341,10 @@ def _padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.bool_] | None
     return mask if bool(mask.any()) else None
 
 
-def read_image(ds: Dataset, frames: Sequence[int] | None = None) -> DecodedImage:
-    """Decode frames to grey float32 in modality units.
+def read_image(
+    ds: Dataset, frames: Sequence[int] | None = None, *, colour: bool = False
+) -> DecodedImage:
+    """Decode frames to grey float32 in modality units (and RGB, on request).
 
     Parameters
     ----------
@@ -346,6 +354,8 @@ def read_image(ds: Dataset, frames: Sequence[int] | None = None) -> DecodedImage
         0-based frame numbers to decode (others are not decoded), or ``None``
         for every frame. The requested frames are held in memory together as
         float32: pass the sampled frames of a large multi-frame object.
+    colour
+        Also return colour images as RGB (:attr:`DecodedImage.rgb`).
 
     Returns
     -------
@@ -407,10 +417,13 @@ def read_image(ds: Dataset, frames: Sequence[int] | None = None) -> DecodedImage
         ) from exc
 
     padding: NDArray[np.bool_] | None = None
+    rgb: F32 | None = None
     rescaled = False
     if samples == 3:
         if arr.ndim != 4:
             raise PreprocessError(f"unexpected decoded shape {arr.shape} for colour data")
+        if colour:
+            rgb = _as_rgb(arr, decoded_pi)
         if decoded_pi.startswith("YBR"):
             grey = arr[..., 0].astype(np.float32)  # Y is the luminance
         else:
@@ -453,7 +466,19 @@ def read_image(ds: Dataset, frames: Sequence[int] | None = None) -> DecodedImage
         spacing=_spacing(ds, wanted[0]),
         meta=meta,
         padding=padding,
+        rgb=rgb,
     )
+
+
+def _as_rgb(arr: NDArray[Any], decoded_pi: str) -> F32 | None:
+    """``(F, H, W, 3)`` RGB float32 from decoded colour samples, or ``None`` if unsupported."""
+    if decoded_pi in ("YBR_FULL", "YBR_FULL_422"):
+        if arr.dtype != np.uint8:
+            return None
+        arr = convert_color_space(arr, "YBR_FULL", "RGB")
+    elif decoded_pi not in ("RGB", "YBR_ICT", "YBR_RCT"):  # YBR_PARTIAL_*: grey is used
+        return None
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _modality_lut(ds: Dataset, arr: NDArray[Any], wanted: list[int]) -> tuple[F32, bool]:

@@ -86,13 +86,19 @@ class Embedder(Protocol):
         """Side ``S`` of the square slices :meth:`embed` accepts."""
         ...
 
+    @property
+    def channels(self) -> int:
+        """1: grey slices ``(N, S, S)``; 3: RGB slices ``(N, 3, S, S)``."""
+        ...
+
     def embed(self, batch: FloatBatch) -> Vectors:
         """Embed a batch of slices.
 
         Parameters
         ----------
         batch
-            ``(N, S, S)`` floating point, values in ``[0, 1]``; ``N`` may be 0.
+            ``(N, S, S)`` (``channels == 1``) or ``(N, 3, S, S)`` (``channels ==
+            3``, RGB) floating point, values in ``[0, 1]``; ``N`` may be 0.
 
         Returns
         -------
@@ -109,10 +115,12 @@ class Embedder(Protocol):
         ...
 
 
-def _check_batch(batch: FloatBatch, size: int) -> npt.NDArray[np.float32]:
+def _check_batch(batch: FloatBatch, size: int, channels: int = 1) -> npt.NDArray[np.float32]:
     arr = np.asarray(batch)
-    if arr.ndim != 3 or arr.shape[1:] != (size, size):
-        raise ValueError(f"expected a batch of shape (N, {size}, {size}), got {arr.shape}")
+    want = (size, size) if channels == 1 else (channels, size, size)
+    if arr.ndim != len(want) + 1 or arr.shape[1:] != want:
+        shape = ", ".join(str(d) for d in ("N", *want))
+        raise ValueError(f"expected a batch of shape ({shape}), got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"expected floating point pixels in [0, 1], got dtype {arr.dtype}")
     out = np.ascontiguousarray(arr, dtype=np.float32)
@@ -380,7 +388,7 @@ class TorchEmbedder:
     Parameters
     ----------
     module
-        Maps ``(N, 1, S, S)`` float32 in [0, 1] to ``(N, D)``; put in eval mode.
+        Maps ``(N, C, S, S)`` float32 in [0, 1] to ``(N, D)``; put in eval mode.
     model_id
         Identifies the vector space (see the module notes).
     input_size
@@ -389,11 +397,13 @@ class TorchEmbedder:
         Most slices per forward pass; larger batches are split.
     source
         The model file, for error messages.
+    channels
+        ``C``: 1 for grey input, 3 for RGB (see :attr:`Embedder.channels`).
 
     Raises
     ------
     ModelError
-        The dry run on a ``(2, 1, S, S)`` batch fails or does not give ``(2, D)``.
+        The dry run on a ``(2, C, S, S)`` batch fails or does not give ``(2, D)``.
     """
 
     def __init__(
@@ -404,21 +414,27 @@ class TorchEmbedder:
         input_size: int,
         batch_size: int = 32,
         source: str = "model",
+        channels: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self._channels = channels
         self._module = module.eval()
         self._model_id = model_id
         self._input_size = input_size
         self._batch_size = batch_size
         self._source = source
-        probe = torch.linspace(0.0, 1.0, 2 * input_size * input_size)
+        probe = torch.linspace(0.0, 1.0, 2 * channels * input_size * input_size)
         try:
             with torch.inference_mode():
-                out = self._module(probe.reshape(2, 1, input_size, input_size))
+                out = self._module(probe.reshape(2, channels, input_size, input_size))
         except Exception as exc:
             raise ModelError(
-                source, f"fails on a 2 x 1 x {input_size} x {input_size} input: {_first_line(exc)}"
+                source,
+                f"fails on a 2 x {channels} x {input_size} x {input_size} input: "
+                f"{_first_line(exc)}",
             ) from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -439,9 +455,11 @@ class TorchEmbedder:
             The weights or TorchScript file is missing, corrupt or does not fit.
         """
         torch.set_num_threads(cfg.threads)
+        channels = 1
         if cfg.model_path is None:
             model, info = load_weights(None)
             module: nn.Module = model
+            channels = model.hparams.in_channels
             model_id = _model_id(info.model_id, info.input_size, cfg.input_size)
             source = str(info.path)
             if not info.trained:
@@ -468,11 +486,12 @@ class TorchEmbedder:
             input_size=cfg.input_size,
             batch_size=cfg.batch_size,
             source=source,
+            channels=channels,
         )
         logger.info(
-            "embedding model %s from %s: input %d x %d, dim %d, batch %d, %d torch threads",
-            model_id, source, cfg.input_size, cfg.input_size, embedder.dim, cfg.batch_size,
-            cfg.threads,
+            "embedding model %s from %s: input %d x %d x %d, dim %d, batch %d, %d torch threads",
+            model_id, source, channels, cfg.input_size, cfg.input_size, embedder.dim,
+            cfg.batch_size, cfg.threads,
         )
         return embedder
 
@@ -492,23 +511,30 @@ class TorchEmbedder:
         return self._input_size
 
     @property
+    def channels(self) -> int:
+        """1 (grey) or 3 (RGB) input channels."""
+        return self._channels
+
+    @property
     def batch_size(self) -> int:
         """Most slices per forward pass."""
         return self._batch_size
 
     def embed(self, batch: FloatBatch) -> Vectors:
-        """Embed ``(N, S, S)`` slices in [0, 1] as ``(N, dim)`` unit rows (see :class:`Embedder`).
+        """Embed slices in [0, 1] as ``(N, dim)`` unit rows (see :class:`Embedder`).
 
         Runs under ``torch.inference_mode`` in chunks of ``batch_size``; the
         module is not modified, so calls from several threads are safe.
         """
-        arr = _check_batch(batch, self._input_size)
+        arr = _check_batch(batch, self._input_size, self._channels)
         n = arr.shape[0]
         result = np.empty((n, self._dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
                 stop = min(start + self._batch_size, n)
-                x = torch.from_numpy(arr[start:stop]).unsqueeze(1)
+                x = torch.from_numpy(arr[start:stop])
+                if self._channels == 1:
+                    x = x.unsqueeze(1)
                 out = self._module(x)
                 result[start:stop] = self._normalised(out, stop - start)
         return result
@@ -573,6 +599,11 @@ class TinyEmbedder:
     def input_size(self) -> int:
         """Side of the square input slices."""
         return self._input_size
+
+    @property
+    def channels(self) -> int:
+        """Always 1: grey slices."""
+        return 1
 
     def embed(self, batch: FloatBatch) -> Vectors:
         """Embed ``(N, S, S)`` slices in [0, 1] as unit rows (see :class:`Embedder`)."""

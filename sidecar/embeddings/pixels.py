@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from sidecar.config import PreprocessConfig
 from sidecar.embeddings.decode import FrameMeta
 
-__all__ = ["fit", "window"]
+__all__ = ["fit", "window", "window_rgb"]
 
 # SimpleITK ships py.typed but its SWIG functions are unannotated: use it as Any.
 sitk: Any = _sitk
@@ -98,6 +98,18 @@ def window(
         np.subtract(np.float32(1.0), out, out=out)
     if padding is not None:
         out[padding] = 0.0
+    return out
+
+
+def window_rgb(frame: NDArray[Any], cfg: PreprocessConfig) -> F32:
+    """Map one ``(H, W, 3)`` RGB frame to float32 in [0, 1], keeping its hues.
+
+    One percentile window over the three channels together (as :func:`window`
+    scales grey images without modality units), so the channels keep their
+    ratios; colour images have no VOI LUT to honour.
+    """
+    out = _percentile_scale(frame, cfg, None)
+    np.clip(out, 0.0, 1.0, out=out)
     return out
 
 

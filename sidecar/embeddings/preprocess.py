@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 
 from sidecar.config import PreprocessConfig
 from sidecar.embeddings.decode import frame_positions, instance_number, number_of_frames, read_image
-from sidecar.embeddings.pixels import fit, window
+from sidecar.embeddings.pixels import fit, window, window_rgb
 
 __all__ = ["FrameInfo", "frame_infos", "prepare", "sample"]
 
@@ -152,7 +152,11 @@ def sample(infos: Sequence[FrameInfo[K]], cfg: PreprocessConfig) -> list[K]:
 
 
 def prepare(
-    ds: Dataset, cfg: PreprocessConfig, size: int, frames: Sequence[int] | None = None
+    ds: Dataset,
+    cfg: PreprocessConfig,
+    size: int,
+    frames: Sequence[int] | None = None,
+    channels: int = 1,
 ) -> F32:
     """Model input for frames of one instance: decode, window, fit.
 
@@ -167,11 +171,16 @@ def prepare(
     frames
         0-based frame numbers (e.g. those :func:`sample` chose), or ``None``
         for every frame.
+    channels
+        The model's input channels (``Embedder.channels``): 1, colour turned
+        into luminance; 3, colour kept as RGB (:func:`window_rgb`, each
+        channel fitted alike) and grey replicated.
 
     Returns
     -------
     numpy.ndarray
-        ``(n, size, size)`` float32 in [0, 1], one slice per requested frame.
+        ``(n, size, size)`` (one channel) or ``(n, 3, size, size)`` float32 in
+        [0, 1], one slice per requested frame.
 
     Raises
     ------
@@ -180,13 +189,21 @@ def prepare(
     MissingCodecError
         As :func:`read_image`.
     ValueError
-        ``size`` is not positive.
+        ``size`` is not positive or ``channels`` is neither 1 nor 3.
     """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    image = read_image(ds, frames)
-    out = np.empty((len(image.indices), size, size), dtype=np.float32)
-    for i in range(len(image.indices)):
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    image = read_image(ds, frames, colour=channels == 3)
+    n = len(image.indices)
+    out = np.empty((n, size, size) if channels == 1 else (n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        if image.rgb is not None:
+            rgb01 = window_rgb(image.rgb[i], cfg)
+            for c in range(3):
+                out[i, c] = fit(rgb01[..., c], image.spacing, cfg, size)
+            continue
         pad = None if image.padding is None else image.padding[i]
         out[i] = fit(window(image.frames[i], image.meta[i], cfg, pad), image.spacing, cfg, size)
     return out

@@ -135,7 +135,8 @@ def weights_embedder(path: Path, cfg: EmbeddingConfig) -> TorchEmbedder:
     size = cfg.input_size
     model_id = info.model_id if size == info.input_size else f"{info.model_id}-s{size}"
     return TorchEmbedder(module, model_id=model_id, input_size=size,
-                         batch_size=cfg.batch_size, source=str(path))
+                         batch_size=cfg.batch_size, source=str(path),
+                         channels=module.hparams.in_channels)
 
 
 def builtin_model_id(cfg: EmbeddingConfig) -> str:

@@ -247,7 +247,8 @@ class EmbeddingWorker:
             t0 = time.perf_counter()
             try:
                 ds = read_stored(self._storage, paths[inst_pk])
-                prepared = preprocess.prepare(ds, cfg.preprocess, size, frames=sorted(frames))
+                prepared = preprocess.prepare(ds, cfg.preprocess, size, frames=sorted(frames),
+                                              channels=self._embedder.channels)
             except Exception as exc:  # noqa: BLE001 - recorded on the instance
                 failures[inst_pk] = f"cannot prepare pixels: {exc}"
                 stats.stage_seconds["preprocess"] += time.perf_counter() - t0

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from sidecar.config import Config
 from sidecar.embeddings import model as m
 from sidecar.embeddings.model import Embedder
+from sidecar.embeddings.registry import weights_embedder
 from sidecar.lab.metrics import cosine_ranking, majority_rate, raw_pixel_vectors, retrieval_metrics
 from sidecar.lab.neardup import (
     NEAR_DUP_SAMPLE,
@@ -51,7 +52,8 @@ def embed_datasets(
     """Path (a) vectors: :func:`prepare_datasets` then ``embedder.embed``, in batches."""
     parts: list[F32] = []
     for start in range(0, len(datasets), batch):
-        prepared = prepare_datasets(datasets[start:start + batch], config, embedder.input_size)
+        prepared = prepare_datasets(datasets[start:start + batch], config, embedder.input_size,
+                                    embedder.channels)
         parts.append(np.asarray(embedder.embed(prepared), dtype=np.float32))
     if not parts:
         return np.zeros((0, embedder.dim), dtype=np.float32)
@@ -135,18 +137,15 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
         return m.load_embedder(config.embedding)
     if not path.with_suffix(".json").is_file():
         return m.load_embedder(config.embedding.model_copy(update={"model_path": path}))
-    module, info = m.load_weights(path)
-    # the thread count from_config would set (torch is only imported in sidecar.embeddings)
-    getattr(m, "torch").set_num_threads(config.embedding.threads)  # noqa: B009
-    size = config.embedding.input_size
-    model_id = info.model_id if size == info.input_size else f"{info.model_id}-s{size}"
-    if size != info.input_size:
+    embedder = weights_embedder(path, config.embedding)
+    _, info = m.load_weights(path)
+    if config.embedding.input_size != info.input_size:
         logger.warning("embedding.input_size %d differs from the %d the weights %s were made "
-                       "for; model id %s", size, info.input_size, path.name, model_id)
+                       "for; model id %s", config.embedding.input_size, info.input_size,
+                       path.name, embedder.model_id)
     if not info.trained:
         logger.warning("weights %s are marked as not trained", path.name)
-    return m.TorchEmbedder(module, model_id=model_id, input_size=size,
-                           batch_size=config.embedding.batch_size, source=str(path))
+    return embedder
 
 
 def evaluate(

@@ -71,7 +71,7 @@ def embed_images(
             try:
                 arrays.append(preprocess.prepare(
                     datasets[i], cfg.preprocess, embedder.input_size,
-                    frames=sorted(chosen),
+                    frames=sorted(chosen), channels=embedder.channels,
                 ))
             except Exception as exc:  # noqa: BLE001 - as the worker: the image is unusable
                 raise BadQuery(

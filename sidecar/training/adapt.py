@@ -350,7 +350,8 @@ def _candidate_embedder(state: Any, base_module: Any, current: Embedder, model_i
     module = SliceNetV1(base_module.hparams)
     module.load_state_dict(state, strict=True)
     return TorchEmbedder(module, model_id=model_id, input_size=current.input_size,
-                         batch_size=getattr(current, "batch_size", 32), source="candidate")
+                         batch_size=getattr(current, "batch_size", 32), source="candidate",
+                         channels=module.hparams.in_channels)
 
 
 def run_adaptation(

@@ -256,13 +256,18 @@ def round_trip(ds: Dataset) -> Dataset:
     return dcmread(io.BytesIO(buf.getvalue()))
 
 
-def prepare_datasets(datasets: Sequence[Dataset], config: Config, size: int) -> F32:
+def prepare_datasets(
+    datasets: Sequence[Dataset], config: Config, size: int, channels: int = 1
+) -> F32:
     """Model input for one-frame datasets, exactly as the embedding worker prepares them.
 
     Each dataset is written and read back (:func:`round_trip`), then
-    ``preprocess.prepare(ds, config.preprocess, size, frames=[0])``.
+    ``preprocess.prepare(ds, config.preprocess, size, frames=[0], channels=channels)``:
+    ``(N, S, S)``, or ``(N, 3, S, S)`` for three channels.
     """
-    out = np.empty((len(datasets), size, size), dtype=np.float32)
+    shape = (len(datasets), size, size) if channels == 1 else (len(datasets), 3, size, size)
+    out = np.empty(shape, dtype=np.float32)
     for i, ds in enumerate(datasets):
-        out[i] = preprocess.prepare(round_trip(ds), config.preprocess, size, frames=[0])[0]
+        out[i] = preprocess.prepare(round_trip(ds), config.preprocess, size, frames=[0],
+                                    channels=channels)[0]
     return out
