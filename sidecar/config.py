@@ -551,13 +551,25 @@ class HttpConfig(_Section):
     enabled: bool = Field(False, description="Serve the HTTP API in `sidecar serve`.")
     bind_address: str = Field(
         "127.0.0.1",
-        description="Address to listen on. The API has no authentication: a non-loopback "
-        "address needs allow_remote: true (put a reverse proxy with TLS and authentication "
-        "in front).",
+        description="Address to listen on. A non-loopback address needs allow_remote: true, "
+        "and bearer tokens are then required (http.auth).",
     )
     port: int = Field(8142, ge=1, le=65535, description="TCP port of the HTTP API.")
     allow_remote: bool = Field(
-        False, description="Allow a bind_address other than loopback (no authentication!)."
+        False, description="Allow a bind_address other than loopback (clients then need a "
+        "bearer token: http.auth cannot be none)."
+    )
+    auth: Literal["auto", "token", "none"] = Field(
+        "auto",
+        description="Bearer tokens (sidecar token create): `token` requires one on every route "
+        "but /healthz; `auto` requires one when bind_address is beyond loopback and, on "
+        "loopback, serves requests without one (a token presented is still checked and its "
+        "scopes apply); `none` never asks (loopback only: refused with any other bind_address).",
+    )
+    metrics_auth: bool = Field(
+        True,
+        description="GET /metrics needs a token with scope metrics (or admin) whenever tokens "
+        "are required; false serves it without one, like /healthz.",
     )
     max_upload_mb: int = Field(
         64, ge=1, le=4096, description="Largest DICOM file accepted by POST /v1/search, in MB."
@@ -572,12 +584,29 @@ class HttpConfig(_Section):
             raise ValueError("must be an IP address such as 127.0.0.1") from exc
         return v
 
+    @property
+    def loopback(self) -> bool:
+        """Whether the API listens on a loopback address only."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether a request without a bearer token is refused (``/healthz`` aside)."""
+        return self.auth == "token" or (self.auth == "auto" and not self.loopback)
+
     @model_validator(mode="after")
     def _loopback(self) -> HttpConfig:
-        if not self.allow_remote and not ipaddress.ip_address(self.bind_address).is_loopback:
+        if not self.allow_remote and not self.loopback:
             raise ValueError(
-                f"bind_address {self.bind_address} is not loopback: the HTTP API has no "
-                "authentication; set allow_remote: true to serve it anyway"
+                f"bind_address {self.bind_address} is not loopback: set allow_remote: true "
+                "to serve the HTTP API beyond this host (bearer tokens are then required, "
+                "see http.auth)"
+            )
+        if self.auth == "none" and not self.loopback:
+            raise ValueError(
+                f"http.auth is none but http.bind_address {self.bind_address} is beyond "
+                "loopback: the HTTP API refuses to serve the network without authentication; "
+                "set http.auth: token (or auto) and create tokens with sidecar token create"
             )
         return self
 

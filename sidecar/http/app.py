@@ -1,8 +1,8 @@
 """The HTTP API: similarity search, health and Prometheus metrics (FastAPI on uvicorn).
 
 Off by default (``http.enabled``); when on it listens on loopback unless
-``http.allow_remote`` (it has no authentication: put a reverse proxy with TLS
-and authentication in front to serve it further).
+``http.allow_remote``. Bearer tokens and the scope of each route:
+``sidecar.http.auth`` (``http.auth``, ``http.metrics_auth``).
 
 Routes, answers, error kinds and logging: docs/http-api.md.
 """
@@ -40,6 +40,8 @@ from sidecar.errors import (
     SearchError,
     SidecarError,
 )
+from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
+from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.search.front import QueryService, Requester, SimilarityRequest
 from sidecar.search.types import Level, Reference, SearchFilters, SearchResult
@@ -254,8 +256,10 @@ def _reject_unknown(request: Request, known: frozenset[str]) -> None:
 
 
 def _requester(request: Request) -> Requester:
+    """The client: its token's name when it sent one, else its address."""
     host = request.client.host if request.client is not None else ""
-    return Requester("http", name=host, address=host)
+    token_name = request.scope.get("state", {}).get("token_name")
+    return Requester("http", name=str(token_name or host), address=host)
 
 
 def _filters(modality: Sequence[str], study_date: str, body_part: str) -> SearchFilters:
@@ -333,6 +337,9 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     *,
     max_upload_mb: int = 64,
+    tokens: TokenStore | None = None,
+    http_config: HttpConfig | None = None,
+    on_security_event: SecurityEventHandler = log_security_event,
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
 
@@ -350,6 +357,15 @@ def create_app(
         ``"status"``. A health callable that raises counts as unhealthy.
     max_upload_mb
         Largest body of ``POST /v1/search``, in MiB (``http.max_upload_mb``).
+    tokens
+        The catalogue's bearer tokens: with them, each route asks what
+        ``http_config`` says (:class:`~sidecar.http.auth.Access`); without,
+        nothing is asked (tests of the routes themselves).
+    http_config
+        The ``http`` section (``auth``, ``metrics_auth``, ``bind_address``).
+    on_security_event
+        Called for every refused token or missing scope: ``(kind, token_name,
+        remote, path)``; the default logs a WARNING.
 
     Returns
     -------
@@ -368,6 +384,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(_BodyError, _on_body_error)
+    if tokens is not None:  # inside _Guard: a refused body is still drained there
+        app.add_middleware(Access, config=http_config or HttpConfig.model_validate({}),
+                           tokens=tokens, on_security_event=on_security_event)
     app.add_middleware(_Guard)
 
     def answer(request: SimilarityRequest, requester: Requester) -> JSONResponse:
