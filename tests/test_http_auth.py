@@ -8,10 +8,12 @@ catalogue the CLI wrote. Servers run uvicorn on loopback as in test_http.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -24,8 +26,9 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from scripts.tls_pki import OPENSSL, Pki, make_pki
 from sidecar.cli.main import main
-from sidecar.config import HttpConfig, load_config
+from sidecar.config import HttpConfig, HttpTlsConfig, load_config
 from sidecar.db.tokens import TokenRow
 from sidecar.errors import ConfigError
 from sidecar.http.app import HttpServer, create_app
@@ -440,3 +443,105 @@ def test_serve_with_tokens_end_to_end(tmp_path: Path) -> None:
     assert token not in text and token[4:20] not in text
     assert "Bearer sct_" not in text and "authorization" not in log.read_text().lower()
 
+
+
+# ---------------------------------------------------------------- mutual TLS
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if OPENSSL is None:
+        pytest.skip("openssl command not installed")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def client_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def https_get(url: str, ctx: ssl.SSLContext | None, token: str | None = None) -> int:
+    req = urllib.request.Request(url, headers=bearer(token) if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+def tls_config(pki: Pki, **extra: Any) -> HttpTlsConfig:
+    return HttpTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key,
+                         ca_certificates=pki.ca, **extra)
+
+
+def test_mutual_tls_and_tokens(node: Node, pki: Pki) -> None:
+    config = HttpConfig(port=free_port(), auth="token", tls=tls_config(pki))
+    server = HttpServer(config, create_app(node.query, Metrics(), lambda: {"ok": True},
+                                           tokens=TokenStore(node.archive.engine),
+                                           http_config=config))
+    host, port = server.start()
+    assert server.scheme == "https"
+    token = create(node.cfg, "tls-client", "query")
+    try:
+        url = f"https://localhost:{port}/v1/similar?study={node.uid('R')}"
+        good = client_context(pki, pki.client_cert, pki.client_key)
+        assert https_get(url, good, token) == 200
+        assert https_get(url, good) == 401  # a certificate does not replace the token
+        assert https_get(f"https://localhost:{port}/healthz", good) == 200
+        for ctx in (client_context(pki), client_context(pki, pki.rogue_cert, pki.rogue_key)):
+            with pytest.raises((OSError, http.client.HTTPException)):
+                https_get(f"https://localhost:{port}/healthz", ctx)
+        with pytest.raises((OSError, http.client.HTTPException)):
+            https_get(f"http://{host}:{port}/healthz", None)  # plain HTTP
+    finally:
+        server.stop()
+        cli(node.cfg, "token", "revoke", "tls-client")
+
+
+def test_https_without_client_certificates(node: Node, pki: Pki) -> None:
+    config = HttpConfig(port=free_port(), auth="token",
+                        tls=tls_config(pki, require_client_certificate=False))
+    server = HttpServer(config, create_app(node.query, Metrics(), lambda: {"ok": True},
+                                           tokens=TokenStore(node.archive.engine),
+                                           http_config=config))
+    _, port = server.start()
+    try:
+        assert https_get(f"https://localhost:{port}/healthz", client_context(pki)) == 200
+        with pytest.raises((OSError, http.client.HTTPException)):  # a bad certificate still fails
+            https_get(f"https://localhost:{port}/healthz",
+                      client_context(pki, pki.rogue_cert, pki.rogue_key))
+    finally:
+        server.stop()
+
+
+def test_client_certificates_may_replace_tokens_beyond_loopback(pki: Pki) -> None:
+    cfg = HttpConfig(bind_address="0.0.0.0", allow_remote=True, auth="none", tls=tls_config(pki))
+    assert not cfg.tokens_required
+    assert describe(cfg) == ("HTTP API: no bearer tokens (http.auth: none, client certificates "
+                             "only); tokens sent are ignored; HTTPS with client certificates "
+                             "required (http.tls)")
+    with pytest.raises(ValueError, match="http.auth is none"):
+        HttpConfig(bind_address="0.0.0.0", allow_remote=True, auth="none",
+                   tls=tls_config(pki, require_client_certificate=False))
+    with pytest.raises(ValueError, match="http.tls.ca_certificates is not set"):
+        HttpTlsConfig(enabled=True, certificate=pki.server_cert, private_key=pki.server_key)
+
+
+@pytest.mark.usefixtures("cli_isolation")
+def test_bad_https_files_are_named(tmp_path: Path, pki: Pki, node: Node) -> None:
+    missing = tmp_path / "nope.pem"
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "storage": {"data_dir": str(tmp_path / "data"), "min_free_mb": 1},
+        "http": {"enabled": True, "port": free_port(), "tls": {
+            "enabled": True, "certificate": str(missing), "private_key": str(pki.server_key),
+            "ca_certificates": str(pki.ca)}},
+    }))
+    for command in ("check-config", "serve"):
+        result = CliRunner().invoke(main, ["--config", str(cfg), command])
+        assert result.exit_code == 1, result.output
+        assert f"http.tls.certificate: {missing} does not exist" in result.output
+    wrong = tls_config(pki).model_copy(update={"private_key": pki.client_key})
+    with pytest.raises(ConfigError, match="http.tls: cannot use certificate"):
+        HttpServer(HttpConfig(tls=wrong), create_app(node.query, Metrics(), lambda: {"ok": True}))

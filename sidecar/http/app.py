@@ -2,7 +2,8 @@
 
 Off by default (``http.enabled``); when on it listens on loopback unless
 ``http.allow_remote``. Bearer tokens and the scope of each route:
-``sidecar.http.auth`` (``http.auth``, ``http.metrics_auth``).
+``sidecar.http.auth`` (``http.auth``, ``http.metrics_auth``); HTTPS and
+client certificates: ``sidecar.http.tls`` (``http.tls``).
 
 Routes, answers, error kinds and logging: docs/http-api.md.
 """
@@ -13,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -41,6 +43,7 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
+from sidecar.http.tls import server_context
 from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.search.front import QueryService, Requester, SimilarityRequest
@@ -539,14 +542,21 @@ class HttpServer:
     Parameters
     ----------
     config
-        The ``http`` section (``bind_address`` and ``port``; port 0 picks a free port).
+        The ``http`` section (``bind_address`` and ``port``; port 0 picks a free port;
+        ``tls``: HTTPS, its files loaded here).
     app
         The ASGI application (:func:`create_app`).
+
+    Raises
+    ------
+    ConfigError
+        ``http.tls`` is on and one of its files is missing or unusable.
     """
 
     def __init__(self, config: HttpConfig, app: ASGIApp) -> None:
         self._config = config
         self._app = app
+        self._tls = server_context(config.tls) if config.tls.enabled else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -580,6 +590,7 @@ class HttpServer:
             proxy_headers=True,
             forwarded_allow_ips="127.0.0.1,::1",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+            ssl_context_factory=self._ssl_context if self._tls is not None else None,
         )
         server = _Server(uv_config)
         self._server = server
@@ -599,8 +610,18 @@ class HttpServer:
                 raise HttpServerError(f"the HTTP API did not start on {host}:{port}{why}")
             time.sleep(0.01)
         self.address = (str(host), int(port))
-        logger.info("HTTP API listening on http://%s:%d", *self._url_parts(host, port))
+        logger.info("HTTP API listening on %s://%s:%d", self.scheme, *self._url_parts(host, port))
         return self.address
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with ``http.tls``, else ``http``."""
+        return "https" if self._tls is not None else "http"
+
+    def _ssl_context(self, _config: uvicorn.Config,
+                     _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        assert self._tls is not None  # only handed to uvicorn with TLS on
+        return self._tls
 
     @staticmethod
     def _url_parts(host: str, port: int) -> tuple[str, int]:

@@ -59,11 +59,15 @@ def needed_scope(path: str, config: HttpConfig) -> str:
 
 def describe(config: HttpConfig) -> str:
     """One line for the start-up log: what the HTTP API asks of its clients."""
+    return _describe(config) + _describe_tls(config)
+
+
+def _describe(config: HttpConfig) -> str:
     metrics = ("/metrics needs scope metrics" if config.metrics_auth
                else "/metrics open (http.metrics_auth: false)")
     if config.auth == "none":
-        return ("HTTP API: no bearer tokens (http.auth: none, loopback only); "
-                "tokens sent are ignored")
+        where = "loopback" if config.loopback else "client certificates only"
+        return f"HTTP API: no bearer tokens (http.auth: none, {where}); tokens sent are ignored"
     if config.tokens_required:
         why = ("http.auth: token" if config.auth == "token"
                else f"http.auth: auto and bind_address {config.bind_address} is beyond loopback")
@@ -72,6 +76,14 @@ def describe(config: HttpConfig) -> str:
     return (f"HTTP API: http.auth: auto{assumed} and bind_address {config.bind_address} is "
             "loopback: requests without a token are served, a token sent is checked and its "
             "scopes apply; set http.auth: token to require one (and behind a reverse proxy)")
+
+
+def _describe_tls(config: HttpConfig) -> str:
+    if not config.tls.enabled:
+        return ""
+    if config.tls.require_client_certificate:
+        return "; HTTPS with client certificates required (http.tls)"
+    return "; HTTPS without client certificates (http.tls)"
 
 
 def _bearer(scope: Scope) -> tuple[bool, str]:

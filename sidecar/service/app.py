@@ -227,7 +227,7 @@ class Sidecar:
             self.address = (self.config.dicom.bind_address, self.config.dicom.port)
         if self.http is not None:
             host, port = self.http.start()
-            logger.info("HTTP API listening on http://%s:%s", host, port)
+            logger.info("HTTP API listening on %s://%s:%s", self.http.scheme, host, port)
         return self.address
 
     def stop(self) -> None:
