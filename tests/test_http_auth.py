@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from click.testing import CliRunner, Result
 
 from scripts.tls_pki import OPENSSL, Pki, make_pki
 from sidecar.cli.main import main
-from sidecar.config import HttpConfig, HttpTlsConfig, load_config
+from sidecar.config import Config, HttpConfig, HttpTlsConfig, load_config
 from sidecar.db.tokens import TokenRow
 from sidecar.errors import ConfigError
 from sidecar.http.app import HttpServer, create_app
@@ -36,6 +36,7 @@ from sidecar.http.auth import ROUTE_SCOPES, describe, needed_scope
 from sidecar.http.tokens import TokenError, TokenStore, digest
 from sidecar.metrics import Metrics
 from sidecar.search.front import QueryService
+from sidecar.service.app import Sidecar
 from tests.conftest import _NAMED_LOGGERS, free_port, wait_for
 from tests.test_http import Answer, Client
 from tests.test_search import LAYOUT, Archive, build_archive
@@ -545,3 +546,17 @@ def test_bad_https_files_are_named(tmp_path: Path, pki: Pki, node: Node) -> None
     wrong = tls_config(pki).model_copy(update={"private_key": pki.client_key})
     with pytest.raises(ConfigError, match="http.tls: cannot use certificate"):
         HttpServer(HttpConfig(tls=wrong), create_app(node.query, Metrics(), lambda: {"ok": True}))
+
+
+def test_an_upgraded_loopback_config_is_served_and_says_what_it_assumed(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Today's config (no http.auth, loopback): served without tokens, a WARNING says so."""
+    port = free_port()
+    with caplog.at_level(logging.INFO, logger="sidecar.service.app"):
+        sidecar_factory(config_factory({"http": {"enabled": True, "port": port}}))
+    said = [r for r in caplog.records if "http.auth: auto (not set: assumed)" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, caplog.text
+    assert https_get(f"http://127.0.0.1:{port}/metrics", None) == 200
+    assert https_get(f"http://127.0.0.1:{port}/metrics", None, "sct_" + "E" * 43) == 401
