@@ -130,7 +130,9 @@ class TokenStore:
             return Verdict("revoked", row)
         if row.expires_at is not None and row.expires_at <= now:
             return Verdict("expired", row)
-        touch(self._engine, wanted, now, now - self._touch)
+        stale = now - self._touch
+        if row.last_used_at is None or row.last_used_at < stale:  # else no write at all
+            touch(self._engine, wanted, now, stale)
         return Verdict("ok", row)
 
     def list(self, *, include_revoked: bool = False) -> list[TokenRow]:
