@@ -12,6 +12,7 @@ import yaml
 from sidecar.cli.options import config_option, load, logger
 from sidecar.dicom.tls import checked_certificate
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.http.tls import server_context
 from sidecar.sdnotify import notify
 from sidecar.service.app import Sidecar
 
@@ -24,9 +25,14 @@ def check_config(ctx: click.Context) -> None:
 
     With dicom.tls.enabled, also loads the certificate, key and CA files and
     prints until when the certificate is valid (a warning within 30 days; an
-    expired one is an error).
+    expired one is an error); with http.tls.enabled, loads its files too.
     """
     cfg = load(ctx)
+    if cfg.http.tls.enabled:
+        try:
+            server_context(cfg.http.tls)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
     cert_line = None
     if cfg.dicom.tls.enabled:
         try:
