@@ -24,7 +24,7 @@ from torture.node import HarnessError, Node
 from torture.traffic import SendLog, dataset_offset, send_files, write_series
 
 # Statuses that say what was wrong (PS3.4 B.2.3 and PS3.7 C): anything else is a finding.
-SPECIFIC = {0x0000, 0x0107, 0x0116, 0x0122, 0x0124, 0xB000, 0xB006, 0xB007}
+SPECIFIC = {0x0000, 0x0107, 0x0111, 0x0116, 0x0117, 0x0122, 0x0124, 0xB000, 0xB006, 0xB007}
 SPECIFIC_RANGES = ((0xA700, 0xA7FF), (0xA900, 0xA9FF), (0xC000, 0xCFFF))
 # Real files with pixel data: seeds for the mutations (pydicom's own test files).
 SEEDS = (
@@ -39,7 +39,7 @@ def _seed_files(extra: Sequence[Path]) -> list[Path]:
     out: list[Path] = []
     for name in SEEDS:
         try:
-            out.append(Path(get_testdata_file(name)))  # type: ignore[arg-type]
+            out.append(Path(get_testdata_file(name, download=False)))  # type: ignore[arg-type]
         except (ValueError, TypeError):
             continue
     out.extend(p for p in extra if p.is_file() and p.stat().st_size < 4_000_000)
