@@ -8,15 +8,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from torture import fuzz, kill9
+from torture import concurrency, fuzz, kill9
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torture", description=__doc__)
-    parser.add_argument("campaign", choices=["kill9", "fuzz", "all"])
+    parser.add_argument("campaign", choices=["kill9", "fuzz", "concurrency", "all"])
     parser.add_argument("--cycles", type=int, default=50, help="kill9 cycles (default 50)")
     parser.add_argument("--per-cycle", type=int, default=60, help="instances sent per cycle")
     parser.add_argument("--inputs", type=int, default=1000, help="fuzz: malformed datasets")
+    parser.add_argument("--associations", type=int, default=8, help="concurrency: senders")
+    parser.add_argument("--per-association", type=int, default=500,
+                        help="concurrency: instances each association sends")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None,
                         help="working directory (default: a temporary one, removed after)")
@@ -38,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             for line in frep.lines():
                 print(line, flush=True)
             failed |= not frep.ok
+        if args.campaign in ("concurrency", "all"):
+            crep = concurrency.run(work / "concurrency", associations=args.associations,
+                                   per_association=args.per_association, seed=args.seed)
+            for line in crep.lines():
+                print(line, flush=True)
+            failed |= not crep.ok
     return 1 if failed else 0
 
 
