@@ -1,11 +1,14 @@
 """Slice embedders: the :class:`Embedder` contract and loading model files into one.
 
-An embedder turns ``(N, S, S)`` slices in [0, 1] into ``(N, dim)`` float32 unit
-rows and names its vector space by ``model_id``. :class:`TorchEmbedder` runs the
-built-in SliceNetV1 weights (:func:`load_weights`) or a TorchScript file
-(``embedding.model_path``, :func:`load_torchscript`, :func:`export_torchscript`);
-:class:`TinyEmbedder` is a pure-numpy stand-in for unit tests. The contract, the
-model id rules and the thread setting are in docs/design/embeddings.md.
+An embedder turns ``(N, S, S)`` grey (or ``(N, 3, S, S)`` RGB, when its
+``channels`` is 3) slices in [0, 1] into ``(N, dim)`` float32 unit rows and names
+its vector space by ``model_id``. :class:`TorchEmbedder` runs the built-in
+SliceNetV1 weights (:func:`load_weights`) or a TorchScript file
+(``embedding.model_path``, :func:`load_torchscript`, :func:`export_torchscript`;
+deprecated by torch); a ``.onnx`` model_path is run by onnxruntime
+(:mod:`sidecar.embeddings.onnx_model`). :class:`TinyEmbedder` is a pure-numpy
+stand-in for unit tests. The contract, the model id rules and the thread setting
+are in docs/design/embeddings.md.
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from sidecar.config import EmbeddingConfig
+
+# ModelError, FloatBatch and Vectors live in modelbase (shared with the ONNX embedder)
+from sidecar.embeddings.modelbase import FloatBatch as FloatBatch
+from sidecar.embeddings.modelbase import ModelError as ModelError
+from sidecar.embeddings.modelbase import Vectors as Vectors
+from sidecar.embeddings.modelbase import check_batch, first_line
+from sidecar.embeddings.modelbase import read_model_bytes as _read_bytes
 from sidecar.embeddings.network import (
     ARCHITECTURES,
     MODEL_ID_HEX,
@@ -37,33 +46,14 @@ from sidecar.embeddings.network import (
     builtin_weights_path,
     file_model_id,
 )
-from sidecar.errors import SidecarError
 from sidecar.files import write_durably
 
 logger = logging.getLogger(__name__)
 
 TORCHSCRIPT_META: Final = "sidecar.json"
 """Name of the metadata record that :func:`export_torchscript` adds to a TorchScript file."""
-
-FloatBatch = npt.NDArray[np.floating[Any]]
-Vectors = npt.NDArray[np.float32]
-
-
-class ModelError(SidecarError):
-    """A model file is missing, unreadable or does not fit, or a model misbehaves.
-
-    Parameters
-    ----------
-    path
-        The weights, JSON or TorchScript file concerned.
-    problem
-        What is wrong with it.
-    """
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"model file {self.path}: {problem}")
+ONNX_SUFFIX: Final = ".onnx"
+"""An ``embedding.model_path`` ending so (any case) is an ONNX model; any other is TorchScript."""
 
 
 # --------------------------------------------------------------------- interface
@@ -86,6 +76,11 @@ class Embedder(Protocol):
         """Side ``S`` of the square slices :meth:`embed` accepts."""
         ...
 
+    @property
+    def channels(self) -> int:
+        """1: the model takes grey slices ``(N, S, S)``; 3: RGB slices ``(N, 3, S, S)``."""
+        ...
+
     def embed(self, batch: FloatBatch) -> Vectors:
         """Embed a batch of slices.
 
@@ -93,6 +88,8 @@ class Embedder(Protocol):
         ----------
         batch
             ``(N, S, S)`` floating point, values in ``[0, 1]``; ``N`` may be 0.
+            With ``channels == 3``: ``(N, 3, S, S)``, RGB order (grey
+            ``(N, S, S)`` slices are replicated into the three channels).
 
         Returns
         -------
@@ -104,42 +101,15 @@ class Embedder(Protocol):
         ValueError
             The batch has the wrong shape or holds NaN or infinite values.
         ModelError
-            The model produced unusable output (TorchScript models only).
+            The model produced unusable output (model files only).
         """
         ...
-
-
-def _check_batch(batch: FloatBatch, size: int) -> npt.NDArray[np.float32]:
-    arr = np.asarray(batch)
-    if arr.ndim != 3 or arr.shape[1:] != (size, size):
-        raise ValueError(f"expected a batch of shape (N, {size}, {size}), got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"expected floating point pixels in [0, 1], got dtype {arr.dtype}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not out.flags.writeable:  # torch.from_numpy warns on read-only arrays
-        out = out.copy()
-    if not np.isfinite(out).all():
-        raise ValueError("batch holds NaN or infinite values")
-    return out
 
 
 # ------------------------------------------------------------------ files, ids
 def _model_id(file_id: str, native_size: int | None, input_size: int) -> str:
     return file_id if native_size == input_size else f"{file_id}-s{input_size}"
 
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelError(path, "file not found") from exc
-    except OSError as exc:
-        raise ModelError(path, f"cannot read: {exc.strerror or exc}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write a model file durably (:func:`sidecar.files.write_durably`), creating its folder.
@@ -209,7 +179,7 @@ def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:
     try:
         desc = json.loads(_read_bytes(json_path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(json_path, f"not valid JSON ({_first_line(exc)})") from exc
+        raise ModelError(json_path, f"not valid JSON ({first_line(exc)})") from exc
     if not isinstance(desc, dict):
         raise ModelError(json_path, "not a JSON object")
     sha = hashlib.sha256(data).hexdigest()
@@ -227,18 +197,18 @@ def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:
         hparams = SliceNetV1Params.from_json(desc["hparams"])
         input_size = int(desc["input_size"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(json_path, f"invalid description: {_first_line(exc)}") from exc
+        raise ModelError(json_path, f"invalid description: {first_line(exc)}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt archives raise RuntimeError, UnpicklingError, ...
-        raise ModelError(path, f"not a readable torch weights file ({_first_line(exc)})") from exc
+        raise ModelError(path, f"not a readable torch weights file ({first_line(exc)})") from exc
     if not isinstance(state, Mapping):
         raise ModelError(path, "does not hold a state_dict")
     model = ARCHITECTURES[arch](hparams)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(path, f"tensors do not fit {arch}: {_first_line(exc)}") from exc
+        raise ModelError(path, f"tensors do not fit {arch}: {first_line(exc)}") from exc
     model.eval()
     info = WeightsInfo(
         path=path,
@@ -287,7 +257,7 @@ def load_torchscript(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
     except Exception as exc:  # corrupt archives raise RuntimeError and others
         raise ModelError(
             path,
-            f"not a readable TorchScript file ({_first_line(exc)}); embedding.model_path "
+            f"not a readable TorchScript file ({first_line(exc)}); embedding.model_path "
             "must name a file written by torch.jit.save or export_torchscript, "
             "not a state_dict",
         ) from exc
@@ -313,24 +283,29 @@ def export_torchscript(
     *,
     input_size: int = 128,
     source_model_id: str | None = None,
+    channels: int = 1,
 ) -> str:
     """Write ``model`` as a TorchScript file usable as ``embedding.model_path``.
 
-    A plain module is traced with an example batch ``(2, 1, S, S)``; pass a
+    A plain module is traced with an example batch ``(2, C, S, S)``; pass a
     ``torch.jit.ScriptModule`` for models with data-dependent control flow.
-    The file records ``input_size``, the output dimension and
+    The file records ``input_size``, ``channels``, the output dimension and
     ``source_model_id`` as metadata. The model is put in eval mode.
+    TorchScript is deprecated by torch: prefer
+    :func:`sidecar.embeddings.onnx_model.export_onnx`.
 
     Parameters
     ----------
     model
-        Maps ``(N, 1, S, S)`` in [0, 1] to ``(N, D)``.
+        Maps ``(N, C, S, S)`` in [0, 1] to ``(N, D)``.
     path
         Destination; written atomically.
     input_size
         The input size ``S`` the model is made for (its native size).
     source_model_id
         Model id of what was exported, for provenance.
+    channels
+        ``C``: 1 (grey) or 3 (RGB).
 
     Returns
     -------
@@ -343,7 +318,8 @@ def export_torchscript(
         The model fails on the example batch or its output is not ``(2, D)``.
     """
     model.eval()
-    example = torch.rand(2, 1, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, channels, input_size, input_size,
+                         generator=torch.Generator().manual_seed(0))
     try:
         with _quiet_torchscript(), torch.no_grad():
             if isinstance(model, torch.jit.ScriptModule):
@@ -352,12 +328,13 @@ def export_torchscript(
                 scripted = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
             out = scripted(example)
     except Exception as exc:
-        raise ModelError(path, f"cannot export the model: {_first_line(exc)}") from exc
+        raise ModelError(path, f"cannot export the model: {first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         raise ModelError(path, "cannot export the model: output is not an N x D tensor")
     meta = {
         "format": WEIGHTS_FORMAT,
         "input_size": input_size,
+        "channels": channels,
         "dim": int(out.shape[1]),
         "source_model_id": source_model_id,
         "exported_by": f"{__name__}.export_torchscript",
@@ -380,7 +357,7 @@ class TorchEmbedder:
     Parameters
     ----------
     module
-        Maps ``(N, 1, S, S)`` float32 in [0, 1] to ``(N, D)``; put in eval mode.
+        Maps ``(N, C, S, S)`` float32 in [0, 1] to ``(N, D)``; put in eval mode.
     model_id
         Identifies the vector space (see the module notes).
     input_size
@@ -389,11 +366,13 @@ class TorchEmbedder:
         Most slices per forward pass; larger batches are split.
     source
         The model file, for error messages.
+    channels
+        ``C``: 1 (grey) or 3 (RGB).
 
     Raises
     ------
     ModelError
-        The dry run on a ``(2, 1, S, S)`` batch fails or does not give ``(2, D)``.
+        The dry run on a ``(2, C, S, S)`` batch fails or does not give ``(2, D)``.
     """
 
     def __init__(
@@ -404,21 +383,27 @@ class TorchEmbedder:
         input_size: int,
         batch_size: int = 32,
         source: str = "model",
+        channels: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if channels not in (1, 3):
+            raise ValueError("channels must be 1 or 3")
+        self._channels = channels
         self._module = module.eval()
         self._model_id = model_id
         self._input_size = input_size
         self._batch_size = batch_size
         self._source = source
-        probe = torch.linspace(0.0, 1.0, 2 * input_size * input_size)
+        probe = torch.linspace(0.0, 1.0, 2 * channels * input_size * input_size)
         try:
             with torch.inference_mode():
-                out = self._module(probe.reshape(2, 1, input_size, input_size))
+                out = self._module(probe.reshape(2, channels, input_size, input_size))
         except Exception as exc:
             raise ModelError(
-                source, f"fails on a 2 x 1 x {input_size} x {input_size} input: {_first_line(exc)}"
+                source,
+                f"fails on a 2 x {channels} x {input_size} x {input_size} input: "
+                f"{first_line(exc)}",
             ) from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -429,9 +414,11 @@ class TorchEmbedder:
 
     @classmethod
     def from_config(cls, cfg: EmbeddingConfig) -> TorchEmbedder:
-        """The built-in model, or ``cfg.model_path`` when set.
+        """The built-in model, or ``cfg.model_path`` (a TorchScript file) when set.
 
         Sets ``torch.set_num_threads(cfg.threads)``, which is process-global.
+        A TorchScript file is logged with a WARNING: torch deprecates
+        TorchScript; export it to ONNX (``sidecar model export-onnx``).
 
         Raises
         ------
@@ -439,9 +426,11 @@ class TorchEmbedder:
             The weights or TorchScript file is missing, corrupt or does not fit.
         """
         torch.set_num_threads(cfg.threads)
+        channels = 1
         if cfg.model_path is None:
             model, info = load_weights(None)
             module: nn.Module = model
+            channels = info.hparams.in_channels
             model_id = _model_id(info.model_id, info.input_size, cfg.input_size)
             source = str(info.path)
             if not info.trained:
@@ -462,12 +451,21 @@ class TorchEmbedder:
             model_id = _model_id(file_id, native if isinstance(native, int) else None,
                                  cfg.input_size)
             source = str(cfg.model_path)
+            channels = 3 if meta.get("channels") == 3 else 1
+            logger.warning(
+                "embedding.model_path %s is a TorchScript file: torch deprecates TorchScript "
+                "and a later torch may not load it. Export it to ONNX (`sidecar model "
+                "export-onnx --out FILE.onnx`, or torch.onnx.export with the JSON contract of "
+                "docs/admin-guide.md) and set embedding.model_path to the .onnx file",
+                source,
+            )
         embedder = cls(
             module,
             model_id=model_id,
             input_size=cfg.input_size,
             batch_size=cfg.batch_size,
             source=source,
+            channels=channels,
         )
         logger.info(
             "embedding model %s from %s: input %d x %d, dim %d, batch %d, %d torch threads",
@@ -492,23 +490,31 @@ class TorchEmbedder:
         return self._input_size
 
     @property
+    def channels(self) -> int:
+        """Input channels: 1 (grey), or 3 (RGB) for weights with ``in_channels`` 3."""
+        return self._channels
+
+    @property
     def batch_size(self) -> int:
         """Most slices per forward pass."""
         return self._batch_size
 
     def embed(self, batch: FloatBatch) -> Vectors:
-        """Embed ``(N, S, S)`` slices in [0, 1] as ``(N, dim)`` unit rows (see :class:`Embedder`).
+        """Embed ``(N, S, S)`` (or RGB ``(N, 3, S, S)``) slices in [0, 1] as ``(N, dim)`` unit rows.
 
-        Runs under ``torch.inference_mode`` in chunks of ``batch_size``; the
-        module is not modified, so calls from several threads are safe.
+        See :class:`Embedder`. Runs under ``torch.inference_mode`` in chunks of
+        ``batch_size``; the module is not modified, so calls from several
+        threads are safe.
         """
-        arr = _check_batch(batch, self._input_size)
+        arr = check_batch(batch, self._input_size, self._channels)
+        if arr.ndim == 3:
+            arr = arr[:, None]
         n = arr.shape[0]
         result = np.empty((n, self._dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
                 stop = min(start + self._batch_size, n)
-                x = torch.from_numpy(arr[start:stop]).unsqueeze(1)
+                x = torch.from_numpy(arr[start:stop])
                 out = self._module(x)
                 result[start:stop] = self._normalised(out, stop - start)
         return result
@@ -574,9 +580,14 @@ class TinyEmbedder:
         """Side of the square input slices."""
         return self._input_size
 
+    @property
+    def channels(self) -> int:
+        """1: grey slices."""
+        return 1
+
     def embed(self, batch: FloatBatch) -> Vectors:
         """Embed ``(N, S, S)`` slices in [0, 1] as unit rows (see :class:`Embedder`)."""
-        arr = _check_batch(batch, self._input_size)
+        arr = check_batch(batch, self._input_size)
         n = arr.shape[0]
         if n == 0:
             return np.zeros((0, self._dim), dtype=np.float32)
@@ -590,11 +601,21 @@ class TinyEmbedder:
 
 
 def load_embedder(cfg: EmbeddingConfig) -> Embedder:
-    """The embedder the configuration asks for (see :meth:`TorchEmbedder.from_config`).
+    """The embedder the configuration asks for.
+
+    A ``cfg.model_path`` ending in ``.onnx``:
+    :meth:`sidecar.embeddings.onnx_model.OnnxEmbedder.from_config`; otherwise
+    :meth:`TorchEmbedder.from_config` (built-in weights or TorchScript).
 
     Raises
     ------
     ModelError
-        The weights or TorchScript file is missing, corrupt or does not fit.
+        The weights, TorchScript or ONNX file (or its JSON) is missing, corrupt
+        or does not fit.
     """
+    if cfg.model_path is not None and cfg.model_path.suffix.lower() == ONNX_SUFFIX:
+        # onnxruntime is loaded only when the configuration names an ONNX model
+        from sidecar.embeddings.onnx_model import OnnxEmbedder  # noqa: PLC0415
+
+        return OnnxEmbedder.from_config(cfg)
     return TorchEmbedder.from_config(cfg)

@@ -1,6 +1,6 @@
 """Model records and loading: which model a service embeds with, and the models it knows.
 
-A service loads ``embedding.model_path`` when set (a TorchScript file), else
+A service loads ``embedding.model_path`` when set (an ONNX or TorchScript file), else
 the adapted model recorded in :data:`ADAPTED_MODEL_KEY`, else the shipped
 weights (:func:`load_service_embedder`). See docs/design/models.md.
 """
@@ -135,7 +135,8 @@ def weights_embedder(path: Path, cfg: EmbeddingConfig) -> TorchEmbedder:
     size = cfg.input_size
     model_id = info.model_id if size == info.input_size else f"{info.model_id}-s{size}"
     return TorchEmbedder(module, model_id=model_id, input_size=size,
-                         batch_size=cfg.batch_size, source=str(path))
+                         batch_size=cfg.batch_size, source=str(path),
+                         channels=info.hparams.in_channels)
 
 
 def builtin_model_id(cfg: EmbeddingConfig) -> str:

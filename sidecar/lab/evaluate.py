@@ -123,8 +123,9 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
     ``None``: the configured model (``load_embedder(config.embedding)``). A
     file with a ``.json`` description beside it (the layout of the shipped
     weights): SliceNetV1 weights, loaded by ``load_weights`` and run at
-    ``embedding.input_size``. Any other file: a TorchScript model, as
-    ``embedding.model_path`` would load it.
+    ``embedding.input_size``. A ``.onnx`` file (with its ``.onnx.json``
+    contract) or any other file: as ``embedding.model_path`` would load it
+    (ONNX or TorchScript).
 
     Raises
     ------
@@ -133,7 +134,7 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
     """
     if path is None:
         return m.load_embedder(config.embedding)
-    if not path.with_suffix(".json").is_file():
+    if path.suffix.lower() == m.ONNX_SUFFIX or not path.with_suffix(".json").is_file():
         return m.load_embedder(config.embedding.model_copy(update={"model_path": path}))
     module, info = m.load_weights(path)
     # the thread count from_config would set (torch is only imported in sidecar.embeddings)
@@ -146,7 +147,8 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
     if not info.trained:
         logger.warning("weights %s are marked as not trained", path.name)
     return m.TorchEmbedder(module, model_id=model_id, input_size=size,
-                           batch_size=config.embedding.batch_size, source=str(path))
+                           batch_size=config.embedding.batch_size, source=str(path),
+                           channels=info.hparams.in_channels)
 
 
 def evaluate(
