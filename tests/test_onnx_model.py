@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -369,11 +370,19 @@ def test_service_and_commands_refuse_a_bad_onnx_model(
                     "logging": {"level": "WARNING"}})
     path = tmp_path / "sidecar.yaml"
     expected = f"model file {model}: output 'y' has shape [n, 24], but bad.onnx.json says dim 25"
-    for args in (["serve"], ["embed", "-q"]):
+    for args in (["serve"], ["embed", "-q"], ["check-config"]):
         res = CliRunner().invoke(main, ["--config", str(path), *args])
         assert res.exit_code == 1, res.output
         assert expected in res.stderr, res.stderr
         assert "Traceback" not in res.output
+    # a good model: check-config loads it and names it
+    shutil.copy(_graph_file(tmp_path, "good", in_shape=["n", 1, SIZE, SIZE],
+                            out_shape=["n", DIM]), model)
+    shutil.copy(contract_path(tmp_path / "good.onnx"), contract_path(model))
+    res = CliRunner().invoke(main, ["--config", str(path), "check-config"])
+    assert res.exit_code == 0, res.output
+    assert (f"# embedding model {_hash16(model)} from {model}: input 1 x 32 x 32, dim 24"
+            in res.stderr)
 
 
 # ------------------------------------------------------ through the worker
