@@ -383,8 +383,8 @@ class EmbeddingConfig(_Section):
         1,
         ge=1,
         le=64,
-        description="torch CPU threads for the CNN. Keep below the core count so "
-        "ingest keeps a core.",
+        description="torch CPU threads for the CNN (for an ONNX model: onnxruntime's "
+        "intra-op threads). Keep below the core count so ingest keeps a core.",
     )
 
 
