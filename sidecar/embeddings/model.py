@@ -259,7 +259,7 @@ def load_torchscript(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
             path,
             f"not a readable TorchScript file ({first_line(exc)}); embedding.model_path "
             "must name a file written by torch.jit.save or export_torchscript, "
-            "not a state_dict",
+            "not a state_dict (an ONNX model must be named *.onnx)",
         ) from exc
     raw = extra.get(TORCHSCRIPT_META) or b""
     meta: dict[str, Any] = {}

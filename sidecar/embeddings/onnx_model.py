@@ -96,7 +96,7 @@ class OnnxContract:
         unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
         if unknown:
             raise ModelError(source, f"unknown key(s) {unknown} (known: "
-                                     f"{list(_REQUIRED) + list(_OPTIONAL[:-1])})")
+                                     f"{list(_REQUIRED) + list(_OPTIONAL)})")
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
             raise ModelError(source, f"missing {missing}: an ONNX model's contract needs "
@@ -200,6 +200,8 @@ class OnnxModel:
         See :func:`onnx_model_id`.
     input_name
         The graph's input.
+    output_name
+        The graph's first output (the embedding; others are not computed).
     fixed_batch
         The graph's batch size when its first input axis is fixed, else ``None``.
     """
@@ -209,6 +211,7 @@ class OnnxModel:
     contract: OnnxContract
     model_id: str
     input_name: str
+    output_name: str
     fixed_batch: int | None
 
 
@@ -297,7 +300,7 @@ def load_onnx(path: Path, threads: int = 1) -> OnnxModel:
         raise ModelError(path, f"output {out.name!r} has shape {_dim_text(oshape)}, but "
                                f"{json_name} says dim {contract.dim}")
     return OnnxModel(path, session, contract, onnx_model_id(data, contract, shape),
-                     inp.name, batch)
+                     inp.name, out.name, batch)
 
 
 class OnnxEmbedder:
@@ -417,7 +420,8 @@ class OnnxEmbedder:
                 x = np.concatenate([x, np.zeros((self._chunk - (stop - start), *x.shape[1:]),
                                                 dtype=np.float32)])
             try:
-                out = self._model.session.run(None, {self._model.input_name: x})[0]
+                out = self._model.session.run([self._model.output_name],
+                                              {self._model.input_name: x})[0]
             except Exception as exc:  # onnxruntime's RuntimeException and others
                 raise ModelError(self._source, f"onnxruntime fails: {first_line(exc)}") from exc
             if self._model.fixed_batch and isinstance(out, np.ndarray) and out.ndim >= 1:
