@@ -226,6 +226,13 @@ def test_model_id_adds_what_the_contract_fixes(tmp_path: Path) -> None:
     # the same convolution: the same vectors; a graph fixed at batch 1 runs slice by slice
     np.testing.assert_allclose(a.embed(batch), b.embed(batch), atol=1e-6)
     np.testing.assert_allclose(a.embed(batch), c.embed(batch), atol=1e-6)
+    # fixed at batch 4: 5 slices run as 4 + 1 padded with zeros, the padding cut off
+    four = _graph_file(tmp_path, "four", in_shape=[4, 1, SIZE, SIZE], out_shape=[4, DIM])
+    np.testing.assert_allclose(load_embedder(EmbeddingConfig(model_path=four)).embed(batch),
+                               a.embed(batch), atol=1e-6)
+    # a symbolic channel axis: the JSON's channels is part of the id
+    chan = _graph_file(tmp_path, "chan", in_shape=["n", "c", SIZE, SIZE], out_shape=["n", DIM])
+    assert load_embedder(EmbeddingConfig(model_path=chan)).model_id == f"{_hash16(chan)}-c1"
     # a free input size follows the JSON: 64 px is another vector space
     contract_path(free).write_text(json.dumps({"input_size": 64, "channels": 1, "dim": DIM}))
     assert load_embedder(EmbeddingConfig(model_path=free)).model_id == f"{_hash16(free)}-s64"
