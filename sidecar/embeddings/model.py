@@ -35,7 +35,8 @@ from sidecar.config import EmbeddingConfig
 from sidecar.embeddings.modelbase import FloatBatch as FloatBatch
 from sidecar.embeddings.modelbase import ModelError as ModelError
 from sidecar.embeddings.modelbase import Vectors as Vectors
-from sidecar.embeddings.modelbase import check_batch, first_line
+from sidecar.embeddings.modelbase import check_batch
+from sidecar.embeddings.modelbase import first_line as _first_line
 from sidecar.embeddings.modelbase import read_model_bytes as _read_bytes
 from sidecar.embeddings.network import (
     ARCHITECTURES,
@@ -179,7 +180,7 @@ def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:
     try:
         desc = json.loads(_read_bytes(json_path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(json_path, f"not valid JSON ({first_line(exc)})") from exc
+        raise ModelError(json_path, f"not valid JSON ({_first_line(exc)})") from exc
     if not isinstance(desc, dict):
         raise ModelError(json_path, "not a JSON object")
     sha = hashlib.sha256(data).hexdigest()
@@ -197,18 +198,18 @@ def load_weights(path: Path | None = None) -> tuple[SliceNetV1, WeightsInfo]:
         hparams = SliceNetV1Params.from_json(desc["hparams"])
         input_size = int(desc["input_size"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise ModelError(json_path, f"invalid description: {first_line(exc)}") from exc
+        raise ModelError(json_path, f"invalid description: {_first_line(exc)}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt archives raise RuntimeError, UnpicklingError, ...
-        raise ModelError(path, f"not a readable torch weights file ({first_line(exc)})") from exc
+        raise ModelError(path, f"not a readable torch weights file ({_first_line(exc)})") from exc
     if not isinstance(state, Mapping):
         raise ModelError(path, "does not hold a state_dict")
     model = ARCHITECTURES[arch](hparams)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(path, f"tensors do not fit {arch}: {first_line(exc)}") from exc
+        raise ModelError(path, f"tensors do not fit {arch}: {_first_line(exc)}") from exc
     model.eval()
     info = WeightsInfo(
         path=path,
@@ -257,7 +258,7 @@ def load_torchscript(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
     except Exception as exc:  # corrupt archives raise RuntimeError and others
         raise ModelError(
             path,
-            f"not a readable TorchScript file ({first_line(exc)}); embedding.model_path "
+            f"not a readable TorchScript file ({_first_line(exc)}); embedding.model_path "
             "must name a file written by torch.jit.save or export_torchscript, "
             "not a state_dict (an ONNX model must be named *.onnx)",
         ) from exc
@@ -328,7 +329,7 @@ def export_torchscript(
                 scripted = torch.jit.trace(model, example)  # type: ignore[no-untyped-call]
             out = scripted(example)
     except Exception as exc:
-        raise ModelError(path, f"cannot export the model: {first_line(exc)}") from exc
+        raise ModelError(path, f"cannot export the model: {_first_line(exc)}") from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         raise ModelError(path, "cannot export the model: output is not an N x D tensor")
     meta = {
@@ -403,7 +404,7 @@ class TorchEmbedder:
             raise ModelError(
                 source,
                 f"fails on a 2 x {channels} x {input_size} x {input_size} input: "
-                f"{first_line(exc)}",
+                f"{_first_line(exc)}",
             ) from exc
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
