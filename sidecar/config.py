@@ -370,8 +370,10 @@ class EmbeddingConfig(_Section):
 
     model_path: Path | None = Field(
         None,
-        description="TorchScript file replacing the built-in model (input N x 1 x S x S "
-        "in [0, 1], output N x D). Empty: the built-in model shipped in the package.",
+        description="Model file replacing the built-in model: an ONNX file (.onnx, run by "
+        "onnxruntime; its input contract in FILE.onnx.json beside it) or a TorchScript file "
+        "(deprecated: input N x 1 x S x S in [0, 1], output N x D). Empty: the built-in "
+        "model shipped in the package.",
     )
     input_size: int = Field(
         128, ge=16, le=1024, description="Side of the square model input, in pixels."
@@ -381,8 +383,8 @@ class EmbeddingConfig(_Section):
         1,
         ge=1,
         le=64,
-        description="torch CPU threads for the CNN. Keep below the core count so "
-        "ingest keeps a core.",
+        description="torch CPU threads for the CNN (for an ONNX model: onnxruntime's "
+        "intra-op threads). Keep below the core count so ingest keeps a core.",
     )
 
 
