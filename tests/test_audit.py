@@ -17,6 +17,7 @@ import re
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,7 +45,16 @@ from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
-from tests.conftest import CT_IMAGE_STORAGE, SIMILARITY_CREATOR, c_find, make_ct, wait_for
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    SIMILARITY_CREATOR,
+    c_find,
+    dcmtk_env,
+    dcmtk_tool,
+    make_ct,
+    part10,
+    wait_for,
+)
 
 SCHEMA_FILE = Path(__file__).parent / "data" / "dicom-audit-message.rnc"
 SECRET_NAME = "Doe^Secret"
@@ -556,3 +566,38 @@ def test_a_rotated_file_is_followed(tmp_path: Path) -> None:
     trail.stop()
     assert (tmp_path / "audit.log.1").read_bytes() == b"<A/>\n"
     assert path.read_bytes() == b"<B/>\n"
+
+
+@pytest.mark.dcmtk
+def test_storescu_study_is_one_message_and_a_wrong_called_title_is_an_alert(
+    schema: etree.RelaxNG, config_factory: Callable[..., Config], tmp_path: Path,
+) -> None:
+    storescu = dcmtk_tool("storescu")
+    cfg = config_factory()
+    app = Sidecar(cfg)
+    app.start()
+    try:
+        study = generate_uid()
+        files = []
+        for i in range(3):
+            path = tmp_path / f"ct{i}.dcm"
+            path.write_bytes(part10(make_ct(study_uid=study, instance_number=i + 1, seed=i)))
+            files.append(str(path))
+        port = str(cfg.dicom.port)
+        ok = subprocess.run([storescu, "-aet", "DCMTKSCU", "-aec", "SIDECAR", "127.0.0.1", port,
+                             *files], capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        bad = subprocess.run([storescu, "-aet", "DCMTKSCU", "-aec", "WRONG", "127.0.0.1", port,
+                              files[0]], capture_output=True, text=True, env=dcmtk_env(),
+                             timeout=60)
+        assert bad.returncode != 0
+    finally:
+        app.stop()
+    docs = [validated(schema, m) for m in audit_file(cfg)]
+    transfers = [d for d in docs if event_id(d)[0] == "110104"]
+    assert len(transfers) == 1
+    assert transfers[0].find(".//SOPClass").get("NumberOfInstances") == "3"  # type: ignore[union-attr]
+    alerts = [d.find("EventIdentification/EventOutcomeDescription").text  # type: ignore[union-attr]
+              for d in docs if event_id(d) == ("110113", ("110126",))
+              and d.find("EventIdentification").get("EventOutcomeIndicator") == "4"]  # type: ignore[union-attr]
+    assert alerts == ["association refused: called AE title not recognised (called WRONG)"]

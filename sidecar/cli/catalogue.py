@@ -235,7 +235,12 @@ def audit_deletion(cfg: Config, study_uid: str, summary: StudySummary, reason: s
     """Record a DICOM Study Deleted message (the local file, and the collector when on)."""
     if not cfg.audit.enabled:
         return
-    trail = audit_setup.open_trail(cfg)
+    try:
+        trail = audit_setup.open_trail(cfg)
+    except (OSError, ValueError) as exc:  # the collector's TLS files (ssl.SSLError is OSError)
+        logger.error("study %s deleted but not audited: audit.syslog: %s", study_uid, exc)
+        click.echo(f"warning: the deletion was not audited (audit.syslog: {exc})", err=True)
+        return
     trail.start()
     try:
         audit_setup.auditor(cfg, trail).study_deleted(
