@@ -601,3 +601,33 @@ def test_storescu_study_is_one_message_and_a_wrong_called_title_is_an_alert(
               for d in docs if event_id(d) == ("110113", ("110126",))
               and d.find("EventIdentification").get("EventOutcomeIndicator") == "4"]  # type: ignore[union-attr]
     assert alerts == ["association refused: called AE title not recognised (called WRONG)"]
+
+
+def test_a_failed_tls_handshake_is_a_node_authentication_alert(
+    pki: Pki, schema: etree.RelaxNG, config_factory: Callable[..., Config],
+) -> None:
+    cfg = config_factory({"dicom": {"tls": {
+        "enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+        "ca_certificates": str(pki.ca)}}})
+    app = Sidecar(cfg)
+    app.start()
+    try:
+        rogue = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        rogue.load_cert_chain(str(pki.rogue_cert), str(pki.rogue_key))
+        with socket.create_connection(("127.0.0.1", cfg.dicom.port), timeout=10) as raw:
+            try:
+                with rogue.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.recv(1)  # TLS 1.3: the refusal of our certificate arrives here
+            except (ssl.SSLError, OSError):
+                pass
+        trail = app.audit_trail
+        assert trail is not None
+        wait_for(lambda: trail.figures().written >= 2, 10, "the alert")
+    finally:
+        app.stop()
+    docs = [validated(schema, m) for m in audit_file(cfg)]
+    alerts = [d for d in docs if event_id(d) == ("110113", ("110126",))]
+    assert len(alerts) == 1
+    ident = alerts[0].find("EventIdentification")
+    assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
+    assert "TLS handshake failed" in (ident.findtext("EventOutcomeDescription") or "")

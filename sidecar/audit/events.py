@@ -28,6 +28,7 @@ from sidecar.audit.messages import (
     QUERY,
     RESTRICTED_FUNCTION,
     SECURITY_ALERT,
+    SOP_CLASS_UID,
     SOURCE,
     STUDY_DELETED,
     USER_AUTHENTICATION,
@@ -115,6 +116,14 @@ class Auditor:
             Participant.peer(calling, host, None),
         ), (node,)))
 
+    def node_authentication_failed(self, host: str, reason: str) -> None:
+        """Security Alert, Node Authentication, minor failure: a TLS handshake failed
+        (an untrusted or missing certificate); no AE title is known yet."""
+        node = ParticipantObject(host, NODE_ID, "2", role="13", name=host)
+        self._emit(Event(SECURITY_ALERT, "E", Outcome.MINOR_FAILURE, (NODE_AUTHENTICATION,),
+                         reason, (self.source.application(role=APPLICATION),
+                                  Participant(host, True, None, address=host)), (node,)))
+
     def permission_refused(self, calling: str, host: str, operation: str, what: str) -> None:
         """Security Alert, Use of Restricted Function: a peer lacks a ``dicom.allowed_peers``
         permission (answered 0x0124)."""
@@ -192,9 +201,10 @@ class Auditor:
                    Detail("NumberOfMatches", str(matches).encode()),
                    Detail("Status", f"{status:04X}".encode())]
         details += [Detail(k, v.encode("utf-8")) for k, v in (detail or {}).items()]
-        query = ParticipantObject(
-            sop_class, Code(sop_class, _sop_class_name(sop_class), "DCM"), "2", role="24",
-            query=identifier, details=tuple(details))
+        details.append(Detail("SOPClassName", _sop_class_name(sop_class).encode("utf-8")))
+        # role 3 (Report) for a C-FIND query, as PS3.15 A.5.3.12 asks
+        query = ParticipantObject(sop_class, SOP_CLASS_UID, "2", role="3",
+                                  query=identifier, details=tuple(details))
         self._emit(Event(QUERY, "E", outcome, (), "" if outcome == Outcome.SUCCESS
                          else f"C-FIND ended with status 0x{status:04X}", (
                              self._peer(calling, host, SOURCE),
@@ -214,7 +224,7 @@ class Auditor:
         query = keys if isinstance(keys, bytes) else json.dumps(
             keys, sort_keys=True, default=str).encode("utf-8")
         obj = ParticipantObject(path, HTTP_SEARCH, "2", role="24", query=query, details=(
-            Detail("NumberOfMatches", str(results).encode()),))
+            Detail("QueryEncoding", b"UTF-8"), Detail("NumberOfMatches", str(results).encode())))
         self._emit(Event(QUERY, "E", Outcome.SUCCESS if ok else Outcome.MINOR_FAILURE, (),
                          description, (
                              Participant(requestor or address or "(unknown)", True, SOURCE,

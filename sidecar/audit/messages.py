@@ -57,6 +57,7 @@ SOURCE = Code("110153", "Source Role ID")
 # Participant object ID types (CID 404 and RFC 3881)
 PATIENT_NUMBER = Code("2", "Patient Number", "RFC-3881")
 STUDY_INSTANCE_UID = Code("110180", "Study Instance UID")
+SOP_CLASS_UID = Code("110181", "SOP Class UID")
 NODE_ID = Code("110182", "Node ID")
 #: HTTP requests have no DICOM SOP Class; a private code (99 prefix: local scheme).
 HTTP_SEARCH = Code("SEARCH", "HTTP similarity search", "99PACS-SIDECAR")

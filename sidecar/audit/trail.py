@@ -205,7 +205,12 @@ class AuditTrail:
                 except queue.Empty:
                     break
             if batch:
-                self._write(batch)
+                try:
+                    self._write(batch)
+                except Exception:  # noqa: BLE001 - the writer must outlive a bad batch
+                    logger.exception("audit writer: %d message(s) lost", len(batch))
+                    with self._lock:
+                        self._file_errors += 1
 
     def _reopen_if_moved(self) -> None:
         """Reopen the file when it was renamed or removed (log rotation), or never opened."""

@@ -272,6 +272,7 @@ class DicomNode:
             assert self._tls is not None
             server.tls_context = self._tls
             server.tls_handshake_timeout = self._tls_timeout
+            server.tls_handshake_failed = self._audit.node_authentication_failed
         thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True
         )
