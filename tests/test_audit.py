@@ -38,7 +38,14 @@ from pynetdicom import AE
 
 from scripts.tls_pki import OPENSSL, Pki, make_pki
 from sidecar.audit.events import Auditor
-from sidecar.audit.messages import SopClassCount, Source
+from sidecar.audit.messages import (
+    APPLICATION_ACTIVITY,
+    Event,
+    Participant,
+    SopClassCount,
+    Source,
+    render,
+)
 from sidecar.audit.syslog import BOM, MSGID, frame
 from sidecar.audit.trail import AuditTrail
 from sidecar.cli.main import main
@@ -245,8 +252,8 @@ def test_every_kind_of_message_validates_against_the_standard_schema(
     sent: list[bytes] = []
 
     class ListSink:
-        def emit(self, xml: bytes) -> None:
-            sent.append(xml)
+        def emit(self, event: Event, source: Source) -> None:
+            sent.append(render(event, source))
 
     a = Auditor(Source("SIDECAR@host", "HOSPITAL", "SIDECAR", "pacs-sidecar[1]", "host"),
                 ListSink())
@@ -451,10 +458,17 @@ def test_audit_off_writes_nothing(config_factory: Callable[..., Config]) -> None
     assert b"sidecar_audit" not in app.metrics.render()
 
 
+SOURCE = Source("S@h", process="p[1]")
+
+
+def an_event(user: str = "u") -> Event:
+    return Event(APPLICATION_ACTIVITY, "E", participants=(Participant(user, True),))
+
+
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     trail = AuditTrail(tmp_path / "a.log", lambda xml: xml, queue_size=10)
     for _ in range(50):  # not started: nothing drains the queue
-        trail.emit(b"<AuditMessage/>")
+        trail.emit(an_event(), SOURCE)
     assert trail.figures().dropped["queue_full"] == 40
     trail.start()
     trail.stop()
@@ -559,13 +573,14 @@ def test_a_rotated_file_is_followed(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     trail = AuditTrail(path, lambda xml: xml)
     trail.start()
-    trail.emit(b"<A/>")
+    trail.emit(an_event("first"), SOURCE)
     wait_for(lambda: trail.figures().written == 1, 5, "first line")
     path.rename(tmp_path / "audit.log.1")
-    trail.emit(b"<B/>")
+    trail.emit(an_event("second"), SOURCE)
     trail.stop()
-    assert (tmp_path / "audit.log.1").read_bytes() == b"<A/>\n"
-    assert path.read_bytes() == b"<B/>\n"
+    old, new = (tmp_path / "audit.log.1").read_bytes(), path.read_bytes()
+    assert old.count(b"\n") == 1 and b'UserID="first"' in old
+    assert new.count(b"\n") == 1 and b'UserID="second"' in new
 
 
 @pytest.mark.dcmtk

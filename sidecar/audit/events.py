@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from pydicom.uid import UID
 
@@ -40,7 +42,6 @@ from sidecar.audit.messages import (
     ParticipantObject,
     SopClassCount,
     Source,
-    render,
 )
 from sidecar.audit.trail import NullSink, Sink
 
@@ -74,10 +75,10 @@ class Auditor:
         self._accepted = accepted_associations
 
     def _emit(self, event: Event) -> None:
-        try:
-            self.sink.emit(render(event, self.source))
+        try:  # rendered to XML by the sink's thread; the time is now
+            self.sink.emit(replace(event, when=event.when or datetime.now(UTC)), self.source)
         except Exception:  # noqa: BLE001 - auditing must never break the caller
-            logger.exception("cannot build the audit message %s", event.event_id.meaning)
+            logger.exception("cannot hand over the audit message %s", event.event_id.meaning)
 
     def _peer(self, ae_title: str, host: str, role: Code | None = SOURCE) -> Participant:
         return Participant.peer(ae_title, host, role)

@@ -1,8 +1,8 @@
 """The audit trail: a bounded queue, the local append-only file and the syslog collector.
 
 :meth:`AuditTrail.emit` never blocks and never raises: a full queue drops the
-message (counted). A writer thread appends each message as one line to the
-local file and fsyncs once per batch; a message is *written* (counted in
+message (counted). A writer thread renders the XML, appends each message as
+one line to the local file and fsyncs once per batch; a message is *written* (counted in
 ``sidecar_audit_records_written_total``) only after that fsync. It is then
 handed to a sender thread, which retries a collector that is down for
 ``audit.syslog.retry_seconds`` before dropping (and counting) the message.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from sidecar.audit.messages import Event, Source, render
 from sidecar.audit.syslog import SyslogSender
 from sidecar.metrics import AuditFigures
 
@@ -31,10 +32,14 @@ _BATCH = 256
 _WARN_EVERY = 60.0  # seconds between repeated warnings of one kind
 
 
-class Sink(Protocol):
-    """Where audit messages (AuditMessage XML) go."""
+#: One audit message before rendering: the event and who reports it.
+Item = tuple[Event, Source]
 
-    def emit(self, xml: bytes) -> None:
+
+class Sink(Protocol):
+    """Where audit messages go (rendered to XML off the caller's thread)."""
+
+    def emit(self, event: Event, source: Source) -> None:
         """Take one message; never blocks, never raises."""
 
 
@@ -85,7 +90,7 @@ class AuditTrail:
         self._sender = sender
         self._fsync = fsync
         self._retry = retry_seconds
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=queue_size)
         self._outbox: deque[tuple[float, bytes]] = deque()
         self._outbox_max = queue_size
         self._cond = threading.Condition()
@@ -138,8 +143,8 @@ class AuditTrail:
                     continue
                 except (EOFError, OSError):
                     return
-                if isinstance(item, bytes):
-                    self.emit(item)
+                if isinstance(item, tuple) and len(item) == 2:
+                    self.emit(*item)
 
         self._spawn(loop, "audit-relay")
 
@@ -177,10 +182,10 @@ class AuditTrail:
         self._started = False
 
     # ----------------------------------------------------------- emitting
-    def emit(self, xml: bytes) -> None:
-        """Queue one message (AuditMessage XML); drops and counts it when the queue is full."""
+    def emit(self, event: Event, source: Source) -> None:
+        """Queue one message; drops and counts it when the queue is full."""
         try:
-            self._queue.put_nowait(xml)
+            self._queue.put_nowait((event, source))
         except queue.Full:
             with self._lock:
                 self._dropped["queue_full"] += 1
@@ -192,7 +197,7 @@ class AuditTrail:
         done = False
         while not done:
             item = self._queue.get()
-            batch: list[bytes] = []
+            batch: list[Item] = []
             while True:
                 if item is None:
                     done = True
@@ -229,14 +234,14 @@ class AuditTrail:
                 logger.info("audit file %s was moved: writing a new one", self.path)
             self._open()
 
-    def _write(self, batch: list[bytes]) -> None:
+    def _write(self, batch: list[Item]) -> None:
         self._reopen_if_moved()
         records = []
-        for xml in batch:
+        for event, source in batch:
             try:
-                records.append(self._framer(xml))
+                records.append(self._framer(render(event, source)))
             except Exception:  # noqa: BLE001 - a bad message must not stop the trail
-                logger.exception("cannot frame an audit message")
+                logger.exception("cannot render the audit message %s", event.event_id.meaning)
         if self._fd >= 0 and records:
             ok = 0
             try:
@@ -318,10 +323,10 @@ class ForwardingSink:
         self._target = target
         self._warn = _Warner()
 
-    def emit(self, xml: bytes) -> None:
+    def emit(self, event: Event, source: Source) -> None:
         """Hand one message to the main process; dropped (logged) when its queue is full."""
         try:
-            self._target.put_nowait(xml)
+            self._target.put_nowait((event, source))
         except (queue.Full, OSError, ValueError) as exc:
             self._warn("forward", "audit message dropped: cannot hand it to the main "
                        "process (%s)", exc.__class__.__name__)
@@ -330,5 +335,5 @@ class ForwardingSink:
 class NullSink:
     """Audit off: messages go nowhere."""
 
-    def emit(self, xml: bytes) -> None:
-        """Discard ``xml``."""
+    def emit(self, event: Event, source: Source) -> None:
+        """Discard the message."""

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from sidecar.archive.store import InstanceStore
 from sidecar.audit import setup as audit_setup
@@ -47,7 +48,7 @@ def _receiver_main(
     ready: mp.synchronize.Event,
     stop: mp.synchronize.Event,
     query_endpoint: tuple[str, bytes] | None,
-    audit_queue: mp.Queue[bytes] | None = None,
+    audit_queue: mp.Queue[Any] | None = None,
 ) -> None:  # pragma: no cover - runs in a child process (exercised by tests via serve)
     configure_logging(log_level)
     log_identifiers(log_level)
@@ -105,7 +106,7 @@ class ReceiverPool:
         self._supervisor: threading.Thread | None = None
         self._query_endpoint: tuple[str, bytes] | None = None
         #: Audit messages of the children, relayed by the main process's audit trail.
-        self.audit_queue: mp.Queue[bytes] = self._ctx.Queue(maxsize=config.audit.queue_size)
+        self.audit_queue: mp.Queue[Any] = self._ctx.Queue(maxsize=config.audit.queue_size)
 
     @property
     def count(self) -> int:
