@@ -646,3 +646,26 @@ def test_a_failed_tls_handshake_is_a_node_authentication_alert(
     ident = alerts[0].find("EventIdentification")
     assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
     assert "TLS handshake failed" in (ident.findtext("EventOutcomeDescription") or "")
+
+
+def test_a_study_partly_refused_is_a_minor_failure(
+    schema: etree.RelaxNG, config_factory: Callable[..., Config],
+) -> None:
+    cfg = config_factory()
+    app = Sidecar(cfg)
+    app.start()
+    try:
+        study = generate_uid()
+        bad = make_ct(study_uid=study, seed=3)
+        del bad.SeriesInstanceUID  # refused: a required UID is missing
+        sent = [make_ct(study_uid=study, seed=1), make_ct(study_uid=study, seed=2), bad]
+        assert store(cfg.dicom.port, "PACS", sent) == [0, 0, int(Status.CANNOT_UNDERSTAND)]
+    finally:
+        app.stop()
+    transfers = [d for d in (validated(schema, m) for m in audit_file(cfg))
+                 if event_id(d)[0] == "110104"]
+    assert len(transfers) == 1
+    ident = transfers[0].find("EventIdentification")
+    assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
+    assert ident.findtext("EventOutcomeDescription") == "1 instance(s) not stored"
+    assert transfers[0].find(".//SOPClass").get("NumberOfInstances") == "2"  # type: ignore[union-attr]

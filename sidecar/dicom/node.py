@@ -88,6 +88,7 @@ class _StudyTransfer:
     issuer: str
     sop_classes: dict[str, int] = field(default_factory=dict)
     example: bool = False
+    failed: int = 0
 
 
 @dataclass
@@ -105,6 +106,19 @@ class _AssocStats:
         st = self.studies.setdefault((study, example),
                                      _StudyTransfer(patient_id, issuer, example=example))
         st.sop_classes[sop_class] = st.sop_classes.get(sop_class, 0) + 1
+
+    def not_kept(self, event: Any) -> None:
+        """Count a failed or refused instance against its study, when it names one."""
+        try:
+            ds = event.dataset
+            study = str(ds.get("StudyInstanceUID", "") or "").strip()
+            if not study:
+                return
+            st = self.studies.setdefault((study, False), _StudyTransfer(
+                str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")))
+            st.failed += 1
+        except Exception:  # noqa: BLE001 - undecodable: it belongs to no study
+            return
 
 
 @dataclass
@@ -371,7 +385,7 @@ class DicomNode:
             self._audit.instances_received(
                 str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address), study,
                 tr.patient_id, tr.issuer, sop_class_counts(tr.sop_classes.items()),
-                example=example,
+                failed=tr.failed, example=example,
             )
 
     def _not_permitted(self, assoc: Any, operation: str, what: str) -> Dataset | None:
@@ -445,17 +459,21 @@ class DicomNode:
             )
         except OutOfResources as exc:
             st.failed += 1
+            st.not_kept(event)
             logger.error("store from %s refused: %s", origin.ae_title, exc)
             return _status(Status.OUT_OF_RESOURCES, str(exc))
         except InvalidDataset as exc:
             st.refused += 1
+            st.not_kept(event)
             return _status(_INVALID_STATUS.get(exc.kind, Status.CANNOT_UNDERSTAND), str(exc))
         except StorageFailure as exc:
             st.failed += 1
+            st.not_kept(event)
             logger.error("store from %s failed: %s", origin.ae_title, exc)
             return _status(Status.PROCESSING_FAILURE, str(exc))
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
             st.failed += 1
+            st.not_kept(event)
             logger.exception("unexpected error storing from %s", origin.ae_title)
             return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")
         if result.outcome in (Outcome.DUPLICATE, Outcome.KEPT_FIRST):
