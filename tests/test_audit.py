@@ -49,8 +49,9 @@ from sidecar.audit.messages import (
 from sidecar.audit.syslog import BOM, MSGID, frame
 from sidecar.audit.trail import AuditTrail
 from sidecar.cli.main import main
-from sidecar.config import Config
+from sidecar.config import Config, load_config
 from sidecar.dicom.statuses import Status
+from sidecar.errors import ConfigError
 from sidecar.service.app import Sidecar
 from tests.conftest import (
     CT_IMAGE_STORAGE,
@@ -669,3 +670,21 @@ def test_a_study_partly_refused_is_a_minor_failure(
     assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
     assert ident.findtext("EventOutcomeDescription") == "1 instance(s) not stored"
     assert transfers[0].find(".//SOPClass").get("NumberOfInstances") == "2"  # type: ignore[union-attr]
+
+
+def test_bad_collector_tls_files_stop_the_start_naming_the_setting(
+    config_factory: Callable[..., Config], tmp_path: Path,
+) -> None:
+    cfg = config_factory({"audit": {"syslog": {
+        "enabled": True, "host": "127.0.0.1", "ca_certificates": str(tmp_path / "none.pem")}}})
+    with pytest.raises(ConfigError, match="audit.syslog"):
+        Sidecar(cfg)
+
+
+def test_syslog_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="audit.syslog.host is not set"):
+        load_config(None, environ={"SIDECAR__AUDIT__SYSLOG__ENABLED": "true"})
+    with pytest.raises(ConfigError, match="app_name"):
+        load_config(None, environ={"SIDECAR__AUDIT__SYSLOG__APP_NAME": "two words"})
+    cfg = load_config(None, environ={"SIDECAR__AUDIT__SYSLOG__PROTOCOL": "udp"})
+    assert cfg.audit.syslog.effective_port == 514
