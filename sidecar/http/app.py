@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from sidecar.audit.events import Auditor
 from sidecar.config import HttpConfig
 from sidecar.errors import (
     BadQuery,
@@ -334,6 +335,27 @@ def _parse_dicom(body: bytes) -> Dataset:
 
 
 # ------------------------------------------------------------------------ app
+def _audit_keys(request: SimilarityRequest) -> dict[str, object]:
+    """What an HTTP search asked, for its audit message (UIDs and settings, never pixels)."""
+    ref = request.reference
+    if ref.datasets:
+        first = ref.datasets[0]
+        reference: dict[str, object] = {
+            "kind": "dataset",
+            "sop_instance_uid": str(first.get("SOPInstanceUID", "")),
+            "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+        }
+    else:
+        reference = {"kind": ref.kind, "uid": ref.uid}
+    flt = request.filters
+    return {
+        "reference": reference, "k": request.k, "level": request.level,
+        "include_same_patient": request.include_same_patient,
+        "modality": list(flt.modalities), "study_date": flt.study_date,
+        "body_part": flt.body_part,
+    }
+
+
 def create_app(
     query: QueryService,
     metrics: Metrics,
@@ -343,6 +365,7 @@ def create_app(
     tokens: TokenStore | None = None,
     http_config: HttpConfig | None = None,
     on_security_event: SecurityEventHandler = log_security_event,
+    auditor: Auditor | None = None,
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
 
@@ -392,8 +415,17 @@ def create_app(
                            tokens=tokens, on_security_event=on_security_event)
     app.add_middleware(_Guard)
 
-    def answer(request: SimilarityRequest, requester: Requester) -> JSONResponse:
-        result: SearchResult = query.search(request, requester)
+    def answer(request: SimilarityRequest, requester: Requester, path: str) -> JSONResponse:
+        try:
+            result: SearchResult = query.search(request, requester)
+        except SearchError as exc:
+            if auditor is not None:
+                auditor.http_query(requester.name, requester.address, _audit_keys(request),
+                                   results=0, ok=False, path=path, description=str(exc))
+            raise
+        if auditor is not None:
+            auditor.http_query(requester.name, requester.address, _audit_keys(request),
+                               results=len(result.hits), path=path)
         return JSONResponse(result.to_dict())
 
     @app.get("/v1/similar", summary="Studies, series or images similar to an archived one")
@@ -419,7 +451,7 @@ def create_app(
             SimilarityRequest(reference, k=k, level=level,
                               include_same_patient=include_same_patient,
                               filters=_filters(modality, study_date, body_part)),
-            _requester(request),
+            _requester(request), "/v1/similar",
         )
 
     @app.post("/v1/search", summary="Studies, series or images similar to a DICOM file")
@@ -452,7 +484,7 @@ def create_app(
             return answer(
                 SimilarityRequest(Reference.images([ds]), k=k, level=level,
                                   include_same_patient=include_same_patient, filters=filters),
-                requester,
+                requester, "/v1/search",
             )
 
         return await run_in_threadpool(run)
