@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -869,3 +870,61 @@ def test_logs_name_peers_but_never_phi(
     text_logged = "\n".join(messages) + "\n" + caplog.text
     for secret in (SECRET_NAME, SECRET_ID, "Doe", "SECRET"):
         assert secret not in text_logged
+
+
+# ------------------------------------------------------------ association slots
+def _half_open(port: int, n: int, *, partial: bool) -> list[socket.socket]:
+    """``n`` silent connections, or ones that send 20 bytes of a 200-byte A-ASSOCIATE-RQ."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        if partial:
+            s.sendall(struct.pack(">BBI", 1, 0, 200) + b"\0" * 14)
+        socks.append(s)
+    return socks
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    s.settimeout(0.05)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_half_open_connections_do_not_hold_slots_and_are_dropped(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar]
+) -> None:
+    # Torture finding: silent connections and half-sent A-ASSOCIATE-RQs counted against
+    # max_associations, and a stalled request PDU was never dropped (no socket timeout).
+    app = sidecar_factory(config_factory({"dicom": {"max_associations": 2, "acse_timeout": 2}}))
+    assert app.address is not None
+    port = app.address[1]
+    junk = _half_open(port, 4, partial=True) + _half_open(port, 3, partial=False)
+    try:
+        time.sleep(0.3)
+        with established(app) as assoc:  # still reachable
+            assert status_of(assoc.send_c_echo()) == Status.SUCCESS
+        wait_for(lambda: all(_closed_by_peer(s) for s in junk), 10,
+                 "the node to drop the half-open connections after acse_timeout")
+    finally:
+        for s in junk:
+            s.close()
+
+
+def test_max_associations_counts_associations_and_refusals_are_logged(
+    config_factory: Callable[..., Config], sidecar_factory: Callable[[Config], Sidecar],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = sidecar_factory(config_factory({"dicom": {"max_associations": 2}}))
+    with caplog.at_level(logging.WARNING, logger="sidecar.dicom.node"):
+        with established(app) as one, established(app) as two, associate(app) as third:
+            assert one.is_established and two.is_established
+            assert third.is_rejected
+            rj = third.acceptor.primitive
+            assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        assert "refused: all 2 associations in use (dicom.max_associations)" in caplog.text
+        with established(app) as again:  # the slots are free once released
+            assert status_of(again.send_c_echo()) == Status.SUCCESS

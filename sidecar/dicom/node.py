@@ -36,6 +36,7 @@ from sidecar.audit.messages import sop_class_counts
 from sidecar.config import Config
 from sidecar.dicom import strict
 from sidecar.dicom.access import AccessPolicy
+from sidecar.dicom.admission import LOCAL_LIMIT_EXCEEDED, Admission
 from sidecar.dicom.find import (
     PATIENT_ROOT_FIND,
     STUDY_ROOT_FIND,
@@ -222,6 +223,8 @@ class DicomNode:
         self._reuse_port = reuse_port
         self._max_associations = max_associations or self._cfg.max_associations
         self._policy = AccessPolicy(self._cfg.allowed_peers, self._cfg.allow_loopback)
+        self._admission = Admission(self._max_associations, self._cfg.acse_timeout,
+                                    self._cfg.network_timeout, tcp_nodelay=self._cfg.tcp_nodelay)
         self._server: ThreadedAssociationServer | None = None
         self._stats: weakref.WeakKeyDictionary[Any, _AssocStats] = weakref.WeakKeyDictionary()
         self._stats_lock = threading.Lock()
@@ -248,7 +251,7 @@ class DicomNode:
                 ae.add_supported_context(cx.abstract_syntax, ts)
         for uid in FIND_MODELS:
             ae.add_supported_context(uid, FIND_TRANSFER_SYNTAXES)
-        ae.maximum_associations = self._max_associations
+        ae.maximum_associations = self._admission.connection_limit
         ae.maximum_pdu_size = self._cfg.max_pdu_size
         ae.acse_timeout = self._cfg.acse_timeout
         ae.dimse_timeout = self._cfg.dimse_timeout
@@ -262,6 +265,8 @@ class DicomNode:
         """Event bindings of the node."""
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, lambda event: self._admission.closed(event.assoc)),
+            (evt.EVT_REJECTED, lambda event: self._admission.rejected(event.assoc)),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
@@ -318,15 +323,7 @@ class DicomNode:
 
     # ------------------------------------------------------------ handlers
     def _on_conn_open(self, event: evt.Event) -> None:
-        if not self._cfg.tcp_nodelay:
-            return
-        try:
-            transport = event.assoc.dul.socket
-            sock = transport.socket if transport is not None else None
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # pragma: no cover - platform specific
-            logger.debug("could not set TCP_NODELAY: %s", exc)
+        self._admission.opened(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Refuse callers that are not allowed (A-ASSOCIATE-RJ).
@@ -357,9 +354,17 @@ class DicomNode:
                                             "called AE title not recognised")
             assoc.acse.send_reject(0x01, 0x01, 0x07)
             assoc.kill()
+            return
+        if not self._admission.admit(assoc):
+            logger.warning("association from %s@%s refused: all %d associations in use "
+                           "(dicom.max_associations)", calling, host, self._max_associations)
+            self._audit.association_refused(calling, called, host, "local limit exceeded")
+            assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
+            assoc.kill()
 
     def _on_established(self, event: evt.Event) -> None:
         assoc = event.assoc
+        self._admission.established(assoc)
         with self._stats_lock:
             self._stats[assoc] = _AssocStats()
         transport = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket else None
