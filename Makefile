@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling train-default clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default clean
 
 setup:
 	@scripts/setup.sh
@@ -75,6 +75,10 @@ bench-ceiling: setup-test
 
 bench-query: setup-test
 	$(BIN)/python bench/query.py
+
+## The radiologists' page: server time of a study page with 20 hits, thumbnails cached (goal <= 300 ms).
+bench-ui: setup-test
+	$(BIN)/python bench/ui.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

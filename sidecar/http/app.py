@@ -21,7 +21,7 @@ from io import BytesIO
 from typing import Annotated, Any, Final
 
 import uvicorn
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -333,6 +333,7 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     *,
     max_upload_mb: int = 64,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
 
@@ -350,6 +351,8 @@ def create_app(
         ``"status"``. A health callable that raises counts as unhealthy.
     max_upload_mb
         Largest body of ``POST /v1/search``, in MiB (``http.max_upload_mb``).
+    routers
+        More routes served beside the API (the page: ``sidecar.http.ui``).
 
     Returns
     -------
@@ -453,6 +456,8 @@ def create_app(
         """The Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    for router in routers:
+        app.include_router(router)
     return app
 
 

@@ -112,9 +112,13 @@ class Sidecar:
         self.http: HttpServer | None = None
         if config.http.enabled:
             from sidecar.http.app import HttpServer, create_app  # noqa: PLC0415 - fastapi, only when on
+            from sidecar.http.ui import create_ui_router  # noqa: PLC0415 - jinja2, only when on
 
+            pages = ([create_ui_router(config, self.engine, self.query, self.embedding)]
+                     if config.ui.enabled else [])
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
+                routers=pages,
             ))
         emb = self.embedding if config.worker.enabled else None
         self.scheduler = jobs.scheduler(
