@@ -38,10 +38,12 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from sidecar.config import load_config
+from sidecar.config import PreprocessConfig, load_config
 from sidecar.db.ui_queries import UiQueries
 from sidecar.embeddings import preprocess
+from sidecar.embeddings.decode import FrameMeta
 from sidecar.embeddings.model import TinyEmbedder
+from sidecar.embeddings.pixels import window, window_rule
 from sidecar.http.thumbnails import Thumbnails
 from sidecar.service.app import Sidecar
 from tests.conftest import free_port, part10, wait_for
@@ -422,3 +424,22 @@ def test_browser_find_and_query_by_example(site: Site, browser: Any, tmp_path: P
     assert "your file" in hits[0].text
     assert all(w > 0 for _, w in images_decoded(browser))
     shot(browser, tmp_path, "index-example")
+
+
+# ------------------------------------------------------------- window names
+def test_window_rule_names_the_rule_window_applies() -> None:
+    cfg = PreprocessConfig(modality_window={"CT": "lung"})
+    frame = np.linspace(-1200, 1200, 64 * 64, dtype=np.float32).reshape(64, 64)
+    ct = FrameMeta("CT", True, False, (40.0, 400.0), None)
+    mr = FrameMeta("MR", False, True, None, None)
+    assert window_rule(ct, cfg) == "preset lung C -600 W 1500"
+    lung = np.clip((frame - (-600 - 750)) / 1500, 0, 1)
+    assert np.allclose(window(frame, ct, cfg), lung, atol=1e-6)
+    with_file = cfg.model_copy(update={"use_file_window": True})
+    assert window_rule(ct, with_file) == "file window C 40 W 400"
+    assert np.allclose(window(frame, ct, with_file), np.clip((frame + 160) / 400, 0, 1),
+                       atol=1e-6)
+    raw = FrameMeta("CT", False, False, None, None)  # no rescale: no HU, no preset
+    assert window_rule(raw, cfg) == "percentiles 0.5-99.5"
+    assert window_rule(mr, cfg) == "percentiles 0.5-99.5, inverted (MONOCHROME1)"
+    assert window(frame, mr, cfg)[0, 0] == 1.0  # inverted: the lowest value is white
