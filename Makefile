@@ -17,8 +17,9 @@ run: setup
 	$(BIN)/sidecar --config $(CONFIG) serve
 
 ## Demo: Orthanc as the PACS forwards sample studies; one similarity query, ranked.
+DEMO_ARGS ?=
 demo: setup-test
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 ## Run the whole test suite (lint and type checks first).
 test: lint
@@ -31,7 +32,7 @@ test: lint
 ## torch may be imported, no cycles); no module over 700 lines except config.py and
 ## short module docstrings (scripts/check_house.py).
 lint: setup-test
-	$(BIN)/ruff check sidecar tests bench scripts
+	$(BIN)/ruff check sidecar tests bench scripts integrations
 	$(BIN)/ruff check --select PLC0415 sidecar
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_house.py
