@@ -248,6 +248,9 @@ def test_unknown_and_malformed_uids_are_clear_404_pages(site: Site) -> None:
         assert answer.headers["content-type"].startswith("text/html"), path
         assert "<h1>" in answer.text and "<b>" not in answer.text, path
     assert "has been received" in site.get("/ui/studies/1.2.3.4.999").text
+    bare = urllib.request.Request(site.base + "/ui", method="GET")
+    with urllib.request.urlopen(bare, timeout=30) as resp:  # follows the redirect
+        assert resp.status == 200 and resp.url == site.base + "/ui/"
 
 
 def test_thumbnails_are_the_model_input_with_cache_headers(site: Site) -> None:
@@ -332,6 +335,13 @@ def images_decoded(driver: Any) -> list[tuple[str, int]]:
         "return Array.from(document.images).map(i => [i.src, i.naturalWidth])")]
 
 
+def studies_listed(driver: Any, selector: str = "li.hit") -> list[str]:
+    """data-study of the listed hits, read in one script (the list may be replaced meanwhile)."""
+    return [str(x) for x in driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.dataset.study)",
+        selector)]
+
+
 def no_alert(driver: Any) -> bool:
     from selenium.common.exceptions import NoAlertPresentException
 
@@ -364,8 +374,7 @@ def test_browser_study_page(site: Site, browser: Any, tmp_path: Path) -> None:
     marker = browser.execute_script("window.__same_page = 1; return 1")
     box = browser.find_element(By.NAME, "modality")
     box.send_keys("MR", Keys.ENTER)
-    wait_for(lambda: [site.name_of(h.get_attribute("data-study")) for h in
-                      browser.find_elements(By.CSS_SELECTOR, "li.hit")] == ["C"], 30,
+    wait_for(lambda: [site.name_of(u) for u in studies_listed(browser)] == ["C"], 30,
              "the MR filter to apply")
     assert browser.execute_script("return window.__same_page") == marker
     assert "modality=MR" in browser.current_url
@@ -373,8 +382,7 @@ def test_browser_study_page(site: Site, browser: Any, tmp_path: Path) -> None:
     shot(browser, tmp_path, "study-R-filter-MR")
     box.clear()
     browser.find_element(By.NAME, "same_patient").click()  # a change event refreshes
-    wait_for(lambda: "S" in [site.name_of(h.get_attribute("data-study")) for h in
-                             browser.find_elements(By.CSS_SELECTOR, "li.hit")], 30,
+    wait_for(lambda: "S" in [site.name_of(u) for u in studies_listed(browser)], 30,
              "the same-patient study to appear")
 
     # keyboard: the first link in tab order is the skip link, then real links
