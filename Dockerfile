@@ -95,7 +95,8 @@ EXPOSE 11112 8142
 STOPSIGNAL SIGTERM
 
 # Health: GET /healthz when the HTTP API is on (database, receivers, scheduler,
-# index: 503 fails the check); otherwise a DICOM C-ECHO to our own AE title over
+# index: 503 fails the check; not with http.tls, whose client certificates the
+# check does not hold); otherwise a DICOM C-ECHO to our own AE title over
 # loopback (dicom.allow_loopback, on by default), which proves the receivers
 # accept associations; with dicom.tls on, a TCP connection to the DICOM port (it
 # refuses plain DICOM; enable the HTTP API for the deeper check). Not `sidecar
@@ -110,7 +111,7 @@ cfg = load_config()\n\
 local = lambda a: ('::1' if ':' in a else '127.0.0.1') if ipaddress.ip_address(a).is_unspecified else a\n\
 web = local(cfg.http.bind_address)\n\
 web = f'[{web}]' if ':' in web else web\n\
-if cfg.http.enabled: urllib.request.urlopen(f'http://{web}:{cfg.http.port}/healthz', timeout=10); sys.exit(0)\n\
+if cfg.http.enabled and not cfg.http.tls.enabled: urllib.request.urlopen(f'http://{web}:{cfg.http.port}/healthz', timeout=10); sys.exit(0)\n\
 if cfg.dicom.tls.enabled: import socket; socket.create_connection((local(cfg.dicom.bind_address), cfg.dicom.port), timeout=10).close(); sys.exit(0)\n\
 from pynetdicom import AE\n\
 ae = AE(ae_title='HEALTHCHECK')\n\

@@ -32,7 +32,7 @@ test: lint
 ## torch may be imported, no cycles); no module over 700 lines except config.py and
 ## short module docstrings (scripts/check_house.py).
 lint: setup-test
-	$(BIN)/ruff check sidecar tests bench scripts integrations
+	$(BIN)/ruff check sidecar tests bench scripts torture integrations
 	$(BIN)/ruff check --select PLC0415 sidecar
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_house.py

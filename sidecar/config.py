@@ -370,8 +370,10 @@ class EmbeddingConfig(_Section):
 
     model_path: Path | None = Field(
         None,
-        description="TorchScript file replacing the built-in model (input N x 1 x S x S "
-        "in [0, 1], output N x D). Empty: the built-in model shipped in the package.",
+        description="Model file replacing the built-in model: an ONNX file (.onnx, run by "
+        "onnxruntime; its input contract in FILE.onnx.json beside it) or a TorchScript file "
+        "(deprecated: input N x 1 x S x S in [0, 1], output N x D). Empty: the built-in "
+        "model shipped in the package.",
     )
     input_size: int = Field(
         128, ge=16, le=1024, description="Side of the square model input, in pixels."
@@ -381,8 +383,8 @@ class EmbeddingConfig(_Section):
         1,
         ge=1,
         le=64,
-        description="torch CPU threads for the CNN. Keep below the core count so "
-        "ingest keeps a core.",
+        description="torch CPU threads for the CNN (for an ONNX model: onnxruntime's "
+        "intra-op threads). Keep below the core count so ingest keeps a core.",
     )
 
 
@@ -545,23 +547,77 @@ class QueryConfig(_Section):
         return self
 
 
+class HttpTlsConfig(_Section):
+    """HTTPS for the HTTP API, by default with client certificates (mutual TLS)."""
+
+    enabled: bool = Field(
+        False, description="Serve the HTTP API over HTTPS only (TLS 1.2 or later)."
+    )
+    certificate: Path | None = Field(
+        None, description="PEM file with the API's certificate (then any intermediates)."
+    )
+    private_key: Path | None = Field(
+        None, description="PEM file with the certificate's private key, unencrypted."
+    )
+    ca_certificates: Path | None = Field(
+        None, description="PEM file of the certificate authorities whose client certificates "
+        "are accepted."
+    )
+    require_client_certificate: bool = Field(
+        True,
+        description="Clients must present a certificate signed by ca_certificates (mutual "
+        "TLS); false: HTTPS without client certificates. Bearer tokens apply either way "
+        "(http.auth).",
+    )
+
+    @model_validator(mode="after")
+    def _files_named(self) -> HttpTlsConfig:
+        if not self.enabled:
+            return self
+        missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
+        if self.require_client_certificate and self.ca_certificates is None:
+            missing.append("ca_certificates")
+        if missing:
+            raise ValueError(
+                "TLS is enabled but " + ", ".join(f"http.tls.{m}" for m in missing)
+                + (" is" if len(missing) == 1 else " are") + " not set"
+                + (" (or set require_client_certificate: false)"
+                   if missing == ["ca_certificates"] else "")
+            )
+        return self
+
+
 class HttpConfig(_Section):
     """The HTTP API (similarity search, health, Prometheus metrics)."""
 
     enabled: bool = Field(False, description="Serve the HTTP API in `sidecar serve`.")
     bind_address: str = Field(
         "127.0.0.1",
-        description="Address to listen on. The API has no authentication: a non-loopback "
-        "address needs allow_remote: true (put a reverse proxy with TLS and authentication "
-        "in front).",
+        description="Address to listen on. A non-loopback address needs allow_remote: true, "
+        "and bearer tokens are then required (http.auth).",
     )
     port: int = Field(8142, ge=1, le=65535, description="TCP port of the HTTP API.")
     allow_remote: bool = Field(
-        False, description="Allow a bind_address other than loopback (no authentication!)."
+        False, description="Allow a bind_address other than loopback (clients then need a "
+        "bearer token: http.auth cannot be none)."
+    )
+    auth: Literal["auto", "token", "none"] = Field(
+        "auto",
+        description="Bearer tokens (sidecar token create): `token` requires one on every route "
+        "but /healthz; `auto` requires one when bind_address is beyond loopback and, on "
+        "loopback, serves requests without one (a token presented is still checked and its "
+        "scopes apply); `none` never asks (refused with a bind_address beyond loopback unless "
+        "http.tls requires client certificates).",
+    )
+    metrics_auth: bool = Field(
+        True,
+        description="GET /metrics needs a token with scope metrics (or admin) whenever tokens "
+        "are required; false serves it without one, like /healthz.",
     )
     max_upload_mb: int = Field(
         64, ge=1, le=4096, description="Largest DICOM file accepted by POST /v1/search, in MB."
     )
+    tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig)  # type: ignore[arg-type]
 
     @field_validator("bind_address")
     @classmethod
@@ -572,12 +628,31 @@ class HttpConfig(_Section):
             raise ValueError("must be an IP address such as 127.0.0.1") from exc
         return v
 
+    @property
+    def loopback(self) -> bool:
+        """Whether the API listens on a loopback address only."""
+        return ipaddress.ip_address(self.bind_address).is_loopback
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether a request without a bearer token is refused (``/healthz`` aside)."""
+        return self.auth == "token" or (self.auth == "auto" and not self.loopback)
+
     @model_validator(mode="after")
     def _loopback(self) -> HttpConfig:
-        if not self.allow_remote and not ipaddress.ip_address(self.bind_address).is_loopback:
+        if not self.allow_remote and not self.loopback:
             raise ValueError(
-                f"bind_address {self.bind_address} is not loopback: the HTTP API has no "
-                "authentication; set allow_remote: true to serve it anyway"
+                f"bind_address {self.bind_address} is not loopback: set allow_remote: true "
+                "to serve the HTTP API beyond this host (bearer tokens are then required, "
+                "see http.auth)"
+            )
+        certificates = self.tls.enabled and self.tls.require_client_certificate
+        if self.auth == "none" and not self.loopback and not certificates:
+            raise ValueError(
+                f"http.auth is none but http.bind_address {self.bind_address} is beyond "
+                "loopback: the HTTP API refuses to serve the network without authentication; "
+                "set http.auth: token (or auto) and create tokens with sidecar token create, "
+                "or require client certificates (http.tls)"
             )
         return self
 
@@ -733,15 +808,19 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     def absolute(path: Path | None) -> Path | None:
         return path if path is None or path.is_absolute() else (base / path).resolve()
 
-    tls = cfg.dicom.tls
+    tls, http_tls = cfg.dicom.tls, cfg.http.tls
     tls_files = {name: absolute(getattr(tls, name))
                  for name in ("certificate", "private_key", "ca_certificates")}
+    http_tls_files = {name: absolute(getattr(http_tls, name))
+                      for name in ("certificate", "private_key", "ca_certificates")}
     return cfg.model_copy(update={
         "storage": cfg.storage.model_copy(update={"data_dir": absolute(cfg.storage.data_dir)}),
         "embedding": cfg.embedding.model_copy(
             update={"model_path": absolute(cfg.embedding.model_path)}),
         "query": cfg.query.model_copy(update={"audit_log": absolute(cfg.query.audit_log)}),
         "dicom": cfg.dicom.model_copy(update={"tls": tls.model_copy(update=tls_files)}),
+        "http": cfg.http.model_copy(
+            update={"tls": http_tls.model_copy(update=http_tls_files)}),
     })
 
 

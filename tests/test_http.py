@@ -596,7 +596,7 @@ def test_server_start_stop_and_port_in_use(api: Api) -> None:
 
 
 def test_port_zero_picks_a_free_port(api: Api) -> None:
-    cfg = HttpConfig.model_construct(**{**HttpConfig().model_dump(), "port": 0})
+    cfg = HttpConfig.model_construct(**{**dict(HttpConfig()), "port": 0})
     server = HttpServer(cfg, create_app(api.query, Metrics(), lambda: {"ok": True}))
     host, port = server.start()
     try:

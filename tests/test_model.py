@@ -100,7 +100,10 @@ def test_three_channel_network_takes_rgb_batches_only() -> None:
     assert out.shape == (5, 16)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
-        rgb.embed(np.zeros((2, 32, 32), dtype=np.float32))
+        rgb.embed(np.zeros((2, 3, 16, 16), dtype=np.float32))
+    grey = np.random.default_rng(1).random((2, 32, 32), dtype=np.float32)  # replicated
+    np.testing.assert_allclose(rgb.embed(grey), rgb.embed(np.repeat(grey[:, None], 3, axis=1)),
+                               atol=1e-6)
     # A network made for grey input fails its dry run when told it gets three channels.
     with pytest.raises(ModelError, match="2 x 3 x 32 x 32"):
         TorchEmbedder(SliceNetV1(SliceNetV1Params()), model_id="g", input_size=32, channels=3)

@@ -12,6 +12,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -248,6 +249,28 @@ def test_store_success_keeps_bytes_and_records_row(running: Sidecar, tmp_path: P
     assert row["calling_host"] == "127.0.0.1"
     assert row["state"] == "pending"
     assert files_under(storage_dir(running)) == [stored]
+
+
+def test_invalid_command_set_aborts_the_association_at_once(
+    running: Sidecar, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A C-STORE-RQ without an Affected SOP Instance UID (the sender took it from a broken file
+    # meta): pynetdicom alone ignores it and the peer waits out its DIMSE timeout; we abort,
+    # as DCMTK's storescp does ("Command Parse Failed").
+    ds = make_ct(seed=5)
+    src = write_part10(ds, tmp_path / "src" / "ct.dcm")
+    uid = str(ds.SOPInstanceUID).encode()
+    src.write_bytes(src.read_bytes().replace(uid, b"\0" * len(uid)))  # file meta and data set
+    with caplog.at_level(logging.WARNING, logger="sidecar.dicom.strict"):
+        with established(running) as assoc:
+            started = time.monotonic()
+            rsp = assoc.send_c_store(src)
+            wait_for(lambda: assoc.is_aborted, 10, "the association aborted")
+            elapsed = time.monotonic() - started
+    assert "Status" not in rsp and elapsed < 10
+    assert "invalid C-STORE request" in caplog.text and "AffectedSOPInstanceUID" in caplog.text
+    with established(running) as assoc:  # the node goes on serving
+        assert status_of(assoc.send_c_store(make_ct(seed=6))) == Status.SUCCESS
 
 
 @pytest.mark.usefixtures("chunked")

@@ -38,13 +38,17 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from sidecar.config import PreprocessConfig, load_config
+from sidecar.config import HttpConfig, PreprocessConfig, load_config
 from sidecar.db.ui_queries import UiQueries
 from sidecar.embeddings import preprocess
 from sidecar.embeddings.decode import FrameMeta
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.embeddings.pixels import window, window_rule
+from sidecar.http.app import HttpServer, create_app
 from sidecar.http.thumbnails import Thumbnails
+from sidecar.http.tokens import TokenStore
+from sidecar.http.ui import create_ui_router
+from sidecar.metrics import Metrics
 from sidecar.service.app import Sidecar
 from tests.conftest import free_port, part10, wait_for
 from tests.test_search import ct_slice
@@ -291,6 +295,36 @@ def test_thumbnail_cache_stays_under_its_cap(site: Site, tmp_path: Path) -> None
     assert 1 <= len(kept) <= 5
     assert sum(p.stat().st_size for p in kept) == thumbs.size_bytes
     assert not list(thumbs.directory.glob(".*.tmp"))
+
+
+def test_page_needs_the_query_scope_when_tokens_are_required(site: Site) -> None:
+    app = site.app
+    config = HttpConfig(port=free_port(), auth="token")
+    tokens = TokenStore(app.engine)
+    query_token, _ = tokens.create("ui-query", ["query"])
+    metrics_token, _ = tokens.create("ui-metrics", ["metrics"])
+    server = HttpServer(config, create_app(
+        app.query, Metrics(), lambda: {"ok": True}, tokens=tokens, http_config=config,
+        routers=[create_ui_router(app.config, app.engine, app.query, app.embedding)]))
+    host, port = server.start()
+    try:
+        base = f"http://{host}:{port}"
+        paths = (f"/ui/studies/{site.studies['R']}", "/ui/", "/ui",
+                 f"/ui/thumbnails/{site.sops['R'][0]}/0.png", "/ui/static/page.css")
+        for path in paths:
+            bare = fetch(urllib.request.Request(base + path))
+            assert bare.status == 401, path
+            assert bare.headers["www-authenticate"].startswith("Bearer"), path
+            wrong = fetch(urllib.request.Request(
+                base + path, headers={"Authorization": f"Bearer {metrics_token}"}))
+            assert wrong.status == 403 and b"query" in wrong.body, path
+        page = fetch(urllib.request.Request(
+            base + paths[0], headers={"Authorization": f"Bearer {query_token}"}))
+        assert page.status == 200 and f'data-study="{site.studies["A"]}"'.encode() in page.body
+    finally:
+        server.stop()
+        tokens.revoke("ui-query")
+        tokens.revoke("ui-metrics")
 
 
 # ------------------------------------------------------------------ browser

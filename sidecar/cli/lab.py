@@ -30,7 +30,8 @@ from sidecar.errors import SidecarError
               show_default=True, help="Bootstrap resamples for the 95 % intervals (0: none).")
 @click.option("--model", "model_path", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TorchScript file, or SliceNetV1 weights with their .json beside them "
+              help="ONNX (.onnx with its .onnx.json) or TorchScript file, or SliceNetV1 "
+              "weights with their .json beside them "
               "(default: the configured model).")
 @config_option()
 @click.pass_context

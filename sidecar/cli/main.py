@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from sidecar.cli import catalogue, lab, models, query, serve
+from sidecar.cli import catalogue, lab, models, query, serve, tokens
 from sidecar.cli.options import config_option
 
 
@@ -32,7 +32,7 @@ for _command in (
     serve.check_config, serve.serve,
     catalogue.status, catalogue.ingest, catalogue.verify, catalogue.delete_study,
     models.embed, models.reindex, models.model, models.adapt, models.train,
-    query.search, lab.evaluate,
+    query.search, lab.evaluate, tokens.token,
 ):
     main.add_command(_command)
 

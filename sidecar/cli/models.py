@@ -1,4 +1,4 @@
-"""`sidecar embed`, `reindex`, `model list|restore`, `adapt` and `train`: the embedding models."""
+"""`sidecar embed`, `reindex`, `model list|restore|export-onnx`, `adapt`, `train`: the models."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     """Models with vectors or recorded by on-site adaptation, and which one is active.
 
     Columns: the model id, where it comes from (shipped weights, adapted by
-    on-site adaptation, other: e.g. a TorchScript embedding.model_path), its
+    on-site adaptation, other: e.g. an ONNX embedding.model_path), its
     stored vectors, the model it was adapted from and its held-out score
     (its parent's in brackets). `*` marks the active model (its index answers
     queries), `>` the model the next start of `sidecar serve` loads (they
@@ -178,6 +178,60 @@ def model_restore(ctx: click.Context, model_id: str | None) -> None:
     if running:
         click.echo("sidecar serve (or another command) holds the index: restart it to apply",
                    err=True)
+
+
+@model.command("export-onnx")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .onnx file to write; its input contract goes beside it (OUT.json).")
+@click.option("--weights", "weights", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Export these SliceNetV1 weights (.pt with .json beside it) or this "
+              "TorchScript file instead of the model the service loads.")
+@click.option("--force", is_flag=True, help="Replace existing files.")
+@config_option()
+@click.pass_context
+def model_export_onnx(ctx: click.Context, out: Path, weights: Path | None, force: bool) -> None:
+    """Write the model the service loads (or --weights) as an ONNX site model.
+
+    The model the service loads: the TorchScript file embedding.model_path names,
+    else the adapted model recorded in the catalogue, else the shipped weights;
+    at embedding.input_size. Writes OUT (.onnx) and OUT.json (the input
+    contract: input_size, channels, dim, name, licence, provenance), loads them
+    back as the service would and checks they give the same vectors. Set
+    embedding.model_path to OUT to use it: a new model id, so the archive is
+    embedded again in the background (the old vectors stay). Needs the
+    onnx-export extra (packages onnx and onnxscript).
+    """
+    from sidecar.embeddings.onnx_export import export_model_file  # noqa: PLC0415 - torch
+    from sidecar.embeddings.onnx_model import contract_path  # noqa: PLC0415 - onnxruntime
+    from sidecar.embeddings.registry import weights_for  # noqa: PLC0415 - imports torch
+
+    if out.suffix.lower() != ".onnx":
+        raise click.BadParameter("must end in .onnx (embedding.model_path is loaded as ONNX "
+                                 "by that suffix)", param_hint="--out")
+    existing = [p for p in (out, contract_path(out)) if p.exists()]
+    if existing and not force:
+        raise click.ClickException(f"{existing[0]} exists (--force replaces it)")
+    cfg = load(ctx)
+    source = weights
+    if source is None and cfg.embedding.model_path is not None:
+        source = cfg.embedding.model_path
+        if source.suffix.lower() == ".onnx":
+            raise click.ClickException(f"embedding.model_path {source} is already an ONNX model")
+    if source is None:
+        with catalogue(cfg) as (engine, _):
+            source = weights_for(cfg, VectorRepository(engine))
+    try:
+        done = export_model_file(source, out, cfg.embedding.input_size)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from exc
+    c = done.contract
+    click.echo(f"export-onnx: wrote {out} and {contract_path(out).name}: model id "
+               f"{done.model_id}, input {c.channels} x {c.input_size} x {c.input_size}, "
+               f"dim {c.dim}; from {done.source} (model id {done.source_model_id}), same "
+               "vectors checked")
+    click.echo(f"export-onnx: to use it set embedding.model_path: {out} (a new model id: "
+               "the archive is embedded again in the background)", err=True)
 
 
 @click.command()

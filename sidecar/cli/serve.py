@@ -12,6 +12,7 @@ import yaml
 from sidecar.cli.options import config_option, load, logger
 from sidecar.dicom.tls import checked_certificate
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.http.tls import server_context
 from sidecar.sdnotify import notify
 from sidecar.service.app import Sidecar
 
@@ -24,9 +25,29 @@ def check_config(ctx: click.Context) -> None:
 
     With dicom.tls.enabled, also loads the certificate, key and CA files and
     prints until when the certificate is valid (a warning within 30 days; an
-    expired one is an error).
+    expired one is an error); with http.tls.enabled, loads its files too. With
+    embedding.model_path set, also loads that model as the service would (an ONNX
+    file and its JSON contract, or TorchScript) and prints its model id; a model
+    that does not load is an error.
     """
     cfg = load(ctx)
+    if cfg.http.tls.enabled:
+        try:
+            server_context(cfg.http.tls)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+    model_line = None
+    if cfg.embedding.model_path is not None:
+        # loads torch (and onnxruntime for an ONNX model): only when a model file is named
+        from sidecar.embeddings.model import load_embedder  # noqa: PLC0415
+
+        try:
+            emb = load_embedder(cfg.embedding)
+        except SidecarError as exc:  # ModelError
+            raise click.ClickException(f"cannot load the embedding model: {exc}") from exc
+        model_line = (f"# embedding model {emb.model_id} from {cfg.embedding.model_path}: "
+                      f"input {emb.channels} x {emb.input_size} x {emb.input_size}, "
+                      f"dim {emb.dim}")
     cert_line = None
     if cfg.dicom.tls.enabled:
         try:
@@ -39,6 +60,8 @@ def check_config(ctx: click.Context) -> None:
     click.echo(yaml.safe_dump(cfg.effective(), sort_keys=False).rstrip("\n"))
     if cert_line is not None:
         click.echo(cert_line, err=True)
+    if model_line is not None:
+        click.echo(model_line, err=True)
     click.echo("# configuration OK", err=True)
 
 

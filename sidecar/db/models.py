@@ -208,6 +208,25 @@ class Setting(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
 
 
+class ApiToken(Base):
+    """A bearer token of the HTTP API: its SHA-256 digest, never the token itself.
+
+    Revoked tokens keep their row (``revoked_at`` set) so that a client still
+    presenting one is told so; names are unique among tokens not revoked.
+    """
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(200))  # space-separated, as OAuth writes them
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 # Core tables of the models, for the modules whose hot paths use SQLAlchemy Core
 # statements (no ORM unit of work): one typed name per table, defined once.
 PATIENT: Table = Patient.__table__  # type: ignore[assignment]
@@ -218,3 +237,4 @@ SLICE_VECTOR: Table = SliceVector.__table__  # type: ignore[assignment]
 SERIES_VECTOR: Table = SeriesVector.__table__  # type: ignore[assignment]
 STUDY_VECTOR: Table = StudyVector.__table__  # type: ignore[assignment]
 SETTING: Table = Setting.__table__  # type: ignore[assignment]
+API_TOKEN: Table = ApiToken.__table__  # type: ignore[assignment]

@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
+from sidecar.dicom import strict
 from sidecar.dicom.access import AccessPolicy
 from sidecar.dicom.find import (
     PATIENT_ROOT_FIND,
@@ -182,6 +183,7 @@ class DicomNode:
 
     # ------------------------------------------------------------ lifecycle
     def _build_ae(self) -> AE:
+        strict.install()
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom's standard per-PDU/per-message log handlers cost ~10 %
             # of a store; we log per association ourselves.

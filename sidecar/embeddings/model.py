@@ -1,11 +1,14 @@
 """Slice embedders: the :class:`Embedder` contract and loading model files into one.
 
-An embedder turns ``(N, S, S)`` slices in [0, 1] into ``(N, dim)`` float32 unit
-rows and names its vector space by ``model_id``. :class:`TorchEmbedder` runs the
-built-in SliceNetV1 weights (:func:`load_weights`) or a TorchScript file
-(``embedding.model_path``, :func:`load_torchscript`, :func:`export_torchscript`);
-:class:`TinyEmbedder` is a pure-numpy stand-in for unit tests. The contract, the
-model id rules and the thread setting are in docs/design/embeddings.md.
+An embedder turns ``(N, S, S)`` grey (or ``(N, 3, S, S)`` RGB, when its
+``channels`` is 3) slices in [0, 1] into ``(N, dim)`` float32 unit rows and names
+its vector space by ``model_id``. :class:`TorchEmbedder` runs the built-in
+SliceNetV1 weights (:func:`load_weights`) or a TorchScript file
+(``embedding.model_path``, :func:`load_torchscript`, :func:`export_torchscript`;
+deprecated by torch); a ``.onnx`` model_path is run by onnxruntime
+(:mod:`sidecar.embeddings.onnx_model`). :class:`TinyEmbedder` is a pure-numpy
+stand-in for unit tests. The contract, the model id rules and the thread setting
+are in docs/design/embeddings.md.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
 from sidecar.config import EmbeddingConfig
+
+# ModelError, FloatBatch and Vectors live in modelbase (shared with the ONNX embedder)
+from sidecar.embeddings.modelbase import FloatBatch as FloatBatch
+from sidecar.embeddings.modelbase import ModelError as ModelError
+from sidecar.embeddings.modelbase import Vectors as Vectors
+from sidecar.embeddings.modelbase import check_batch
+from sidecar.embeddings.modelbase import first_line as _first_line
+from sidecar.embeddings.modelbase import read_model_bytes as _read_bytes
 from sidecar.embeddings.network import (
     ARCHITECTURES,
     MODEL_ID_HEX,
@@ -37,33 +47,14 @@ from sidecar.embeddings.network import (
     builtin_weights_path,
     file_model_id,
 )
-from sidecar.errors import SidecarError
 from sidecar.files import write_durably
 
 logger = logging.getLogger(__name__)
 
 TORCHSCRIPT_META: Final = "sidecar.json"
 """Name of the metadata record that :func:`export_torchscript` adds to a TorchScript file."""
-
-FloatBatch = npt.NDArray[np.floating[Any]]
-Vectors = npt.NDArray[np.float32]
-
-
-class ModelError(SidecarError):
-    """A model file is missing, unreadable or does not fit, or a model misbehaves.
-
-    Parameters
-    ----------
-    path
-        The weights, JSON or TorchScript file concerned.
-    problem
-        What is wrong with it.
-    """
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"model file {self.path}: {problem}")
+ONNX_SUFFIX: Final = ".onnx"
+"""An ``embedding.model_path`` ending so (any case) is an ONNX model; any other is TorchScript."""
 
 
 # --------------------------------------------------------------------- interface
@@ -88,7 +79,7 @@ class Embedder(Protocol):
 
     @property
     def channels(self) -> int:
-        """1: grey slices ``(N, S, S)``; 3: RGB slices ``(N, 3, S, S)``."""
+        """1: the model takes grey slices ``(N, S, S)``; 3: RGB slices ``(N, 3, S, S)``."""
         ...
 
     def embed(self, batch: FloatBatch) -> Vectors:
@@ -97,8 +88,9 @@ class Embedder(Protocol):
         Parameters
         ----------
         batch
-            ``(N, S, S)`` (``channels == 1``) or ``(N, 3, S, S)`` (``channels ==
-            3``, RGB) floating point, values in ``[0, 1]``; ``N`` may be 0.
+            ``(N, S, S)`` floating point, values in ``[0, 1]``; ``N`` may be 0.
+            With ``channels == 3``: ``(N, 3, S, S)``, RGB order (grey
+            ``(N, S, S)`` slices are replicated into the three channels).
 
         Returns
         -------
@@ -110,44 +102,15 @@ class Embedder(Protocol):
         ValueError
             The batch has the wrong shape or holds NaN or infinite values.
         ModelError
-            The model produced unusable output (TorchScript models only).
+            The model produced unusable output (model files only).
         """
         ...
-
-
-def _check_batch(batch: FloatBatch, size: int, channels: int = 1) -> npt.NDArray[np.float32]:
-    arr = np.asarray(batch)
-    want = (size, size) if channels == 1 else (channels, size, size)
-    if arr.ndim != len(want) + 1 or arr.shape[1:] != want:
-        shape = ", ".join(str(d) for d in ("N", *want))
-        raise ValueError(f"expected a batch of shape ({shape}), got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"expected floating point pixels in [0, 1], got dtype {arr.dtype}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
-    if not out.flags.writeable:  # torch.from_numpy warns on read-only arrays
-        out = out.copy()
-    if not np.isfinite(out).all():
-        raise ValueError("batch holds NaN or infinite values")
-    return out
 
 
 # ------------------------------------------------------------------ files, ids
 def _model_id(file_id: str, native_size: int | None, input_size: int) -> str:
     return file_id if native_size == input_size else f"{file_id}-s{input_size}"
 
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelError(path, "file not found") from exc
-    except OSError as exc:
-        raise ModelError(path, f"cannot read: {exc.strerror or exc}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write a model file durably (:func:`sidecar.files.write_durably`), creating its folder.
@@ -297,7 +260,7 @@ def load_torchscript(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
             path,
             f"not a readable TorchScript file ({_first_line(exc)}); embedding.model_path "
             "must name a file written by torch.jit.save or export_torchscript, "
-            "not a state_dict",
+            "not a state_dict (an ONNX model must be named *.onnx)",
         ) from exc
     raw = extra.get(TORCHSCRIPT_META) or b""
     meta: dict[str, Any] = {}
@@ -321,24 +284,29 @@ def export_torchscript(
     *,
     input_size: int = 128,
     source_model_id: str | None = None,
+    channels: int = 1,
 ) -> str:
     """Write ``model`` as a TorchScript file usable as ``embedding.model_path``.
 
-    A plain module is traced with an example batch ``(2, 1, S, S)``; pass a
+    A plain module is traced with an example batch ``(2, C, S, S)``; pass a
     ``torch.jit.ScriptModule`` for models with data-dependent control flow.
-    The file records ``input_size``, the output dimension and
+    The file records ``input_size``, ``channels``, the output dimension and
     ``source_model_id`` as metadata. The model is put in eval mode.
+    TorchScript is deprecated by torch: prefer
+    :func:`sidecar.embeddings.onnx_model.export_onnx`.
 
     Parameters
     ----------
     model
-        Maps ``(N, 1, S, S)`` in [0, 1] to ``(N, D)``.
+        Maps ``(N, C, S, S)`` in [0, 1] to ``(N, D)``.
     path
         Destination; written atomically.
     input_size
         The input size ``S`` the model is made for (its native size).
     source_model_id
         Model id of what was exported, for provenance.
+    channels
+        ``C``: 1 (grey) or 3 (RGB).
 
     Returns
     -------
@@ -351,7 +319,8 @@ def export_torchscript(
         The model fails on the example batch or its output is not ``(2, D)``.
     """
     model.eval()
-    example = torch.rand(2, 1, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, channels, input_size, input_size,
+                         generator=torch.Generator().manual_seed(0))
     try:
         with _quiet_torchscript(), torch.no_grad():
             if isinstance(model, torch.jit.ScriptModule):
@@ -366,6 +335,7 @@ def export_torchscript(
     meta = {
         "format": WEIGHTS_FORMAT,
         "input_size": input_size,
+        "channels": channels,
         "dim": int(out.shape[1]),
         "source_model_id": source_model_id,
         "exported_by": f"{__name__}.export_torchscript",
@@ -398,7 +368,7 @@ class TorchEmbedder:
     source
         The model file, for error messages.
     channels
-        ``C``: 1 for grey input, 3 for RGB (see :attr:`Embedder.channels`).
+        ``C``: 1 (grey) or 3 (RGB).
 
     Raises
     ------
@@ -419,7 +389,7 @@ class TorchEmbedder:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ValueError("channels must be 1 or 3")
         self._channels = channels
         self._module = module.eval()
         self._model_id = model_id
@@ -445,9 +415,11 @@ class TorchEmbedder:
 
     @classmethod
     def from_config(cls, cfg: EmbeddingConfig) -> TorchEmbedder:
-        """The built-in model, or ``cfg.model_path`` when set.
+        """The built-in model, or ``cfg.model_path`` (a TorchScript file) when set.
 
         Sets ``torch.set_num_threads(cfg.threads)``, which is process-global.
+        A TorchScript file is logged with a WARNING: torch deprecates
+        TorchScript; export it to ONNX (``sidecar model export-onnx``).
 
         Raises
         ------
@@ -459,7 +431,7 @@ class TorchEmbedder:
         if cfg.model_path is None:
             model, info = load_weights(None)
             module: nn.Module = model
-            channels = model.hparams.in_channels
+            channels = info.hparams.in_channels
             model_id = _model_id(info.model_id, info.input_size, cfg.input_size)
             source = str(info.path)
             if not info.trained:
@@ -480,6 +452,14 @@ class TorchEmbedder:
             model_id = _model_id(file_id, native if isinstance(native, int) else None,
                                  cfg.input_size)
             source = str(cfg.model_path)
+            channels = 3 if meta.get("channels") == 3 else 1
+            logger.warning(
+                "embedding.model_path %s is a TorchScript file: torch deprecates TorchScript "
+                "and a later torch may not load it. Export it to ONNX (`sidecar model "
+                "export-onnx --out FILE.onnx`, or torch.onnx.export with the JSON contract of "
+                "docs/admin-guide.md) and set embedding.model_path to the .onnx file",
+                source,
+            )
         embedder = cls(
             module,
             model_id=model_id,
@@ -512,7 +492,7 @@ class TorchEmbedder:
 
     @property
     def channels(self) -> int:
-        """1 (grey) or 3 (RGB) input channels."""
+        """Input channels: 1 (grey), or 3 (RGB) for weights with ``in_channels`` 3."""
         return self._channels
 
     @property
@@ -521,20 +501,21 @@ class TorchEmbedder:
         return self._batch_size
 
     def embed(self, batch: FloatBatch) -> Vectors:
-        """Embed slices in [0, 1] as ``(N, dim)`` unit rows (see :class:`Embedder`).
+        """Embed ``(N, S, S)`` (or RGB ``(N, 3, S, S)``) slices in [0, 1] as ``(N, dim)`` unit rows.
 
-        Runs under ``torch.inference_mode`` in chunks of ``batch_size``; the
-        module is not modified, so calls from several threads are safe.
+        See :class:`Embedder`. Runs under ``torch.inference_mode`` in chunks of
+        ``batch_size``; the module is not modified, so calls from several
+        threads are safe.
         """
-        arr = _check_batch(batch, self._input_size, self._channels)
+        arr = check_batch(batch, self._input_size, self._channels)
+        if arr.ndim == 3:
+            arr = arr[:, None]
         n = arr.shape[0]
         result = np.empty((n, self._dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
                 stop = min(start + self._batch_size, n)
                 x = torch.from_numpy(arr[start:stop])
-                if self._channels == 1:
-                    x = x.unsqueeze(1)
                 out = self._module(x)
                 result[start:stop] = self._normalised(out, stop - start)
         return result
@@ -602,12 +583,12 @@ class TinyEmbedder:
 
     @property
     def channels(self) -> int:
-        """Always 1: grey slices."""
+        """1: grey slices."""
         return 1
 
     def embed(self, batch: FloatBatch) -> Vectors:
         """Embed ``(N, S, S)`` slices in [0, 1] as unit rows (see :class:`Embedder`)."""
-        arr = _check_batch(batch, self._input_size)
+        arr = check_batch(batch, self._input_size)
         n = arr.shape[0]
         if n == 0:
             return np.zeros((0, self._dim), dtype=np.float32)
@@ -621,11 +602,21 @@ class TinyEmbedder:
 
 
 def load_embedder(cfg: EmbeddingConfig) -> Embedder:
-    """The embedder the configuration asks for (see :meth:`TorchEmbedder.from_config`).
+    """The embedder the configuration asks for.
+
+    A ``cfg.model_path`` ending in ``.onnx``:
+    :meth:`sidecar.embeddings.onnx_model.OnnxEmbedder.from_config`; otherwise
+    :meth:`TorchEmbedder.from_config` (built-in weights or TorchScript).
 
     Raises
     ------
     ModelError
-        The weights or TorchScript file is missing, corrupt or does not fit.
+        The weights, TorchScript or ONNX file (or its JSON) is missing, corrupt
+        or does not fit.
     """
+    if cfg.model_path is not None and cfg.model_path.suffix.lower() == ONNX_SUFFIX:
+        # onnxruntime is loaded only when the configuration names an ONNX model
+        from sidecar.embeddings.onnx_model import OnnxEmbedder  # noqa: PLC0415
+
+        return OnnxEmbedder.from_config(cfg)
     return TorchEmbedder.from_config(cfg)

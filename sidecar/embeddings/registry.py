@@ -1,6 +1,6 @@
 """Model records and loading: which model a service embeds with, and the models it knows.
 
-A service loads ``embedding.model_path`` when set (a TorchScript file), else
+A service loads ``embedding.model_path`` when set (an ONNX or TorchScript file), else
 the adapted model recorded in :data:`ADAPTED_MODEL_KEY`, else the shipped
 weights (:func:`load_service_embedder`). See docs/design/models.md.
 """

@@ -1,8 +1,9 @@
 """The HTTP API: similarity search, health and Prometheus metrics (FastAPI on uvicorn).
 
 Off by default (``http.enabled``); when on it listens on loopback unless
-``http.allow_remote`` (it has no authentication: put a reverse proxy with TLS
-and authentication in front to serve it further).
+``http.allow_remote``. Bearer tokens and the scope of each route:
+``sidecar.http.auth`` (``http.auth``, ``http.metrics_auth``); HTTPS and
+client certificates: ``sidecar.http.tls`` (``http.tls``).
 
 Routes, answers, error kinds and logging: docs/http-api.md.
 """
@@ -13,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -40,6 +42,9 @@ from sidecar.errors import (
     SearchError,
     SidecarError,
 )
+from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
+from sidecar.http.tls import server_context
+from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.search.front import QueryService, Requester, SimilarityRequest
 from sidecar.search.types import Level, Reference, SearchFilters, SearchResult
@@ -254,8 +259,10 @@ def _reject_unknown(request: Request, known: frozenset[str]) -> None:
 
 
 def _requester(request: Request) -> Requester:
+    """The client: its token's name when it sent one, else its address."""
     host = request.client.host if request.client is not None else ""
-    return Requester("http", name=host, address=host)
+    token_name = request.scope.get("state", {}).get("token_name")
+    return Requester("http", name=str(token_name or host), address=host)
 
 
 def _filters(modality: Sequence[str], study_date: str, body_part: str) -> SearchFilters:
@@ -333,6 +340,9 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     *,
     max_upload_mb: int = 64,
+    tokens: TokenStore | None = None,
+    http_config: HttpConfig | None = None,
+    on_security_event: SecurityEventHandler = log_security_event,
     routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
@@ -351,6 +361,15 @@ def create_app(
         ``"status"``. A health callable that raises counts as unhealthy.
     max_upload_mb
         Largest body of ``POST /v1/search``, in MiB (``http.max_upload_mb``).
+    tokens
+        The catalogue's bearer tokens: with them, each route asks what
+        ``http_config`` says (:class:`~sidecar.http.auth.Access`); without,
+        nothing is asked (tests of the routes themselves).
+    http_config
+        The ``http`` section (``auth``, ``metrics_auth``, ``bind_address``).
+    on_security_event
+        Called for every refused token or missing scope: ``(kind, token_name,
+        remote, path)``; the default logs a WARNING.
     routers
         More routes served beside the API (the page: ``sidecar.http.ui``).
 
@@ -371,6 +390,9 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(_BodyError, _on_body_error)
+    if tokens is not None:  # inside _Guard: a refused body is still drained there
+        app.add_middleware(Access, config=http_config or HttpConfig.model_validate({}),
+                           tokens=tokens, on_security_event=on_security_event)
     app.add_middleware(_Guard)
 
     def answer(request: SimilarityRequest, requester: Requester) -> JSONResponse:
@@ -525,14 +547,21 @@ class HttpServer:
     Parameters
     ----------
     config
-        The ``http`` section (``bind_address`` and ``port``; port 0 picks a free port).
+        The ``http`` section (``bind_address`` and ``port``; port 0 picks a free port;
+        ``tls``: HTTPS, its files loaded here).
     app
         The ASGI application (:func:`create_app`).
+
+    Raises
+    ------
+    ConfigError
+        ``http.tls`` is on and one of its files is missing or unusable.
     """
 
     def __init__(self, config: HttpConfig, app: ASGIApp) -> None:
         self._config = config
         self._app = app
+        self._tls = server_context(config.tls) if config.tls.enabled else None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -566,6 +595,7 @@ class HttpServer:
             proxy_headers=True,
             forwarded_allow_ips="127.0.0.1,::1",
             timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+            ssl_context_factory=self._ssl_context if self._tls is not None else None,
         )
         server = _Server(uv_config)
         self._server = server
@@ -585,8 +615,18 @@ class HttpServer:
                 raise HttpServerError(f"the HTTP API did not start on {host}:{port}{why}")
             time.sleep(0.01)
         self.address = (str(host), int(port))
-        logger.info("HTTP API listening on http://%s:%d", *self._url_parts(host, port))
+        logger.info("HTTP API listening on %s://%s:%d", self.scheme, *self._url_parts(host, port))
         return self.address
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with ``http.tls``, else ``http``."""
+        return "https" if self._tls is not None else "http"
+
+    def _ssl_context(self, _config: uvicorn.Config,
+                     _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        assert self._tls is not None  # only handed to uvicorn with TLS on
+        return self._tls
 
     @staticmethod
     def _url_parts(host: str, port: int) -> tuple[str, int]:

@@ -125,8 +125,9 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
     ``None``: the configured model (``load_embedder(config.embedding)``). A
     file with a ``.json`` description beside it (the layout of the shipped
     weights): SliceNetV1 weights, loaded by ``load_weights`` and run at
-    ``embedding.input_size``. Any other file: a TorchScript model, as
-    ``embedding.model_path`` would load it.
+    ``embedding.input_size``. A ``.onnx`` file (with its ``.onnx.json``
+    contract) or any other file: as ``embedding.model_path`` would load it
+    (ONNX or TorchScript).
 
     Raises
     ------
@@ -135,7 +136,7 @@ def load_model(config: Config, path: Path | None = None) -> Embedder:
     """
     if path is None:
         return m.load_embedder(config.embedding)
-    if not path.with_suffix(".json").is_file():
+    if path.suffix.lower() == m.ONNX_SUFFIX or not path.with_suffix(".json").is_file():
         return m.load_embedder(config.embedding.model_copy(update={"model_path": path}))
     embedder = weights_embedder(path, config.embedding)
     _, info = m.load_weights(path)

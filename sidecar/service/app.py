@@ -15,6 +15,7 @@ from sidecar.dicom.access import assumed_permissions
 from sidecar.dicom.node import DicomNode
 from sidecar.dicom.similarity import SimilarityFind
 from sidecar.dicom.tls import checked_certificate
+from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.search.front import QueryService
 from sidecar.search.ipc import QueryServer
@@ -112,13 +113,18 @@ class Sidecar:
         self.http: HttpServer | None = None
         if config.http.enabled:
             from sidecar.http.app import HttpServer, create_app  # noqa: PLC0415 - fastapi, only when on
+            from sidecar.http.auth import describe  # noqa: PLC0415 - starlette, only when on
             from sidecar.http.ui import create_ui_router  # noqa: PLC0415 - jinja2, only when on
 
+            open_by_default = (config.http.auth == "auto" and config.http.loopback
+                               and "auth" not in config.http.model_fields_set)
+            logger.log(logging.WARNING if open_by_default else logging.INFO,
+                       "%s", describe(config.http))
             pages = ([create_ui_router(config, self.engine, self.query, self.embedding)]
                      if config.ui.enabled else [])
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
-                routers=pages,
+                tokens=TokenStore(self.engine), http_config=config.http, routers=pages,
             ))
         emb = self.embedding if config.worker.enabled else None
         self.scheduler = jobs.scheduler(
@@ -224,7 +230,7 @@ class Sidecar:
             self.address = (self.config.dicom.bind_address, self.config.dicom.port)
         if self.http is not None:
             host, port = self.http.start()
-            logger.info("HTTP API listening on http://%s:%s", host, port)
+            logger.info("HTTP API listening on %s://%s:%s", self.http.scheme, host, port)
         return self.address
 
     def stop(self) -> None:

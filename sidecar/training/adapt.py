@@ -373,7 +373,7 @@ def run_adaptation(
         The process's engine.
     current
         The running model; it must be the SliceNetV1 weights the service loads
-        (the shipped or the recorded adapted weights, not a TorchScript file).
+        (the shipped or the recorded adapted weights, not a TorchScript or ONNX file).
     library
         The training functions (default: :func:`training_library`).
     record
@@ -417,7 +417,7 @@ def _run(
     vectors = VectorRepository(engine)
     out = AdaptationOutcome(accepted=False, reason="", current_model_id=current.model_id)
     if config.embedding.model_path is not None:
-        out.reason = ("skipped: embedding.model_path is set (a TorchScript file); adaptation "
+        out.reason = ("skipped: embedding.model_path is set (a site model); adaptation "
                       "fine-tunes the built-in or an adapted SliceNetV1 model only")
         return out
     active = vectors.get_setting(ACTIVE_MODEL_KEY)

@@ -1,0 +1,54 @@
+"""``python -m torture {kill9,fuzz,all} [options]``: run campaigns, print figures, exit 1 on
+any loss, crash or hang."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from torture import concurrency, fuzz, kill9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m torture", description=__doc__)
+    parser.add_argument("campaign", choices=["kill9", "fuzz", "concurrency", "all"])
+    parser.add_argument("--cycles", type=int, default=50, help="kill9 cycles (default 50)")
+    parser.add_argument("--per-cycle", type=int, default=60, help="instances sent per cycle")
+    parser.add_argument("--inputs", type=int, default=1000, help="fuzz: malformed datasets")
+    parser.add_argument("--associations", type=int, default=8, help="concurrency: senders")
+    parser.add_argument("--per-association", type=int, default=500,
+                        help="concurrency: instances each association sends")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="working directory (default: a temporary one, removed after)")
+    args = parser.parse_args(argv)
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="torture-") as tmp:
+        work = args.work or Path(tmp)
+        if args.campaign in ("kill9", "all"):
+            rep = kill9.run(work / "kill9", cycles=args.cycles, per_cycle=args.per_cycle,
+                            seed=args.seed)
+            for line in rep.lines():
+                print(line, flush=True)
+            failed |= not rep.ok
+        if args.campaign in ("fuzz", "all"):
+            shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+            extra = sorted(shared.rglob("*.dcm"))[:200] if shared.is_dir() else []
+            frep = fuzz.run(work / "fuzz", inputs=args.inputs, seed=args.seed,
+                            extra_seeds=extra)
+            for line in frep.lines():
+                print(line, flush=True)
+            failed |= not frep.ok
+        if args.campaign in ("concurrency", "all"):
+            crep = concurrency.run(work / "concurrency", associations=args.associations,
+                                   per_association=args.per_association, seed=args.seed)
+            for line in crep.lines():
+                print(line, flush=True)
+            failed |= not crep.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
