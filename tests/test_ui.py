@@ -485,3 +485,16 @@ def test_window_rule_names_the_rule_window_applies() -> None:
     assert window_rule(raw, cfg) == "percentiles 0.5-99.5"
     assert window_rule(mr, cfg) == "percentiles 0.5-99.5, inverted (MONOCHROME1)"
     assert window(frame, mr, cfg)[0, 0] == 1.0  # inverted: the lowest value is white
+
+
+def test_three_channel_thumbnails_are_rgb(site: Site, tmp_path: Path) -> None:
+    thumbs = Thumbnails(site.app.config, UiQueries(site.app.engine), lambda: (48, 3))
+    thumbs.directory = tmp_path / "thumbnails"
+    thumb = thumbs.get(site.sops["R"][0], 0)
+    assert thumb is not None
+    img = Image.open(thumb.path)
+    assert img.size == (48, 48) and img.mode == "RGB"
+    rgb = np.asarray(img)
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()  # grey
+    assert thumbs.get(site.sops["R"][0], 1) is None  # a frame it does not have
+    assert thumbs.get("1.2.3.999", 0) is None
