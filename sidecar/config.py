@@ -657,6 +657,112 @@ class HttpConfig(_Section):
         return self
 
 
+class AuditSyslogConfig(_Section):
+    """The syslog collector (IHE ATNA Audit Record Repository) audit messages are sent to."""
+
+    enabled: bool = Field(False, description="Send every audit message to the collector.")
+    host: str = Field("", description="Host name or IP address of the collector.")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Port of the collector; empty: 514 for udp and tcp, 6514 for tls.",
+    )
+    protocol: Literal["udp", "tcp", "tls"] = Field(
+        "tls",
+        description="udp (RFC 5426: one datagram per message, nothing confirms delivery), "
+        "tcp (RFC 6587 octet counting) or tls (RFC 5425, as IHE ATNA requires).",
+    )
+    ca_certificates: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities the collector's certificate "
+        "must chain to (tls). Empty: the system's trust store.",
+    )
+    certificate: Path | None = Field(
+        None,
+        description="PEM file with this node's client certificate for the collector (tls; "
+        "ATNA secure nodes authenticate both ways). Empty: no client certificate.",
+    )
+    private_key: Path | None = Field(
+        None, description="PEM file with the client certificate's private key, unencrypted."
+    )
+    app_name: str = Field(
+        "pacs-sidecar", description="RFC 5424 APP-NAME of the messages (1-48 printable ASCII)."
+    )
+    retry_seconds: float = Field(
+        300.0, gt=0,
+        description="How long a message the collector does not take is retried (with "
+        "backoff) before it is dropped and counted (sidecar_audit_messages_dropped_total).",
+    )
+    timeout: float = Field(
+        5.0, gt=0, description="Seconds to connect to the collector and to send one message."
+    )
+
+    @field_validator("app_name")
+    @classmethod
+    def _app_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[\x21-\x7e]{1,48}", v):
+            raise ValueError("must be 1-48 printable ASCII characters without spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _host_named(self) -> AuditSyslogConfig:
+        if self.enabled and not self.host.strip():
+            raise ValueError("audit.syslog is enabled but audit.syslog.host is not set")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("audit.syslog.certificate and private_key go together")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        """The port in use: ``port``, or the protocol's usual one."""
+        return self.port or (6514 if self.protocol == "tls" else 514)
+
+
+class AuditConfig(_Section):
+    """The DICOM audit trail (PS3.15 A.5 messages): local file and syslog collector."""
+
+    enabled: bool = Field(
+        True,
+        description="Record audit messages (application start and stop, associations, "
+        "instances received, queries, deletes, security alerts).",
+    )
+    file: Path | None = Field(
+        None,
+        description="Append-only local audit file: one RFC 5424 syslog line per message, "
+        "created with mode 0600. Empty: audit/audit-messages.log in the data directory.",
+    )
+    fsync: bool = Field(
+        True,
+        description="fsync the audit file after each batch of lines (a record counts as "
+        "written only then).",
+    )
+    source_id: str = Field(
+        "",
+        description="AuditSourceID of the messages. Empty: the DICOM AE title and the host "
+        "name (AE@host).",
+    )
+    enterprise_site_id: str = Field(
+        "", description="AuditEnterpriseSiteID of the messages (the hospital); empty: none."
+    )
+    associations: Literal["all", "refused"] = Field(
+        "all",
+        description="Which associations are audited as Node Authentication security alerts: "
+        "all (accepted ones too, informative) or only refused ones.",
+    )
+    queue_size: int = Field(
+        10000, ge=10,
+        description="Messages waiting for the file or the collector at most; beyond it new "
+        "messages are dropped and counted (never blocking DICOM or HTTP traffic).",
+    )
+    syslog: AuditSyslogConfig = Field(
+        default_factory=AuditSyslogConfig  # type: ignore[arg-type]
+    )
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _file_empty(cls, v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+
 class LoggingConfig(_Section):
     """Logging of the service."""
 
@@ -714,6 +820,7 @@ class Config(_Section):
     )
     query: QueryConfig = Field(default_factory=QueryConfig)  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
+    audit: AuditConfig = Field(default_factory=AuditConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     ui: UiConfig = Field(default_factory=UiConfig)  # type: ignore[arg-type]
 
@@ -751,6 +858,11 @@ class Config(_Section):
     def audit_log_path(self) -> Path:
         """The similarity query audit file."""
         return self.query.audit_log or self.storage.data_dir / "audit" / "similarity-queries.jsonl"
+
+    @property
+    def audit_file_path(self) -> Path:
+        """The DICOM audit trail's local file."""
+        return self.audit.file or self.storage.data_dir / "audit" / "audit-messages.log"
 
     @property
     def database_url(self) -> str:
@@ -821,6 +933,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         "dicom": cfg.dicom.model_copy(update={"tls": tls.model_copy(update=tls_files)}),
         "http": cfg.http.model_copy(
             update={"tls": http_tls.model_copy(update=http_tls_files)}),
+        "audit": cfg.audit.model_copy(update={
+            "file": absolute(cfg.audit.file),
+            "syslog": cfg.audit.syslog.model_copy(update={
+                name: absolute(getattr(cfg.audit.syslog, name))
+                for name in ("ca_certificates", "certificate", "private_key")}),
+        }),
     })
 
 

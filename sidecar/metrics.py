@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,61 @@ class CatalogueFigures:
     quarantine_bytes: int | None = None
     disk_free_bytes: int | None = None
     disk_min_free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditFigures:
+    """The audit trail's counters (``sidecar.audit.trail.AuditTrail.figures``)."""
+
+    written: int
+    file_errors: int
+    sent: int
+    send_failures: int
+    dropped: dict[str, int]
+    queue_depth: int
+    syslog: bool
+
+
+class _AuditCollector(Collector):
+    def __init__(self, read: Callable[[], AuditFigures]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        fig = self.read()
+        written = CounterMetricFamily(
+            "sidecar_audit_records_written",
+            "Audit messages appended to the local audit file and fsynced.")
+        written.add_metric([], fig.written)
+        yield written
+        errors = CounterMetricFamily(
+            "sidecar_audit_file_errors", "Failed writes (or fsyncs) of the local audit file.")
+        errors.add_metric([], fig.file_errors)
+        yield errors
+        dropped = CounterMetricFamily(
+            "sidecar_audit_messages_dropped",
+            "Audit messages dropped: queue_full (more waiting than audit.queue_size), expired "
+            "(the collector was down longer than audit.syslog.retry_seconds), at_stop (not "
+            "delivered to the collector when the service stopped; they are in the file).",
+            labels=["reason"])
+        for reason, n in sorted(fig.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+        depth = GaugeMetricFamily(
+            "sidecar_audit_queue_depth",
+            "Audit messages waiting for the local file or for the syslog collector.")
+        depth.add_metric([], fig.queue_depth)
+        yield depth
+        if fig.syslog:
+            sent = CounterMetricFamily(
+                "sidecar_audit_messages_sent", "Audit messages sent to the syslog collector.")
+            sent.add_metric([], fig.sent)
+            yield sent
+            failures = CounterMetricFamily(
+                "sidecar_audit_send_failures",
+                "Failed attempts to send an audit message to the syslog collector (each is "
+                "retried until audit.syslog.retry_seconds).")
+            failures.add_metric([], fig.send_failures)
+            yield failures
 
 
 class _CatalogueCollector(Collector):
@@ -169,6 +224,10 @@ class Metrics:
             registry=self.registry,
         ).set(when)
 
+    def watch_audit(self, read: Callable[[], AuditFigures]) -> None:
+        """Publish the audit trail's counters, read at scrape time (call once)."""
+        self.registry.register(_AuditCollector(read))
+
     def observe_query(self, interface: str, level: str, outcome: str, seconds: float) -> None:
         """Record one similarity query."""
         self.queries.labels(interface, outcome).inc()
@@ -180,4 +239,4 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-__all__ = ["CONTENT_TYPE", "CatalogueFigures", "LATENCY_BUCKETS", "Metrics"]
+__all__ = ["AuditFigures", "CONTENT_TYPE", "CatalogueFigures", "LATENCY_BUCKETS", "Metrics"]

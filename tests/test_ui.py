@@ -498,3 +498,15 @@ def test_three_channel_thumbnails_are_rgb(site: Site, tmp_path: Path) -> None:
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()  # grey
     assert thumbs.get(site.sops["R"][0], 1) is None  # a frame it does not have
     assert thumbs.get("1.2.3.999", 0) is None
+
+
+def test_page_searches_are_in_the_dicom_audit_trail(site: Site) -> None:
+    path = f"/ui/studies/{site.studies['B']}/hits"
+    assert site.get(path, modality="CT").status == 200
+    log = site.app.config.audit_file_path
+
+    def audited() -> bool:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return path in text and "110112" in text  # a Query message naming the page's route
+
+    wait_for(audited, 30, "the page's search in the audit trail")

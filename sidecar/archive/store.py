@@ -71,6 +71,8 @@ class StoreResult:
     sop_instance_uid: str
     study_instance_uid: str
     path: Path
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,14 +268,16 @@ class InstanceStore:
                 logger.debug("duplicate %s from %s: identical, no-op",
                             meta.sop_instance_uid, origin.ae_title)
                 return StoreResult(Outcome.DUPLICATE, meta.sop_instance_uid,
-                                   meta.study_instance_uid, kept)
+                                   meta.study_instance_uid, kept, meta.patient_id,
+                                   meta.issuer_of_patient_id)
             if self._policy == "keep_first":
                 logger.warning(
                     "duplicate %s from %s with different content: kept the first copy",
                     meta.sop_instance_uid, origin.ae_title,
                 )
                 return StoreResult(Outcome.KEPT_FIRST, meta.sop_instance_uid,
-                                   meta.study_instance_uid, kept)
+                                   meta.study_instance_uid, kept, meta.patient_id,
+                                   meta.issuer_of_patient_id)
 
         final = self._place(data, meta)
         stored = StoredFile(
@@ -310,7 +314,8 @@ class InstanceStore:
         logger.debug("stored %s (study %s) from %s@%s, %d bytes",
                     meta.sop_instance_uid, meta.study_instance_uid,
                     origin.ae_title, origin.host, len(data))
-        return StoreResult(outcome, meta.sop_instance_uid, meta.study_instance_uid, final)
+        return StoreResult(outcome, meta.sop_instance_uid, meta.study_instance_uid, final,
+                           meta.patient_id, meta.issuer_of_patient_id)
 
     def _find(self, sop_instance_uid: str) -> ExistingInstance | None:
         try:

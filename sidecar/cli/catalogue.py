@@ -13,12 +13,17 @@ import click
 from sidecar.archive.layout import remove_stored
 from sidecar.archive.store import InstanceStore, Origin, quarantine_usage
 from sidecar.archive.verify import repair_storage, verify_storage
+from sidecar.audit import setup as audit_setup
+from sidecar.audit.messages import sop_class_counts
 from sidecar.cli.options import config_option, human, load, logger
+from sidecar.config import Config
 from sidecar.db.connect import catalogue
+from sidecar.db.repository import StudySummary
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.embeddings.service import index_in_use
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 from sidecar.files import walk_files
+from sidecar.search.front import Requester
 
 
 @click.command()
@@ -216,9 +221,32 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
     if not yes:
         click.confirm(f"Delete study {study_instance_uid} and its files?", abort=True)
     with catalogue(cfg) as (_, repo):
+        summary = repo.study_summary(study_instance_uid)
         paths = repo.delete_study(study_instance_uid)
-    if paths is None:
+    if paths is None or summary is None:
         raise click.ClickException(f"no study {study_instance_uid} in the catalogue")
     removed = remove_stored(cfg.storage_dir, paths)
     logger.info("study %s deleted: %d files removed", study_instance_uid, removed)
+    audit_deletion(cfg, study_instance_uid, summary, "sidecar delete-study")
     click.echo(f"deleted study {study_instance_uid}: {len(paths)} instances, {removed} files")
+
+
+def audit_deletion(cfg: Config, study_uid: str, summary: StudySummary, reason: str) -> None:
+    """Record a DICOM Study Deleted message (the local file, and the collector when on)."""
+    if not cfg.audit.enabled:
+        return
+    try:
+        trail = audit_setup.open_trail(cfg)
+    except (OSError, ValueError) as exc:  # the collector's TLS files (ssl.SSLError is OSError)
+        logger.error("study %s deleted but not audited: audit.syslog: %s", study_uid, exc)
+        click.echo(f"warning: the deletion was not audited (audit.syslog: {exc})", err=True)
+        return
+    trail.start()
+    try:
+        audit_setup.auditor(cfg, trail).study_deleted(
+            Requester.cli().name, study_uid, summary.patient_id,
+            summary.issuer_of_patient_id, sop_class_counts(summary.sop_classes.items()),
+            reason=reason,
+        )
+    finally:
+        trail.stop()

@@ -116,6 +116,15 @@ class ExistingInstance:
     file_path: str
 
 
+@dataclass(frozen=True)
+class StudySummary:
+    """Who a study belongs to and what it holds (for its audit message)."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    sop_classes: dict[str, int]
+
+
 @dataclass
 class StatusReport:
     """Counts shown by ``sidecar status``."""
@@ -165,6 +174,25 @@ class Repository:
         if row is None:
             return None
         return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2])
+
+    def study_summary(self, study_instance_uid: str) -> StudySummary | None:
+        """The study's Patient ID and instances per SOP Class; ``None`` when unknown."""
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                select(_PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id, _STUDY.c.id)
+                .join(_STUDY, _STUDY.c.patient_pk == _PATIENT.c.id)
+                .where(_STUDY.c.study_instance_uid == study_instance_uid)
+            ).first()
+            if row is None:
+                return None
+            counts = conn.execute(
+                select(_INSTANCE.c.sop_class_uid, func.count())
+                .join(_SERIES, _INSTANCE.c.series_pk == _SERIES.c.id)
+                .where(_SERIES.c.study_pk == row[2])
+                .group_by(_INSTANCE.c.sop_class_uid)
+            ).all()
+        return StudySummary(str(row[0] or ""), str(row[1] or ""),
+                            {str(uid): int(n) for uid, n in counts})
 
     def status(self) -> StatusReport:
         """Counts per instance state, studies, series and stored bytes."""

@@ -30,6 +30,9 @@ from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from sidecar.archive.store import InstanceStore, Origin, Outcome
+from sidecar.audit import setup as audit_setup
+from sidecar.audit.events import Auditor
+from sidecar.audit.messages import sop_class_counts
 from sidecar.config import Config
 from sidecar.dicom import strict
 from sidecar.dicom.access import AccessPolicy
@@ -79,12 +82,53 @@ _INVALID_STATUS = {
 
 
 @dataclass
+class _StudyTransfer:
+    """What one association sent of one study (for its audit message)."""
+
+    patient_id: str
+    issuer: str
+    sop_classes: dict[str, int] = field(default_factory=dict)
+    example: bool = False
+    failed: int = 0
+
+
+@dataclass
 class _AssocStats:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
     failed: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    studies: dict[tuple[str, bool], _StudyTransfer] = field(default_factory=dict)
+
+    def received(self, study: str, sop_class: str, patient_id: str, issuer: str,
+                 example: bool = False) -> None:
+        """Count one instance of ``study`` kept (or embedded as an example)."""
+        st = self.studies.setdefault((study, example),
+                                     _StudyTransfer(patient_id, issuer, example=example))
+        st.sop_classes[sop_class] = st.sop_classes.get(sop_class, 0) + 1
+
+    def not_kept(self, event: Any) -> None:
+        """Count a failed or refused instance against its study, when it names one."""
+        try:
+            ds = event.dataset
+            study = str(ds.get("StudyInstanceUID", "") or "").strip()
+            if not study:
+                return
+            st = self.studies.setdefault((study, False), _StudyTransfer(
+                str(ds.get("PatientID", "") or ""), str(ds.get("IssuerOfPatientID", "") or "")))
+            st.failed += 1
+        except Exception:  # noqa: BLE001 - undecodable: it belongs to no study
+            return
+
+
+@dataclass
+class _FindState:
+    """How a C-FIND ended (for its audit message)."""
+
+    status: int = int(Status.UNHANDLED_EXCEPTION)
+    sent: int = 0
+    similarity: bool = False
 
 
 class _ReusePortServer(ThreadedAssociationServer):
@@ -147,6 +191,9 @@ class DicomNode:
         Takes the images sent by C-STORE to ``query.example_ae_title`` (query
         by example). ``None`` (or an empty ``example_ae_title``): that AE
         title is not served.
+    auditor
+        Reports associations, received studies, queries and refusals
+        (:mod:`sidecar.audit`); ``None``: a null auditor.
     """
 
     def __init__(
@@ -159,8 +206,10 @@ class DicomNode:
         finder: FindBranch | None = None,
         similarity: FindBranch | None = None,
         examples: SimilarityBackend | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
         self._cfg = config.dicom
+        self._audit = auditor or audit_setup.auditor(config, None)
         self._example_ae = config.query.example_ae_title if examples is not None else ""
         self._examples = examples
         self._store = store
@@ -239,6 +288,7 @@ class DicomNode:
             assert self._tls is not None
             server.tls_context = self._tls
             server.tls_handshake_timeout = self._tls_timeout
+            server.tls_handshake_failed = self._audit.node_authentication_failed
         thread = threading.Thread(
             target=server.serve_forever, name="dicom-acceptor", daemon=True
         )
@@ -293,6 +343,8 @@ class DicomNode:
         host = str(assoc.requestor.address)
         if not self._policy.allows(calling, host):
             logger.warning("association from %s@%s refused: peer not allowed", calling, host)
+            self._audit.association_refused(calling, called, host,
+                                            "calling AE title and host not allowed")
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
             return
@@ -301,6 +353,8 @@ class DicomNode:
         elif self._cfg.require_called_ae_title and called != self._cfg.ae_title:
             logger.warning("association from %s@%s refused: called AE title %r is not ours",
                            calling, host, called)
+            self._audit.association_refused(calling, called, host,
+                                            "called AE title not recognised")
             assoc.acse.send_reject(0x01, 0x01, 0x07)
             assoc.kill()
 
@@ -315,6 +369,8 @@ class DicomNode:
             str(assoc.requestor.ae_title).strip(), assoc.requestor.address, assoc.requestor.port,
             f" over {tls}" if tls else "",
         )
+        self._audit.association_accepted(str(assoc.requestor.ae_title).strip(),
+                                         str(assoc.requestor.address), tls or "")
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         assoc = event.assoc
@@ -327,6 +383,12 @@ class DicomNode:
             str(assoc.requestor.ae_title).strip(), assoc.requestor.address, how,
             st.stored, st.duplicates, st.refused, st.failed,
         )
+        for (study, example), tr in st.studies.items():  # one message per study
+            self._audit.instances_received(
+                str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address), study,
+                tr.patient_id, tr.issuer, sop_class_counts(tr.sop_classes.items()),
+                failed=tr.failed, example=example,
+            )
 
     def _not_permitted(self, assoc: Any, operation: str, what: str) -> Dataset | None:
         """A 0x0124 status when the peer may not use ``operation``; ``None`` when it may."""
@@ -336,6 +398,7 @@ class DicomNode:
             return None
         logger.warning("%s from %s@%s refused: the peer lacks the %r permission "
                        "(dicom.allowed_peers)", what, calling, host, operation)
+        self._audit.permission_refused(calling, host, operation, what)
         return _status(Status.NOT_AUTHORIZED, f"not authorised: no {operation} permission")
 
     def handle_echo(self, event: evt.Event) -> int:
@@ -398,23 +461,29 @@ class DicomNode:
             )
         except OutOfResources as exc:
             st.failed += 1
+            st.not_kept(event)
             logger.error("store from %s refused: %s", origin.ae_title, exc)
             return _status(Status.OUT_OF_RESOURCES, str(exc))
         except InvalidDataset as exc:
             st.refused += 1
+            st.not_kept(event)
             return _status(_INVALID_STATUS.get(exc.kind, Status.CANNOT_UNDERSTAND), str(exc))
         except StorageFailure as exc:
             st.failed += 1
+            st.not_kept(event)
             logger.error("store from %s failed: %s", origin.ae_title, exc)
             return _status(Status.PROCESSING_FAILURE, str(exc))
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
             st.failed += 1
+            st.not_kept(event)
             logger.exception("unexpected error storing from %s", origin.ae_title)
             return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")
         if result.outcome in (Outcome.DUPLICATE, Outcome.KEPT_FIRST):
             st.duplicates += 1
         else:
             st.stored += 1
+        st.received(result.study_instance_uid, str(request.AffectedSOPClassUID),
+                    result.patient_id, result.issuer_of_patient_id)
         return _status(Status.SUCCESS)
 
     def _store_example(self, event: evt.Event) -> Dataset:
@@ -437,7 +506,7 @@ class DicomNode:
         assert self._examples is not None  # checked by the caller
         try:
             data = event.encoded_dataset(include_meta=True)
-            self._examples.add_example(data, who)
+            info = self._examples.add_example(data, who)
         except SearchError as exc:
             code = Status(exc.store_status)
             logger.info("example image from %s@%s refused: %s", who.name, who.address,
@@ -447,9 +516,35 @@ class DicomNode:
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
             logger.exception("unexpected error embedding an example from %s", who.name)
             return _status(Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}")
+        st = self._stats.get(assoc)
+        if st is not None:
+            ds = event.dataset
+            st.received(info.study_instance_uid, str(event.request.AffectedSOPClassUID),
+                        str(ds.get("PatientID", "") or ""),
+                        str(ds.get("IssuerOfPatientID", "") or ""), example=True)
         return _status(Status.SUCCESS)
 
     def handle_find(self, event: evt.Event) -> Iterator[tuple[Dataset | int, Dataset | None]]:
+        """C-FIND (see :meth:`_find`), audited however it ends."""
+        state = _FindState()
+        try:
+            yield from self._find(event, state)
+        finally:
+            self._audit_find(event, state)
+
+    def _audit_find(self, event: evt.Event, state: _FindState) -> None:
+        assoc = event.assoc
+        request = event.request
+        raw = getattr(request, "Identifier", None)
+        self._audit.dicom_query(
+            str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address),
+            str(request.AffectedSOPClassUID), raw.getvalue() if raw is not None else b"",
+            str(event.context.transfer_syntax), matches=state.sent, status=state.status,
+            similarity=state.similarity,
+        )
+
+    def _find(self, event: evt.Event, state: _FindState
+              ) -> Iterator[tuple[Dataset | int, Dataset | None]]:
         """C-FIND, Study Root and Patient Root: ordinary queries, or the similarity branch.
 
         An identifier carrying the ``PACS SIDECAR SIMILARITY`` private block
@@ -495,18 +590,20 @@ class DicomNode:
             identifier = event.identifier
         except Exception as exc:  # noqa: BLE001 - undecodable bytes from the peer
             logger.warning("C-FIND from %s@%s: cannot decode identifier", peer_ae, peer_host)
+            state.status = int(Status.CANNOT_DECODE_DATASET)
             yield _status(Status.CANNOT_DECODE_DATASET, f"cannot decode identifier: {exc}"), None
             return
         what = f"C-FIND {model_name(model)}"
         sent = 0
         try:
             req = FindRequest(identifier, model, peer_ae, peer_host)
-            similarity = is_similarity_query(identifier)
+            similarity = state.similarity = is_similarity_query(identifier)
             operation = "similarity" if similarity else "find"
             refused = self._not_permitted(
                 assoc, operation, f"{what} similarity" if similarity else what
             )
             if refused is not None:
+                state.status = int(Status.NOT_AUTHORIZED)
                 yield refused, None
                 return
             if similarity:
@@ -522,10 +619,12 @@ class DicomNode:
                     logger.info(
                         "%s from %s@%s cancelled after %d match(es)", what, peer_ae, peer_host, sent
                     )
+                    state.status = int(Status.CANCEL)
                     yield int(Status.CANCEL), None
                     return
                 yield int(answer.pending), match
                 sent += 1
+                state.sent = sent
         except QueryError as exc:
             # The message may quote a value of the query (a birth date): DEBUG only.
             tag = getattr(exc, "tag", None)
@@ -534,12 +633,16 @@ class DicomNode:
                 f" ({keyword_for_tag(tag) or f'{tag:08X}'})" if tag is not None else "",
             )
             logger.debug("%s refused: %s", what, exc)
-            yield _query_failure(exc), None
+            failure = _query_failure(exc)
+            state.status = int(failure.Status)
+            yield failure, None
             return
         except Exception as exc:  # noqa: BLE001 - the node must answer, never crash
             logger.exception("unexpected error in %s from %s@%s", what, peer_ae, peer_host)
+            state.status = int(Status.UNHANDLED_EXCEPTION)
             yield _status(
                 Status.UNHANDLED_EXCEPTION, f"internal error: {exc.__class__.__name__}"
             ), None
             return
+        state.status = int(Status.SUCCESS)
         logger.info("%s from %s@%s: %d match(es)", what, peer_ae, peer_host, sent)

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -173,6 +174,8 @@ class TlsHandshakeInThread:
 
     tls_context: ssl.SSLContext
     tls_handshake_timeout: float
+    #: Called with (peer address, reason) when a handshake fails (for the audit trail).
+    tls_handshake_failed: Callable[[str, str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock: Any = getattr(self, "socket")  # noqa: B009 - set by socketserver
@@ -181,6 +184,10 @@ class TlsHandshakeInThread:
             client, server_side=True, do_handshake_on_connect=False
         )
         return wrapped, address
+
+    def _report(self, host: str, reason: str) -> None:
+        if self.tls_handshake_failed is not None:
+            self.tls_handshake_failed(host, reason)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         previous = request.gettimeout()
@@ -193,11 +200,13 @@ class TlsHandshakeInThread:
         except TimeoutError:
             logger.warning("TLS handshake with %s timed out after %g s", host,
                            self.tls_handshake_timeout)
+            self._report(str(host), "TLS handshake timed out")
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.__class__.__name__
             detail = getattr(exc, "verify_message", None)  # why a certificate was not trusted
             reason = f"{reason} ({detail})" if detail else reason
             logger.warning("TLS handshake with %s failed: %s", host, reason)
+            self._report(str(host), f"TLS handshake failed: {reason}")
         else:
             request.settimeout(previous)
             logger.debug("TLS connection from %s: %s, %s", host, request.version(),

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from sidecar.audit.events import Auditor
 from sidecar.config import HttpConfig
 from sidecar.errors import (
     BadQuery,
@@ -43,6 +44,8 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
+from sidecar.http.clients import audit_keys as _audit_keys
+from sidecar.http.clients import requester as _requester
 from sidecar.http.tls import server_context
 from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
@@ -258,13 +261,6 @@ def _reject_unknown(request: Request, known: frozenset[str]) -> None:
         )
 
 
-def _requester(request: Request) -> Requester:
-    """The client: its token's name when it sent one, else its address."""
-    host = request.client.host if request.client is not None else ""
-    token_name = request.scope.get("state", {}).get("token_name")
-    return Requester("http", name=str(token_name or host), address=host)
-
-
 def _filters(modality: Sequence[str], study_date: str, body_part: str) -> SearchFilters:
     return SearchFilters(modalities=tuple(modality), study_date=study_date, body_part=body_part)
 
@@ -343,6 +339,7 @@ def create_app(
     tokens: TokenStore | None = None,
     http_config: HttpConfig | None = None,
     on_security_event: SecurityEventHandler = log_security_event,
+    auditor: Auditor | None = None,
     routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
@@ -395,8 +392,17 @@ def create_app(
                            tokens=tokens, on_security_event=on_security_event)
     app.add_middleware(_Guard)
 
-    def answer(request: SimilarityRequest, requester: Requester) -> JSONResponse:
-        result: SearchResult = query.search(request, requester)
+    def answer(request: SimilarityRequest, requester: Requester, path: str) -> JSONResponse:
+        try:
+            result: SearchResult = query.search(request, requester)
+        except SearchError as exc:
+            if auditor is not None:
+                auditor.http_query(requester.name, requester.address, _audit_keys(request),
+                                   results=0, ok=False, path=path, description=str(exc))
+            raise
+        if auditor is not None:
+            auditor.http_query(requester.name, requester.address, _audit_keys(request),
+                               results=len(result.hits), path=path)
         return JSONResponse(result.to_dict())
 
     @app.get("/v1/similar", summary="Studies, series or images similar to an archived one")
@@ -422,7 +428,7 @@ def create_app(
             SimilarityRequest(reference, k=k, level=level,
                               include_same_patient=include_same_patient,
                               filters=_filters(modality, study_date, body_part)),
-            _requester(request),
+            _requester(request), "/v1/similar",
         )
 
     @app.post("/v1/search", summary="Studies, series or images similar to a DICOM file")
@@ -455,7 +461,7 @@ def create_app(
             return answer(
                 SimilarityRequest(Reference.images([ds]), k=k, level=level,
                                   include_same_patient=include_same_patient, filters=filters),
-                requester,
+                requester, "/v1/search",
             )
 
         return await run_in_threadpool(run)

@@ -26,10 +26,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
+from sidecar.audit.events import Auditor
 from sidecar.config import Config
 from sidecar.db.types import Engine
 from sidecar.db.ui_queries import SliceRef, StudyDetail, UiQueries
 from sidecar.errors import BadQuery, NotEmbedded, SearchError
+from sidecar.http.clients import audit_keys
+from sidecar.http.clients import requester as requester_of
 from sidecar.http.thumbnails import Thumb, Thumbnails
 from sidecar.search.caches import spread
 from sidecar.search.front import QueryService, Requester, SimilarityRequest
@@ -144,9 +147,10 @@ class Pages:
     """What the routes share: templates, catalogue reads, thumbnails, the query front."""
 
     def __init__(self, config: Config, engine: Engine, query: QueryService,
-                 embedding: EmbeddingParts | None) -> None:
+                 embedding: EmbeddingParts | None, auditor: Auditor | None = None) -> None:
         self.cfg = config
         self.query = query
+        self.auditor = auditor
         self.embedding = embedding
         self.uiq = UiQueries(engine)
         self.thumbs = Thumbnails(config, self.uiq, self.shape)
@@ -210,19 +214,27 @@ class Pages:
         return {"hits": hits, "result": result, "error": error, "example": example,
                 "pictures": self.pictures(wanted), "viewer": self.viewer}
 
-    def search(self, request: SimilarityRequest, requester: Requester
+    def search(self, request: SimilarityRequest, requester: Requester, path: str
                ) -> tuple[SearchResult | None, str, int]:
+        """Answer (audited as the API's searches are), or the error's message and status."""
         try:
-            return self.query.search(request, requester), "", 200
-        except NotEmbedded as exc:
-            return None, f"No similar studies yet: {exc}", 200
+            result = self.query.search(request, requester)
         except SearchError as exc:
-            return None, str(exc), exc.http_status if exc.http_status != 500 else 500
+            if self.auditor is not None:
+                self.auditor.http_query(requester.name, requester.address, audit_keys(request),
+                                        results=0, ok=False, path=path, description=str(exc))
+            if isinstance(exc, NotEmbedded):
+                return None, f"No similar studies yet: {exc}", 200
+            return None, str(exc), exc.http_status
+        if self.auditor is not None:
+            self.auditor.http_query(requester.name, requester.address, audit_keys(request),
+                                    results=len(result.hits), path=path)
+        return result, "", 200
 
     def study_page(self, detail: StudyDetail, opts: Options, requester: Requester,
-                   fragment: bool) -> HTMLResponse:
+                   fragment: bool, path: str) -> HTMLResponse:
         uid = detail.study.study_instance_uid
-        result, error, status = self.search(opts.request(Reference.study(uid)), requester)
+        result, error, status = self.search(opts.request(Reference.study(uid)), requester, path)
         context = self.hits_context(result, error)
         if fragment:
             return self.render("hits.html", status if error else 200, **context)
@@ -235,11 +247,6 @@ class Pages:
         return self.render("study.html", detail=detail, keys=keys, opts=opts,
                            max_k=self.cfg.query.max_k, levels=LEVELS,
                            query_string=opts.query_string(), **context)
-
-
-def _requester(request: Request) -> Requester:
-    host = request.client.host if request.client is not None else ""
-    return Requester("http", name=host, address=host)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -274,6 +281,7 @@ def create_ui_router(
     query: QueryService,
     embedding: EmbeddingParts | None,
     *,
+    auditor: Auditor | None = None,
     dependencies: Sequence[Callable[..., Any]] = (),
 ) -> APIRouter:
     """The page's routes under ``/ui`` (docs/http-api.md).
@@ -290,11 +298,14 @@ def create_ui_router(
     embedding
         The embedding parts (serving model and embedder: thumbnails use its
         input size and channels); ``None`` when embedding is off.
+    auditor
+        The DICOM audit trail: each search of the page is a Query message, as
+        the API's (``path`` the page's route).
     dependencies
         FastAPI dependencies run before every route of the page (e.g. the
         HTTP API's authentication): the one place to add them.
     """
-    pages = Pages(config, engine, query, embedding)
+    pages = Pages(config, engine, query, embedding, auditor)
     router = APIRouter(prefix="/ui", dependencies=[Depends(d) for d in dependencies],
                        include_in_schema=False)
     qcfg = config.query
@@ -334,7 +345,7 @@ def create_ui_router(
 
     @router.post("/search")
     async def by_example(request: Request) -> HTMLResponse:
-        requester = _requester(request)
+        requester = requester_of(request)
         try:
             opts = options(request, qcfg.default_k, qcfg.max_k)
             body = await _body(request, limit)
@@ -346,7 +357,8 @@ def create_ui_router(
                 reference = Reference.images([_dataset(body)])
             except BadQuery as exc:
                 return pages.render("hits.html", 400, **pages.hits_context(None, str(exc), True))
-            result, error, status = pages.search(opts.request(reference), requester)
+            result, error, status = pages.search(opts.request(reference), requester,
+                                                 "/ui/search")
             return pages.render("hits.html", status if error else 200,
                                 **pages.hits_context(result, error, True))
 
@@ -367,7 +379,8 @@ def create_ui_router(
             if fragment:
                 return pages.render("hits.html", 400, **pages.hits_context(None, str(exc)))
             return pages.problem(400, "Bad filter", str(exc))
-        return pages.study_page(detail, opts, _requester(request), fragment)
+        return pages.study_page(detail, opts, requester_of(request), fragment,
+                                request.url.path)
 
     @router.get("/studies/{study_uid}")
     def study(request: Request, study_uid: str) -> HTMLResponse:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import ssl
 import threading
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from sidecar.archive.store import InstanceStore, quarantine_usage
+from sidecar.audit import setup as audit_setup
+from sidecar.audit.trail import AuditTrail
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue, ping
 from sidecar.dicom.access import assumed_permissions
 from sidecar.dicom.node import DicomNode
 from sidecar.dicom.similarity import SimilarityFind
 from sidecar.dicom.tls import checked_certificate
+from sidecar.errors import ConfigError
 from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CatalogueFigures, Metrics
 from sidecar.search.front import QueryService
@@ -33,6 +39,14 @@ if TYPE_CHECKING:  # torch is imported only when embedding is on
     from sidecar.service.lifecycle import Embedding
 
 logger = logging.getLogger(__name__)
+
+
+def _os_user() -> str:
+    """The user running the service (the launcher in Application Activity messages)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return str(os.getuid())
 
 
 class Sidecar:
@@ -79,6 +93,14 @@ class Sidecar:
                 "example (as before permissions existed); list permissions to narrow",
                 ", ".join(assumed),
             )
+        self.audit_trail: AuditTrail | None = None
+        if config.audit.enabled:
+            try:
+                self.audit_trail = audit_setup.open_trail(config)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError([f"audit.syslog: cannot load the TLS files: {exc}"]) from exc
+        #: Reports this process's audit events (the HTTP API's too).
+        self.auditor = audit_setup.auditor(config, self.audit_trail)
         self.engine, self.repository = open_catalogue(config)
         self.store = InstanceStore(config, self.repository)
         n = effective_receivers(config) if receiver_processes is None else receiver_processes
@@ -89,6 +111,8 @@ class Sidecar:
 
             self.embedding = Embedding(config, self.engine, embedder)
         self.metrics = Metrics(catalogue=self.catalogue_figures)
+        if self.audit_trail is not None:
+            self.metrics.watch_audit(self.audit_trail.figures)
         self.tls_certificate = tls_cert
         if tls_cert is not None:
             self.metrics.tls_certificate_expires(tls_cert.not_after.timestamp())
@@ -106,6 +130,7 @@ class Sidecar:
                     retrieve_ae_title=config.dicom.effective_retrieve_ae_title,
                 ),
                 examples=self.query,
+                auditor=self.auditor,
             )
             if n == 1 else None
         )
@@ -120,11 +145,13 @@ class Sidecar:
                                and "auth" not in config.http.model_fields_set)
             logger.log(logging.WARNING if open_by_default else logging.INFO,
                        "%s", describe(config.http))
-            pages = ([create_ui_router(config, self.engine, self.query, self.embedding)]
+            pages = ([create_ui_router(config, self.engine, self.query, self.embedding,
+                                       auditor=self.auditor)]
                      if config.ui.enabled else [])
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
-                tokens=TokenStore(self.engine), http_config=config.http, routers=pages,
+                tokens=TokenStore(self.engine), http_config=config.http,
+                on_security_event=self._http_security_event, auditor=self.auditor, routers=pages,
             ))
         emb = self.embedding if config.worker.enabled else None
         self.scheduler = jobs.scheduler(
@@ -181,6 +208,16 @@ class Sidecar:
             disk_min_free_bytes=self.store.min_free_bytes,
         )
 
+    def _http_security_event(self, kind: str, token_name: str | None, remote: str,
+                             path: str) -> None:
+        """An HTTP request refused by the token check: a WARNING and an audit message."""
+        who = f"token {token_name!r}" if token_name else "no token name"
+        logger.warning("HTTP API: refused %s from %s: %s (%s)", path, remote or "?", kind, who)
+        if kind == "insufficient_scope":  # sidecar.http.auth.SCOPE
+            self.auditor.access_refused(token_name or "", remote, path)
+        else:  # missing, invalid, expired or revoked token
+            self.auditor.authentication_failure(token_name or "", remote, f"{kind} for {path}")
+
     def health(self) -> dict[str, Any]:
         """Whether the service can do its job now, part by part (for ``/healthz``).
 
@@ -216,6 +253,10 @@ class Sidecar:
         serving model) are loaded in a background thread, so the first query
         does not pay for it (about 0.7 s per 100 000 vectors).
         """
+        if self.audit_trail is not None:
+            self.audit_trail.start()
+            if self.pool is not None:
+                self.audit_trail.relay(self.pool.audit_queue)
         if self.embedding is not None:
             self.embedding.open()
             threading.Thread(target=self._warm_search, name="search-warm", daemon=True).start()
@@ -231,6 +272,7 @@ class Sidecar:
         if self.http is not None:
             host, port = self.http.start()
             logger.info("HTTP API listening on %s://%s:%s", self.http.scheme, host, port)
+        self.auditor.application_start(_os_user())
         return self.address
 
     def stop(self) -> None:
@@ -252,6 +294,9 @@ class Sidecar:
             self.embedding.close()
         self.query.close()
         self.engine.dispose()
+        self.auditor.application_stop(_os_user())
+        if self.audit_trail is not None:
+            self.audit_trail.stop()  # after the receivers: their last messages are relayed
 
     def __enter__(self) -> Sidecar:
         self.start()

@@ -12,8 +12,11 @@ import os
 import signal
 import threading
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from sidecar.archive.store import InstanceStore
+from sidecar.audit import setup as audit_setup
+from sidecar.audit.trail import ForwardingSink
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue
 from sidecar.dicom.logs import log_identifiers
@@ -45,6 +48,7 @@ def _receiver_main(
     ready: mp.synchronize.Event,
     stop: mp.synchronize.Event,
     query_endpoint: tuple[str, bytes] | None,
+    audit_queue: mp.Queue[Any] | None = None,
 ) -> None:  # pragma: no cover - runs in a child process (exercised by tests via serve)
     configure_logging(log_level)
     log_identifiers(log_level)
@@ -60,6 +64,8 @@ def _receiver_main(
             retrieve_ae_title=config.dicom.effective_retrieve_ae_title,
         ) if client is not None else None,
         examples=client,
+        auditor=audit_setup.auditor(
+            config, ForwardingSink(audit_queue) if audit_queue is not None else None),
     )
     node.start()
     ready.set()
@@ -99,6 +105,8 @@ class ReceiverPool:
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._query_endpoint: tuple[str, bytes] | None = None
+        #: Audit messages of the children, relayed by the main process's audit trail.
+        self.audit_queue: mp.Queue[Any] = self._ctx.Queue(maxsize=config.audit.queue_size)
 
     @property
     def count(self) -> int:
@@ -110,7 +118,7 @@ class ReceiverPool:
         proc = self._ctx.Process(
             target=_receiver_main,
             args=(self._config, self._share, self._log_level, ready, self._stop,
-                  self._query_endpoint),
+                  self._query_endpoint, self.audit_queue),
             name=f"receiver-{index}",
             daemon=True,
         )
