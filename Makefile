@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling train-default clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default clean
 
 setup:
 	@scripts/setup.sh
@@ -17,8 +17,9 @@ run: setup
 	$(BIN)/sidecar --config $(CONFIG) serve
 
 ## Demo: Orthanc as the PACS forwards sample studies; one similarity query, ranked.
+DEMO_ARGS ?=
 demo: setup-test
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 ## Run the whole test suite (lint and type checks first).
 test: lint
@@ -31,7 +32,7 @@ test: lint
 ## torch may be imported, no cycles); no module over 700 lines except config.py and
 ## short module docstrings (scripts/check_house.py).
 lint: setup-test
-	$(BIN)/ruff check sidecar tests bench scripts torture
+	$(BIN)/ruff check sidecar tests bench scripts torture integrations
 	$(BIN)/ruff check --select PLC0415 sidecar
 	$(BIN)/lint-imports
 	$(BIN)/python scripts/check_house.py
@@ -75,6 +76,10 @@ bench-ceiling: setup-test
 
 bench-query: setup-test
 	$(BIN)/python bench/query.py
+
+## The radiologists' page: server time of a study page with 20 hits, thumbnails cached (goal <= 300 ms).
+bench-ui: setup-test
+	$(BIN)/python bench/ui.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,11 @@
 4. Ask the sidecar with a similarity C-FIND (the private block
    ``PACS SIDECAR SIMILARITY``) which studies look like the first head CT, and
    print the ranked hits.
+5. Print the URLs of that study's page in Orthanc Explorer, with the **Similar
+   studies** button of ``integrations/orthanc/similar_studies.py`` (loaded into
+   Orthanc's Python plugin when ``orthanc-python`` is installed), and of the
+   sidecar's own page for it (``/ui/``, the HTTP API is on). ``--wait`` keeps
+   both running until Enter or Ctrl-C, to open them.
 
 Everything started is stopped on the way out (also on Ctrl-C or an error) and
 the temporary directory is removed (``--keep`` keeps it, with the logs).
@@ -55,6 +60,9 @@ ORTHANC_AE = "ORTHANC"
 SIDECAR_AE = "SIDECAR"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SIZE, SPACING = 128, 2.5  # pixels, mm: the model's 320 mm field of view
+REPO = Path(__file__).resolve().parents[1]
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+EXPLORER_SCRIPT = REPO / "integrations" / "orthanc" / "similar_studies.py"
 SLICES, SLICE_GAP = 12, 5.0  # per series, mm apart
 
 # ------------------------------------------------------------------ studies
@@ -193,6 +201,7 @@ class SidecarProcess:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.http_port = free_port()
         self.config_path = workdir / "sidecar.yaml"
         self.log_path = workdir / "sidecar.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -206,6 +215,7 @@ class SidecarProcess:
             "storage": {"data_dir": str(self.workdir / "data"), "min_free_mb": 64},
             "stability": {"stable_age": 2.0, "check_interval": 0.5},
             "worker": {"interval": 1.0},
+            "http": {"enabled": True, "port": self.http_port},
             "logging": {"level": "INFO"},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -323,7 +333,17 @@ def print_table(hits: list[Dataset]) -> None:
 # ------------------------------------------------------------------ main
 
 
-def run(workdir: Path) -> None:
+def explorer_config(sidecar: SidecarProcess) -> dict[str, Any]:
+    """Orthanc Explorer on, and the Similar studies button when the Python plugin is here."""
+    extra: dict[str, Any] = {"OrthancExplorerEnabled": True}
+    if PYTHON_PLUGIN.exists():
+        url = f"http://127.0.0.1:{sidecar.http_port}"
+        extra.update({"Plugins": [str(PYTHON_PLUGIN)], "PythonScript": str(EXPLORER_SCRIPT),
+                      "PacsSidecar": {"Url": url, "PageUrl": url, "Top": 5}})
+    return extra
+
+
+def run(workdir: Path, *, wait: bool = False) -> None:
     total = len(STUDIES) * SLICES
     sidecar = SidecarProcess(workdir)
     pacs: OrthancPacs | None = None
@@ -333,6 +353,7 @@ def run(workdir: Path) -> None:
         pacs = orthanc = OrthancPacs(
             workdir / "orthanc", ae_title=ORTHANC_AE, stable_age=2,
             sidecar=Modality(SIDECAR_AE, "127.0.0.1", sidecar.port),
+            extra=explorer_config(sidecar),
         )
         print("starting Orthanc (forwards every stable study to the sidecar) ...", flush=True)
         orthanc.start()
@@ -377,6 +398,24 @@ def run(workdir: Path) -> None:
         print()
         print(f"RetrieveAETitle in every response: {', '.join(retrieve)} "
               "(retrieve the hits from the PACS by C-MOVE)")
+        found = orthanc.request("POST", "/tools/lookup", reference.encode(),
+                                content_type="text/plain")
+        orthanc_id = next(f["ID"] for f in found if f["Type"] == "Study")
+        print()
+        button = ("with the Similar studies button" if PYTHON_PLUGIN.exists() else
+                  "(apt-get install orthanc-python for the Similar studies button)")
+        print(f"Orthanc Explorer, the query's study {button}:")
+        print(f"  {orthanc.url}/app/explorer.html#study?uuid={orthanc_id}")
+        print("The sidecar's page for the same study:")
+        print(f"  http://127.0.0.1:{sidecar.http_port}/ui/studies/{reference}")
+        if wait:
+            print("both keep running: press Enter (or Ctrl-C) to stop", flush=True)
+            try:
+                input()
+            except EOFError:
+                pass
+        else:
+            print("(scripts/demo.py --wait, or make demo DEMO_ARGS=--wait, keeps them running)")
     except Exception:
         if pacs is not None:
             print(f"--- Orthanc log (last lines) ---\n{pacs.log_tail()}", file=sys.stderr)
@@ -394,6 +433,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configurations, logs, data)")
+    parser.add_argument("--wait", action="store_true",
+                        help="keep Orthanc and the sidecar running until Enter, to open the pages")
     args = parser.parse_args()
     if not orthanc_available():
         print("demo: Orthanc is not installed (/usr/sbin/Orthanc); as root, "
@@ -401,7 +442,7 @@ def main() -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="pacs-sidecar-demo-"))
     try:
-        run(workdir)
+        run(workdir, wait=args.wait)
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
         return 130

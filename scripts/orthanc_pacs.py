@@ -140,6 +140,9 @@ class OrthancPacs:
         Ports; 0 picks free ones.
     binary
         The Orthanc executable.
+    extra
+        More configuration, applied last (e.g. ``Plugins`` and ``PythonScript`` for
+        the Python plugin, ``OrthancExplorerEnabled``).
     """
 
     workdir: Path
@@ -152,6 +155,7 @@ class OrthancPacs:
     binary: str = ORTHANC_BINARY
     host: str = "127.0.0.1"
     tls: OrthancTls | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +241,7 @@ class OrthancPacs:
             "SynchronousCMove": True,
             "StableAge": self.stable_age,
             "DeidentifyLogs": True,
+            **self.extra,
         }
 
     def write_config(self) -> Path:

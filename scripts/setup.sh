@@ -4,8 +4,10 @@
 #                               and, when root, the Debian packages they and the quick start
 #                               need: g++ and python3-dev (hnswlib compiles from source),
 #                               python3-venv, dcmtk (echoscu/storescu)
-#   scripts/setup.sh --test     (`make test`, `make demo`, benchmarks) also orthanc, openssl
-#                               and postgresql (tests/test_db.py's throwaway server)
+#   scripts/setup.sh --test     (`make test`, `make demo`, benchmarks) also orthanc, openssl,
+#                               postgresql (tests/test_db.py's throwaway server) and
+#                               chromium + chromium-driver (tests/test_ui.py's browser),
+#                               orthanc-python (the Orthanc Explorer integration's tests)
 # Not root: nothing is installed with apt; what is missing is named (the virtualenv
 # cannot be built without the first three; tests that need the others skip).
 set -euo pipefail
@@ -45,8 +47,11 @@ fi
 { [ -x /usr/bin/echoscu ] && [ -x /usr/bin/storescu ]; } || missing+=(dcmtk)  # the quick start's client
 if [ "$want_test" = 1 ]; then
     [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)                # tests/test_orthanc.py, make demo
+    [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || missing+=(orthanc-python)  # tests/test_orthanc_explorer.py
     command -v openssl >/dev/null || missing+=(openssl)           # tests/test_tls.py's certificates
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # tests/test_db.py
+    [ -x /usr/bin/chromium ] || missing+=(chromium)               # tests/test_ui.py (browser)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)    # tests/test_ui.py (Selenium)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

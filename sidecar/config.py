@@ -772,6 +772,38 @@ class LoggingConfig(_Section):
     )
 
 
+class UiConfig(_Section):
+    """The page for radiologists, served by the HTTP API under /ui/."""
+
+    enabled: bool = Field(
+        True, description="Serve the page under /ui/ whenever the HTTP API is enabled."
+    )
+    viewer_url: str = Field(
+        "",
+        description="Link 'open in viewer' of each study: a URL with {study} for the Study "
+        "Instance UID, e.g. http://ohif:3000/viewer?StudyInstanceUIDs={study}. Empty: no link.",
+    )
+    thumbnail_cache_mb: int = Field(
+        256, ge=1, le=1_000_000,
+        description="Most MiB of thumbnails kept in thumbnails/ in the data directory; the "
+        "least recently used are removed beyond it.",
+    )
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _viewer(cls, v: str) -> str:
+        text = v.strip()
+        if text and not text.lower().startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL, or empty")
+        if text and "{study}" not in text:
+            raise ValueError("must contain {study} (the Study Instance UID)")
+        try:
+            text.format(study="1.2")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the placeholder {{study}} is known ({exc})") from exc
+        return text
+
+
 class Config(_Section):
     """The whole configuration of one sidecar."""
 
@@ -790,6 +822,7 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
     audit: AuditConfig = Field(default_factory=AuditConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+    ui: UiConfig = Field(default_factory=UiConfig)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _distinct_ae_titles(self) -> Config:

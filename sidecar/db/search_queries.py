@@ -338,6 +338,18 @@ class SearchQueries:
                     out[int(label)] = (int(study), int(series), int(inst), int(frame))
         return out
 
+    def slice_places(self, labels: Iterable[int]) -> dict[int, tuple[str, int]]:
+        """label -> (SOP Instance UID, frame) of the slice vectors that still exist."""
+        out: dict[int, tuple[str, int]] = {}
+        q = select(_SLICE.c.id, _INSTANCE.c.sop_instance_uid, _SLICE.c.frame).join(
+            _INSTANCE, _INSTANCE.c.id == _SLICE.c.instance_pk
+        )
+        with self._engine.connect() as conn:
+            for chunk in _chunks(labels):
+                for label, sop, frame in conn.execute(q.where(_SLICE.c.id.in_(chunk))):
+                    out[int(label)] = (str(sop), int(frame))
+        return out
+
     def slice_labels(
         self, model_id: str, *, study_pks: Iterable[int] | None = None,
         series_pks: Iterable[int] | None = None,

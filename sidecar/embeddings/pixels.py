@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from sidecar.config import PreprocessConfig
 from sidecar.embeddings.decode import FrameMeta
 
-__all__ = ["fit", "window", "window_rgb"]
+__all__ = ["fit", "window", "window_rgb", "window_rule", "window_rule_rgb"]
 
 # SimpleITK ships py.typed but its SWIG functions are unannotated: use it as Any.
 sitk: Any = _sitk
@@ -99,6 +99,30 @@ def window(
     if padding is not None:
         out[padding] = 0.0
     return out
+
+
+def window_rule(meta: FrameMeta, cfg: PreprocessConfig) -> str:
+    """Which rule :func:`window` applies to a frame with ``meta``, for a person.
+
+    ``"file window C 40 W 400"``, ``"preset soft_tissue C 40 W 400"`` or
+    ``"percentiles 1-99"``, with ``", inverted (MONOCHROME1)"`` when it is
+    inverted. The same choice as :func:`window` (which it does not change).
+    """
+    preset_name = {k.upper(): v for k, v in cfg.modality_window.items()}.get(meta.modality)
+    if cfg.use_file_window and meta.file_window is not None:
+        center, width = meta.file_window
+        rule = f"file window C {center:g} W {width:g}"
+    elif preset_name is not None and meta.modality_units:
+        preset = cfg.windows[preset_name]
+        rule = f"preset {preset_name} C {preset.center:g} W {preset.width:g}"
+    else:
+        rule = f"percentiles {cfg.percentile_low:g}-{cfg.percentile_high:g}"
+    return rule + (", inverted (MONOCHROME1)" if meta.invert else "")
+
+
+def window_rule_rgb(cfg: PreprocessConfig) -> str:
+    """The rule :func:`window_rgb` applies, for a person."""
+    return f"percentiles {cfg.percentile_low:g}-{cfg.percentile_high:g} over RGB"
 
 
 def window_rgb(frame: NDArray[Any], cfg: PreprocessConfig) -> F32:

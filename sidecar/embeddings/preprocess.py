@@ -23,9 +23,9 @@ from pydicom.dataset import Dataset
 
 from sidecar.config import PreprocessConfig
 from sidecar.embeddings.decode import frame_positions, instance_number, number_of_frames, read_image
-from sidecar.embeddings.pixels import fit, window, window_rgb
+from sidecar.embeddings.pixels import fit, window, window_rgb, window_rule, window_rule_rgb
 
-__all__ = ["FrameInfo", "frame_infos", "prepare", "sample"]
+__all__ = ["FrameInfo", "frame_infos", "prepare", "prepare_named", "sample"]
 
 K = TypeVar("K", bound=Hashable)
 F32 = NDArray[np.float32]
@@ -191,6 +191,23 @@ def prepare(
     ValueError
         ``size`` is not positive or ``channels`` is neither 1 nor 3.
     """
+    return prepare_named(ds, cfg, size, frames, channels)[0]
+
+
+def prepare_named(
+    ds: Dataset,
+    cfg: PreprocessConfig,
+    size: int,
+    frames: Sequence[int] | None = None,
+    channels: int = 1,
+) -> tuple[F32, list[str]]:
+    """:func:`prepare`, and the window rule applied to each frame (``pixels.window_rule``).
+
+    Raises
+    ------
+    PreprocessError, MissingCodecError, ValueError
+        As :func:`prepare`.
+    """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if channels not in (1, 3):
@@ -198,12 +215,15 @@ def prepare(
     image = read_image(ds, frames, colour=channels == 3)
     n = len(image.indices)
     out = np.empty((n, size, size) if channels == 1 else (n, 3, size, size), dtype=np.float32)
+    rules: list[str] = []
     for i in range(n):
         if image.rgb is not None:
             rgb01 = window_rgb(image.rgb[i], cfg)
             for c in range(3):
                 out[i, c] = fit(rgb01[..., c], image.spacing, cfg, size)
+            rules.append(window_rule_rgb(cfg))
             continue
         pad = None if image.padding is None else image.padding[i]
         out[i] = fit(window(image.frames[i], image.meta[i], cfg, pad), image.spacing, cfg, size)
-    return out
+        rules.append(window_rule(image.meta[i], cfg))
+    return out, rules

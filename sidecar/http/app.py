@@ -23,7 +23,7 @@ from io import BytesIO
 from typing import Annotated, Any, Final
 
 import uvicorn
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -44,6 +44,8 @@ from sidecar.errors import (
     SidecarError,
 )
 from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
+from sidecar.http.clients import audit_keys as _audit_keys
+from sidecar.http.clients import requester as _requester
 from sidecar.http.tls import server_context
 from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
@@ -259,13 +261,6 @@ def _reject_unknown(request: Request, known: frozenset[str]) -> None:
         )
 
 
-def _requester(request: Request) -> Requester:
-    """The client: its token's name when it sent one, else its address."""
-    host = request.client.host if request.client is not None else ""
-    token_name = request.scope.get("state", {}).get("token_name")
-    return Requester("http", name=str(token_name or host), address=host)
-
-
 def _filters(modality: Sequence[str], study_date: str, body_part: str) -> SearchFilters:
     return SearchFilters(modalities=tuple(modality), study_date=study_date, body_part=body_part)
 
@@ -335,27 +330,6 @@ def _parse_dicom(body: bytes) -> Dataset:
 
 
 # ------------------------------------------------------------------------ app
-def _audit_keys(request: SimilarityRequest) -> dict[str, object]:
-    """What an HTTP search asked, for its audit message (UIDs and settings, never pixels)."""
-    ref = request.reference
-    if ref.datasets:
-        first = ref.datasets[0]
-        reference: dict[str, object] = {
-            "kind": "dataset",
-            "sop_instance_uid": str(first.get("SOPInstanceUID", "")),
-            "study_instance_uid": str(first.get("StudyInstanceUID", "")),
-        }
-    else:
-        reference = {"kind": ref.kind, "uid": ref.uid}
-    flt = request.filters
-    return {
-        "reference": reference, "k": request.k, "level": request.level,
-        "include_same_patient": request.include_same_patient,
-        "modality": list(flt.modalities), "study_date": flt.study_date,
-        "body_part": flt.body_part,
-    }
-
-
 def create_app(
     query: QueryService,
     metrics: Metrics,
@@ -366,6 +340,7 @@ def create_app(
     http_config: HttpConfig | None = None,
     on_security_event: SecurityEventHandler = log_security_event,
     auditor: Auditor | None = None,
+    routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
 
@@ -392,6 +367,8 @@ def create_app(
     on_security_event
         Called for every refused token or missing scope: ``(kind, token_name,
         remote, path)``; the default logs a WARNING.
+    routers
+        More routes served beside the API (the page: ``sidecar.http.ui``).
 
     Returns
     -------
@@ -507,6 +484,8 @@ def create_app(
         """The Prometheus text exposition."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    for router in routers:
+        app.include_router(router)
     return app
 
 

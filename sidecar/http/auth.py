@@ -38,6 +38,8 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "/healthz": OPEN,
     "/openapi.json": ANY,
 }
+#: The scope of every path under a prefix: the page (``sidecar.http.ui``) runs queries.
+PREFIX_SCOPES: Final[dict[str, str]] = {"/ui": "query"}
 REALM: Final = "pacs-sidecar"
 
 SecurityEventHandler = Callable[[str, str | None, str, str], None]
@@ -51,6 +53,9 @@ def log_security_event(kind: str, token_name: str | None, remote: str, path: str
 
 def needed_scope(path: str, config: HttpConfig) -> str:
     """The scope a request to ``path`` needs (``OPEN``, ``ANY`` or a scope name)."""
+    for prefix, scope in PREFIX_SCOPES.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return scope
     needed = ROUTE_SCOPES.get(path, "admin")
     if path == "/metrics" and not config.metrics_auth:
         return OPEN
@@ -196,5 +201,5 @@ class Access:
         await response(scope, receive, send)
 
 
-__all__ = ["ROUTE_SCOPES", "Access", "SecurityEventHandler", "describe", "log_security_event",
-           "needed_scope"]
+__all__ = ["PREFIX_SCOPES", "ROUTE_SCOPES", "Access", "SecurityEventHandler", "describe",
+           "log_security_event", "needed_scope"]

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -291,13 +291,29 @@ def view_of(model_id: str, dim: int, rows: Sequence[SliceRow]) -> Slices:
                                      for r in rows])
 
 
+class Ranked(NamedTuple):
+    """One ranked candidate: its score, the keys of its best slice and why it matched.
+
+    ``label`` is the slice vector of the candidate's best (query slice, slice)
+    pair, ``query_slice`` the row of that query vector and ``cosine`` the
+    pair's cosine (``label`` 0 and ``query_slice`` -1: not known).
+    """
+
+    score: float
+    keys: tuple[int, int, int]  # (study, series, instance) keys of the best slice
+    label: int = 0
+    query_slice: int = -1
+    cosine: float = 0.0
+
+
 def rerank(
     view: Slices, level: Literal["study", "series"], queries: FloatArray, chosen: list[int]
-) -> list[tuple[float, tuple[int, int, int]]]:
+) -> list[Ranked]:
     """Step 2 of the ranking: score each candidate with its slice vectors.
 
     ``score = mean_i max_j cos(q_i, v_j)``; the hit's keys are those of the
-    slice of the best (query slice, slice) pair (the first such slice by label).
+    slice of the best (query slice, slice) pair (the first such slice by label),
+    and the pair itself is returned with them.
     """
     groups = sorted(
         ((g, rows) for g in set(chosen) if (rows := view.rows(level, g)) is not None and rows.size),
@@ -311,6 +327,7 @@ def rerank(
     sims = view.unit_vectors(rows) @ queries.T  # (M candidate slices, n query slices)
     group_scores = np.maximum.reduceat(sims, starts, axis=0).mean(axis=1)
     best_of_slice = sims.max(axis=1)
+    best_query = sims.argmax(axis=1)
     group_best = np.maximum.reduceat(best_of_slice, starts)
     positions = np.arange(rows.size)
     first_best = np.minimum.reduceat(
@@ -318,18 +335,21 @@ def rerank(
     )
     best_rows = rows[first_best]
     ranked = [
-        (score, (study, series, instance))
-        for score, study, series, instance in zip(
+        Ranked(score, (study, series, instance), label, query, cosine)
+        for score, study, series, instance, label, query, cosine in zip(
             group_scores.tolist(), view.study[best_rows].tolist(),
-            view.series[best_rows].tolist(), view.instance[best_rows].tolist(), strict=True,
+            view.series[best_rows].tolist(), view.instance[best_rows].tolist(),
+            view.labels[best_rows].tolist(), best_query[first_best].tolist(),
+            best_of_slice[first_best].tolist(), strict=True,
         )
     ]
-    ranked.sort(key=lambda item: -item[0])
+    ranked.sort(key=lambda item: -item.score)
     return ranked
 
 
 __all__ = [
     "Means",
+    "Ranked",
     "SliceCache",
     "Slices",
     "empty_slices",

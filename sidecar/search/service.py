@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 from sidecar.search.caches import (
     Means,
+    Ranked,
     SliceCache,
     mean_rows,
     rerank,
@@ -58,6 +59,7 @@ from sidecar.search.types import (
     ReferenceInfo,
     SearchFilters,
     SearchResult,
+    SliceMatch,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class _Query:
     patient_pk: int | None
     note: str = ""
     excluded: set[int] = field(default_factory=set)
+    labels: list[int] | None = None  # slice vector of each query row (archived references)
 
 
 
@@ -226,7 +229,7 @@ class SearchService:
         if not flt.empty:
             allowed = (self._queries.allowed_studies(flt) if level == "study"
                        else self._queries.allowed_series(flt))
-        ranked: list[tuple[float, tuple[int, int, int]]] = []
+        ranked: list[Ranked] = []
         if allowed is not None and not allowed:
             pass  # nothing passes the filters
         elif level == "image":
@@ -235,7 +238,7 @@ class SearchService:
             ranked, candidates = self._rank_groups(
                 level, query.vectors, index, model_id, dim, k, excluded, allowed
             )
-        hits = self._describe(ranked, level, k)
+        hits = self._with_matches(self._describe(ranked, level, k), query)
         info = ReferenceInfo(
             kind=query.info_kind,
             uid=query.info_uid,
@@ -270,13 +273,15 @@ class SearchService:
             held = (view.rows("study", row.study_pk) if kind == "study"
                     else view.rows("series", row.series_pk or 0))
             if held is not None and held.size:
+                used = held[spread(held.size, MAX_QUERY_SLICES)]
                 return _Query(
-                    vectors=view.unit_vectors(held[spread(held.size, MAX_QUERY_SLICES)]),
+                    vectors=view.unit_vectors(used),
                     info_kind=kind,
                     info_uid=uid,
                     own_study_pk=row.study_pk,
                     own_study_uid=row.study_instance_uid,
                     patient_pk=row.patient_pk if row.patient_id else None,
+                    labels=[int(x) for x in view.labels[used].tolist()],
                 )
         if kind == "study":
             rows = self._queries.slices(model_id, study_pks=[row.study_pk])
@@ -298,6 +303,7 @@ class SearchService:
             own_study_uid=row.study_instance_uid,
             patient_pk=row.patient_pk if row.patient_id else None,
             note=note,
+            labels=[r.label for r in chosen],
         )
 
     def _nearest_sampled(self, row: ReferenceRow, model_id: str) -> tuple[list[SliceRow], str]:
@@ -480,11 +486,11 @@ class SearchService:
         k: int,
         excluded: set[int],
         allowed: set[int] | None,
-    ) -> tuple[list[tuple[float, tuple[int, int, int]]], int]:
+    ) -> tuple[list[Ranked], int]:
         """Candidates by mean vectors and slice ANN, re-ranked by slice vectors.
 
-        Returns ``(score, (study, series, instance) keys of the best slice)``
-        per candidate, best first, and the number of candidates.
+        Returns one :class:`Ranked` per candidate (score, keys of the best
+        slice, the best pair), best first, and the number of candidates.
         """
         c = max(RERANK_FACTOR * k, MIN_CANDIDATES)
 
@@ -553,7 +559,7 @@ class SearchService:
         k: int,
         excluded: set[int],
         allowed_series: set[int] | None,
-    ) -> list[tuple[float, tuple[int, int, int]]]:
+    ) -> list[Ranked]:
         """ANN over slices, post-filtered and over-fetched; one entry per instance."""
         live = len(index)
         if live == 0:
@@ -573,18 +579,21 @@ class SearchService:
                 labels, scores = index.search(queries, fetch)
                 final = fetch >= live
             owners = self._owners(model_id, queries.shape[1], labels)
-            best: dict[int, tuple[float, tuple[int, int, int]]] = {}
-            for label, score in zip(labels.reshape(-1), scores.reshape(-1), strict=True):
-                owner = owners.get(int(label))
-                if owner is None or owner[0] in excluded:
-                    continue
-                if allowed_series is not None and owner[1] not in allowed_series:
-                    continue
-                key = owner[2]
-                if key not in best or float(score) > best[key][0]:
-                    best[key] = (float(score), (owner[0], owner[1], owner[2]))
+            best: dict[int, Ranked] = {}
+            for row, (row_labels, row_scores) in enumerate(zip(labels.tolist(),
+                                                               scores.tolist(), strict=True)):
+                for label, score in zip(row_labels, row_scores, strict=True):
+                    owner = owners.get(int(label))
+                    if owner is None or owner[0] in excluded:
+                        continue
+                    if allowed_series is not None and owner[1] not in allowed_series:
+                        continue
+                    key = owner[2]
+                    if key not in best or float(score) > best[key].score:
+                        best[key] = Ranked(float(score), (owner[0], owner[1], owner[2]),
+                                           int(label), row, float(score))
             if len(best) >= k or final:
-                return sorted(best.values(), key=lambda item: -item[0])
+                return sorted(best.values(), key=lambda item: -item.score)
             fetch = min(live, fetch * 2)
 
     def _slice_count(self, model_id: str, dim: int, studies: Iterable[int]) -> int:
@@ -614,21 +623,22 @@ class SearchService:
         }
 
     def _describe(
-        self, ranked: list[tuple[float, tuple[int, int, int]]], level: str, k: int
-    ) -> list[Hit]:
-        everything = sorted(ranked, key=lambda item: -item[0])
+        self, ranked: list[Ranked], level: str, k: int
+    ) -> list[tuple[Hit, Ranked]]:
+        everything = sorted(ranked, key=lambda item: -item.score)
         ranked = everything
         if len(ranked) > k:  # keep ties with the k-th: they are ordered by UID below
-            last = round(ranked[k - 1][0], 6)
-            ranked = [item for i, item in enumerate(ranked) if i < k or round(item[0], 6) == last]
-        rows = self._queries.describe([keys for _, keys in ranked])
-        if len(ranked) < len(everything) and any(keys not in rows for _, keys in ranked):
+            last = round(ranked[k - 1].score, 6)
+            ranked = [item for i, item in enumerate(ranked)
+                      if i < k or round(item.score, 6) == last]
+        rows = self._queries.describe([item.keys for item in ranked])
+        if len(ranked) < len(everything) and any(item.keys not in rows for item in ranked):
             # a hit deleted meanwhile (the slice view lags the database by up to
             # refresh_interval): describe the others too, so that k hits remain
-            rows.update(self._queries.describe([keys for _, keys in everything[len(ranked):]]))
+            rows.update(self._queries.describe([item.keys for item in everything[len(ranked):]]))
             ranked = everything
-        described: list[tuple[float, CatalogueRow]] = [
-            (score, rows[keys]) for score, keys in ranked if keys in rows
+        described: list[tuple[Ranked, CatalogueRow]] = [
+            (item, rows[item.keys]) for item in ranked if item.keys in rows
         ]
 
         def uid(row: CatalogueRow) -> str:
@@ -638,10 +648,31 @@ class SearchService:
                 return row.series_instance_uid
             return row.sop_instance_uid
 
-        described.sort(key=lambda item: (-round(item[0], 6), uid(item[1])))
+        described.sort(key=lambda item: (-round(item[0].score, 6), uid(item[1])))
+        return [(Hit.of(rank, round(float(item.score), 6), row), item)
+                for rank, (item, row) in enumerate(described[:k], start=1)]
+
+    def _with_matches(self, described: list[tuple[Hit, Ranked]], query: _Query) -> list[Hit]:
+        """The hits with their best (query slice, hit slice) pair (:class:`SliceMatch`)."""
+        labels = {item.label for _, item in described if item.label}
+        query_labels = query.labels or []
+        labels.update(query_labels[item.query_slice] for _, item in described
+                      if 0 <= item.query_slice < len(query_labels))
+        places = self._queries.slice_places(labels) if labels else {}
         hits: list[Hit] = []
-        for rank, (score, row) in enumerate(described[:k], start=1):
-            hits.append(Hit.of(rank, round(float(score), 6), row))
+        for hit, item in described:
+            place = places.get(item.label)
+            if place is None or item.query_slice < 0:
+                hits.append(hit)
+                continue
+            asked = (places.get(query_labels[item.query_slice])
+                     if item.query_slice < len(query_labels) else None)
+            hits.append(replace(hit, match=SliceMatch(
+                cosine=round(float(item.cosine), 6), query_slice=item.query_slice,
+                hit_sop_instance_uid=place[0], hit_frame=place[1],
+                query_sop_instance_uid=asked[0] if asked else "",
+                query_frame=asked[1] if asked else None,
+            )))
         return hits
 
 

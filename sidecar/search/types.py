@@ -44,6 +44,17 @@ def _clean_uid(value: str | None, name: str) -> str | None:
     return uid
 
 
+def clean_uid(value: str | None, name: str) -> str | None:
+    """``value`` stripped of spaces and NULs (``None`` when empty), checked as a UID.
+
+    Raises
+    ------
+    BadQuery
+        Not a UID (digits and dots, at most 64 characters); ``name`` says which.
+    """
+    return _clean_uid(value, name)
+
+
 @dataclass(frozen=True, eq=False)
 class EmbeddedImages:
     """Query images embedded once, to be used as a reference later (query by example).
@@ -233,29 +244,60 @@ class SearchFilters:
 
 
 @dataclass(frozen=True)
+class SliceMatch:
+    """Why a hit matched: its best (query slice, hit slice) pair.
+
+    Attributes
+    ----------
+    cosine
+        Cosine similarity of the pair (the best over every pair of the hit).
+    query_slice
+        Row of the query vector (0-based, in the order the query slices were used).
+    hit_sop_instance_uid, hit_frame
+        The hit's slice: its instance (the hit's ``sop_instance_uid``) and
+        0-based frame.
+    query_sop_instance_uid, query_frame
+        The query slice's stored instance and frame when the reference is an
+        archived instance, series or study; ``""`` and ``None`` for query images.
+    """
+
+    cosine: float
+    query_slice: int
+    hit_sop_instance_uid: str
+    hit_frame: int
+    query_sop_instance_uid: str = ""
+    query_frame: int | None = None
+
+
+@dataclass(frozen=True)
 class Hit(CatalogueRow):
     """One ranked answer: its rank and score, and the catalogue row it describes.
 
     ``series_instance_uid`` and ``sop_instance_uid`` are the best-matching
     series and instance of the hit (the hit series itself at series level,
     the hit instance at image level). ``modality`` and ``body_part_examined``
-    are those of that series; ``modalities_in_study`` the study's.
+    are those of that series; ``modalities_in_study`` the study's. ``match``
+    is the best (query slice, hit slice) pair, when known.
     """
 
     rank: int
     score: float
+    match: SliceMatch | None = None
 
     @classmethod
-    def of(cls, rank: int, score: float, row: CatalogueRow) -> Hit:
+    def of(cls, rank: int, score: float, row: CatalogueRow,
+           match: SliceMatch | None = None) -> Hit:
         """The hit ranked ``rank`` with ``score``, described by ``row``."""
-        return cls(rank=rank, score=score, **{f.name: getattr(row, f.name) for f in fields(row)})
+        return cls(rank=rank, score=score, match=match,
+                   **{f.name: getattr(row, f.name) for f in fields(row)})
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary: rank and score first, then the row's fields."""
+        """A JSON-ready dictionary: rank and score first, the row's fields, then ``match``."""
         data: dict[str, Any] = {"rank": self.rank, "score": self.score}
         for f in fields(CatalogueRow):
             data[f.name] = getattr(self, f.name)
         data["modalities_in_study"] = list(self.modalities_in_study)
+        data["match"] = None if self.match is None else asdict(self.match)
         return data
 
 
@@ -315,4 +357,6 @@ __all__ = [
     "ReferenceInfo",
     "SearchFilters",
     "SearchResult",
+    "SliceMatch",
+    "clean_uid",
 ]

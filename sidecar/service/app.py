@@ -139,15 +139,19 @@ class Sidecar:
         if config.http.enabled:
             from sidecar.http.app import HttpServer, create_app  # noqa: PLC0415 - fastapi, only when on
             from sidecar.http.auth import describe  # noqa: PLC0415 - starlette, only when on
+            from sidecar.http.ui import create_ui_router  # noqa: PLC0415 - jinja2, only when on
 
             open_by_default = (config.http.auth == "auto" and config.http.loopback
                                and "auth" not in config.http.model_fields_set)
             logger.log(logging.WARNING if open_by_default else logging.INFO,
                        "%s", describe(config.http))
+            pages = ([create_ui_router(config, self.engine, self.query, self.embedding,
+                                       auditor=self.auditor)]
+                     if config.ui.enabled else [])
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
                 tokens=TokenStore(self.engine), http_config=config.http,
-                on_security_event=self._http_security_event, auditor=self.auditor,
+                on_security_event=self._http_security_event, auditor=self.auditor, routers=pages,
             ))
         emb = self.embedding if config.worker.enabled else None
         self.scheduler = jobs.scheduler(
