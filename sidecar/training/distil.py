@@ -308,7 +308,7 @@ def _l2(x: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_parts(
-    views: Views, recipe: DistilRecipe, v1: nn.Module | None, *, batch: int = 256,
+    views: Views, recipe: DistilRecipe, v1: nn.Module | None, *, batch: int = 64,
 ) -> list[F32]:
     """The L2-normalised teacher outputs for every view: v1's vector, then each Lite0 block.
 
