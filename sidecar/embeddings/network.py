@@ -37,7 +37,8 @@ class SliceNetV1Params:
     Attributes
     ----------
     in_channels
-        Input channels (1: grey-level slices).
+        Input channels (1: grey-level slices; 3: RGB, and a grey ``(N, 1, S, S)``
+        input is replicated to the three channels, see :meth:`SliceNetV1.features`).
     stem_width
         Channels of the stride-2 3x3 stem convolution.
     widths
@@ -201,6 +202,7 @@ class SliceNetV1(nn.Module):
         self.input_mean = float(p.input_mean)
         self.input_std = float(p.input_std)
         self.input_pool = int(p.input_pool)
+        self.in_channels = int(p.in_channels)
         self.stem = ConvBNReLU(p.in_channels, p.stem_width, 3, 2)
         blocks: list[nn.Module] = []
         cin = p.stem_width
@@ -214,7 +216,13 @@ class SliceNetV1(nn.Module):
         self.head = nn.Linear(cin, p.dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, ``(N, widths[-1])``, for ``x`` ``(N, C, S, S)`` in [0, 1]."""
+        """Pooled backbone features, ``(N, widths[-1])``, for ``x`` ``(N, C, S, S)`` in [0, 1].
+
+        A 3-channel network given grey ``(N, 1, S, S)`` slices sees them replicated
+        to RGB (the same result as summing its stem weights over the channels).
+        """
+        if x.shape[1] == 1 and self.in_channels > 1:
+            x = x.expand(-1, self.in_channels, -1, -1)
         if self.input_pool > 1:
             x = nn.functional.avg_pool2d(x, self.input_pool, ceil_mode=True)
         x = (x - self.input_mean) / self.input_std
@@ -251,6 +259,21 @@ class SliceNetV1(nn.Module):
     def parameter_count(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
+
+
+def inflate_stem(state: Mapping[str, torch.Tensor], in_channels: int) -> dict[str, torch.Tensor]:
+    """A 1-channel SliceNetV1 ``state_dict`` made ``in_channels``-channel.
+
+    The stem weights are replicated over the channels and divided by their
+    number, so a grey slice replicated to every channel gives exactly the
+    1-channel network's output (the start of the colour student, docs/design/models.md).
+    """
+    out = {k: v.detach().clone() for k, v in state.items()}
+    weight = out["stem.0.weight"]
+    if weight.shape[1] != 1:
+        raise ValueError(f"the stem has {weight.shape[1]} input channels, expected 1")
+    out["stem.0.weight"] = weight.repeat(1, in_channels, 1, 1) / in_channels
+    return out
 
 
 ARCHITECTURES: Final[dict[str, type[SliceNetV1]]] = {SliceNetV1.ARCHITECTURE: SliceNetV1}
