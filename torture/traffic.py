@@ -15,28 +15,14 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, debug_logger  # noqa: F401 - debug_logger: handy when a campaign fails
+from pynetdicom import AE
+
+from bench.ingest import dataset_offset  # the same File Meta walk the ingest bench uses
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SUCCESS = 0x0000
 
 logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-
-
-def dataset_offset(data: bytes) -> int:
-    """Offset of the data set in a Part-10 file image (the end of the File Meta group)."""
-    if data[128:132] != b"DICM":
-        raise ValueError("not a DICOM Part-10 file")
-    long_vrs = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                b"UT", b"UV"}
-    pos = 132
-    while pos + 8 <= len(data) and int.from_bytes(data[pos:pos + 2], "little") == 0x0002:
-        vr = data[pos + 4:pos + 6]
-        if vr in long_vrs:
-            pos += 12 + int.from_bytes(data[pos + 8:pos + 12], "little")
-        else:
-            pos += 8 + int.from_bytes(data[pos + 6:pos + 8], "little")
-    return pos
 
 
 def dataset_sha256(data: bytes) -> str:
