@@ -48,7 +48,7 @@ from sidecar.audit.messages import (
     Source,
     render,
 )
-from sidecar.audit.syslog import BOM, MSGID, frame
+from sidecar.audit.syslog import BOM, MSGID, SyslogSender, frame
 from sidecar.audit.trail import AuditTrail
 from sidecar.cli.main import main
 from sidecar.config import Config, load_config
@@ -544,6 +544,53 @@ def test_tls_collector_with_mutual_authentication(
         got = kinds(schema, col.xml())
     assert got == kinds(schema, audit_file(cfg))
     assert ("110104", ()) in got
+
+
+def framed(text: str) -> bytes:
+    return frame(text.encode(), hostname="h", app_name="a", procid="1")
+
+
+def _tls_pair(pki: Pki) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    client.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return server, client
+
+
+def test_tls_sender_keeps_one_connection_across_quiet_spells(pki: Pki) -> None:
+    """TLS 1.3 session tickets arrive after the handshake and make the socket readable:
+    they are not a close, so messages sent apart in time share one connection (a
+    blocking read there used to cost one timeout and one reconnection per message)."""
+    server, client = _tls_pair(pki)
+    with collector("tls", server) as col:
+        sender = SyslogSender("tls", "127.0.0.1", col.port, tls=client, timeout=30)
+        try:
+            for n in range(3):
+                sender.send(framed(f"m{n}"))
+                wait_for(lambda n=n: len(col.messages) > n, 10, f"message {n}")
+                time.sleep(0.3)  # the tickets are in by now
+        finally:
+            sender.close()
+        assert len(col.peers) == 1, col.peers
+
+
+def test_tls_sender_reconnects_after_the_collector_closes(pki: Pki) -> None:
+    server, client = _tls_pair(pki)
+    with collector("tls", server) as first:
+        sender = SyslogSender("tls", "127.0.0.1", first.port, tls=client, timeout=30)
+        sender.send(framed("one"))
+        wait_for(lambda: first.messages, 10, "the first message")
+    with collector("tls", server) as second:
+        sender.port = second.port
+        time.sleep(0.3)  # the first collector's close has reached us
+        try:
+            sender.send(framed("two"))  # a dead connection would raise or be lost
+            wait_for(lambda: second.messages, 10, "the second message on a new connection")
+        finally:
+            sender.close()
+    assert len(second.peers) == 1
 
 
 def test_receiver_processes_audit_through_the_main_process(

@@ -105,7 +105,16 @@ class SyslogSender:
             if not readable:
                 return False
             if isinstance(sock, ssl.SSLSocket):
-                return not sock.recv(1)
+                # Readable may mean TLS records that carry no data (TLS 1.3 session
+                # tickets after the handshake): read without blocking, so those are
+                # consumed and do not cost a timeout and a new connection.
+                sock.settimeout(0.0)
+                try:
+                    return not sock.recv(1)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return False
+                finally:
+                    sock.settimeout(self.timeout)
             return not sock.recv(1, socket.MSG_PEEK)
         except (OSError, ValueError):
             return True
