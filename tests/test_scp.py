@@ -142,7 +142,9 @@ def status_of(rsp: Dataset) -> int:
 
 
 def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    """Every file below ``root`` but a live store's lock (``.tmp/<owner>.lock``)."""
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not (p.parent.name == ".tmp" and p.suffix == ".lock"))
 
 
 def rows(app: Sidecar) -> list[dict[str, Any]]:

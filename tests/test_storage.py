@@ -121,7 +121,9 @@ class Env:
             return list(s.scalars(select(Study)).all())
 
     def stored_files(self) -> list[Path]:
-        return files_under(self.storage)
+        """Every file under storage but the live store's lock (``.tmp/<owner>.lock``)."""
+        return [p for p in files_under(self.storage)
+                if not (p.parent == self.storage / ".tmp" and p.suffix == ".lock")]
 
 
 @pytest.fixture
@@ -157,7 +159,7 @@ def test_store_keeps_the_bytes_exactly(env: Env) -> None:
     assert result.path == expected.resolve()
     assert result.path.read_bytes() == data
     assert env.stored_files() == [result.path]  # nothing left in storage/.tmp either
-    assert list((env.storage / ".tmp").iterdir()) == []
+    assert [p for p in files_under(env.storage / ".tmp") if p.suffix != ".lock"] == []
 
     (row,) = env.instances()
     assert row.file_path == f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"

@@ -24,6 +24,7 @@ from sidecar.cli.main import main
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue
 from sidecar.service.app import Sidecar
+from sidecar.service.jobs import TIDY_INTERVAL_S
 from tests.conftest import make_ct, part10
 
 OLD = time.time() - 3600.0
@@ -169,7 +170,7 @@ def test_the_service_removes_temporaries_an_interrupted_store_left_at_start(
         time.sleep(0.05)
     assert not stale.exists() and fresh.exists()
     job = app.scheduler.get_job("clear_temporaries")
-    assert job is not None and job.trigger.interval.total_seconds() == 3600.0
+    assert job is not None and job.trigger.interval.total_seconds() == TIDY_INTERVAL_S
 
 
 def test_recorded_paths_are_found_and_others_are_not() -> None:

@@ -152,5 +152,8 @@ class Node:
         return found
 
     def temporaries(self) -> list[Path]:
+        """Files in the storage's temporary directory (live owners' locks left out)."""
         tmp = self.data_dir / "storage" / ".tmp"
-        return [p for p in tmp.iterdir() if p.is_file()] if tmp.is_dir() else []
+        if not tmp.is_dir():
+            return []
+        return [p for p in tmp.rglob("*") if p.is_file() and p.suffix != ".lock"]

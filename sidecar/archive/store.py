@@ -7,6 +7,7 @@ then success; on failure nothing is kept (docs/design/archive.md).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import logging
 import math
@@ -22,9 +23,17 @@ from typing import Final
 
 from sidecar.archive.layout import catalogue_path, instance_name, series_dir, stored_path
 from sidecar.archive.parse import extract_meta, is_valid_uid, read_header
+from sidecar.archive.spool import (
+    LOCK_SUFFIX,
+    Spool,
+    TidyReport,
+    leftover_temporaries,
+    tidy_dead_owners,
+)
 from sidecar.config import Config
 from sidecar.db.repository import (
     CatalogueError,
+    CatalogueFull,
     CatalogueUnavailable,
     ExistingInstance,
     InstanceMeta,
@@ -111,6 +120,9 @@ class InstanceStore:
         self._quarantine_measured = -math.inf
         for d in (self._root, self._tmp, self._quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        self._spool: Spool | None = None
+        self._spool_lock = threading.Lock()
+        self.tidy()
 
     @property
     def root(self) -> Path:
@@ -123,6 +135,40 @@ class InstanceStore:
         return self._repo
 
     # ---------------------------------------------------------------- public
+    def tidy(self) -> TidyReport:
+        """Tidy what interrupted stores left: dead owners' temporaries (any age) and the
+        stored files they linked without a row (to ``<quarantine>/orphans/``), and
+        temporaries of the old flat layout older than :data:`STALE_TEMPORARY_AGE`.
+        Runs when the store is made (each process at start) and as a scheduled job;
+        never raises (what it cannot handle is logged and left for ``sidecar verify``).
+        """
+        def recorded(sop: str) -> str | None:
+            found = self._repo.find_instance(sop)
+            return None if found is None else found.file_path
+
+        try:
+            report = tidy_dead_owners(self._root, self._tmp, self._quarantine / "orphans",
+                                      recorded)
+            report.temporaries += remove_temporaries(
+                self._root, stale_temporaries(self._root, STALE_TEMPORARY_AGE, flat_only=True))
+        except Exception as exc:  # noqa: BLE001 - tidying must never stop the service
+            logger.error("could not tidy the storage's temporaries: %s", exc)
+            return TidyReport(failures=1)
+        if report.anything:
+            logger.info(
+                "tidied what interrupted stores left: %d temporar%s removed, %d stored "
+                "file(s) without a row moved to the quarantine, %d acknowledged kept, "
+                "%d failure(s)", report.temporaries, "y" if report.temporaries == 1 else "ies",
+                report.orphans, report.kept, report.failures)
+        return report
+
+    def close(self) -> None:
+        """Release this process's temporary directory (a later store makes a new one)."""
+        with self._spool_lock:
+            spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+
     @property
     def min_free_bytes(self) -> int:
         """The free-disk watermark (``storage.min_free_mb``) in bytes."""
@@ -279,7 +325,16 @@ class InstanceStore:
                                    meta.study_instance_uid, kept, meta.patient_id,
                                    meta.issuer_of_patient_id)
 
-        final = self._place(data, meta)
+        final, tmp = self._place(data, meta)
+        try:
+            return self._record(data, digest, meta, origin, existing, final)
+        finally:
+            unlink_quietly(tmp)  # only now: a leftover names its stored twin (spool.py)
+
+    def _record(
+        self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin,
+        existing: ExistingInstance | None, final: Path,
+    ) -> StoreResult:
         stored = StoredFile(
             file_path=catalogue_path(self._root, final),
             file_size=len(data),
@@ -299,6 +354,9 @@ class InstanceStore:
             if existing is None and self._find(meta.sop_instance_uid):
                 raise _LostRace() from exc
             raise StorageFailure(str(exc)) from exc
+        except CatalogueFull as exc:
+            unlink_quietly(final)
+            raise OutOfResources(str(exc)) from exc
         except Exception as exc:
             unlink_quietly(final)
             cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
@@ -323,15 +381,26 @@ class InstanceStore:
         except CatalogueUnavailable as exc:
             raise StorageFailure(str(exc)) from exc
 
-    def _place(self, data: bytes, meta: InstanceMeta) -> Path:
-        """Write ``data`` durably under a fresh final name and return that path."""
+    def _spool_dir(self) -> Spool:
+        with self._spool_lock:
+            if self._spool is None:
+                self._spool = Spool(self._tmp)
+            return self._spool
+
+    def _place(self, data: bytes, meta: InstanceMeta) -> tuple[Path, Path]:
+        """Write ``data`` durably under a fresh final name: ``(final, temporary)``.
+
+        The temporary stays linked until the caller has committed the row (or given up)
+        and removed it: a crash in between leaves it to tell where its twin is.
+        """
         for uid in (meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid):
             if not is_valid_uid(uid):  # defence in depth: names are digits and dots only
                 raise StorageFailure("refusing a file name that is not a UID")
         directory = series_dir(self._root, meta.study_instance_uid, meta.series_instance_uid)
         try:
             self._ensure_dir(directory)
-            tmp = self._tmp / f"{secrets.token_hex(8)}.part"
+            tmp = self._spool_dir().path_for(
+                meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
             write_new(tmp, data, fsync=self._fsync)
             try:
                 final = directory / instance_name(meta.sop_instance_uid)
@@ -340,15 +409,18 @@ class InstanceStore:
                 except FileExistsError:
                     final = directory / instance_name(meta.sop_instance_uid, secrets.token_hex(6))
                     os.link(tmp, final)
-            finally:
+                if self._fsync:
+                    fsync_dir(directory)
+            except BaseException:
                 unlink_quietly(tmp)
-            if self._fsync:
-                fsync_dir(directory)
+                raise
         except OSError as exc:
             with self._dirs_lock:
                 self._known_dirs.discard(directory)  # it may have been removed
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfResources(f"storage full: {exc.strerror}") from exc
             raise StorageFailure(f"cannot write file: {exc.strerror or exc}") from exc
-        return final
+        return final, tmp
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
@@ -366,18 +438,23 @@ class InstanceStore:
             self._known_dirs.add(directory)
 
 
-def stale_temporaries(root: Path, min_age: float, now: float | None = None) -> list[str]:
-    """Names of the files in ``root``'s temporary directory at least ``min_age`` s old.
+def stale_temporaries(root: Path, min_age: float, now: float | None = None, *,
+                      flat_only: bool = False) -> list[str]:
+    """Names (relative to ``root``'s temporary directory) of the temporaries left by
+    interrupted stores: every file of a dead owner (spool.py), and files of the old
+    flat layout at least ``min_age`` s old (``flat_only``: those only).
 
-    A store's temporary file lives for the time it takes to write, fsync and
-    link one dataset; an old one was left by a process that stopped in
-    between (crash, power loss, kill -9). Its sender got no Success for it.
+    A store's temporary lives for the time it takes to write, link and commit one
+    dataset; a leftover was left by a process that stopped in between (crash,
+    power loss, kill -9). Its sender got no Success for it unless its row is there.
     """
     clock = time.time() if now is None else now
-    names: list[str] = []
+    names: list[str] = [] if flat_only else leftover_temporaries(root / TMP_DIR)
     try:
         with os.scandir(root / TMP_DIR) as entries:
             for entry in entries:
+                if entry.name.endswith((LOCK_SUFFIX, ".claim")):
+                    continue  # owners' locks (spool.py)
                 try:
                     if entry.is_file(follow_symlinks=False) \
                             and clock - entry.stat(follow_symlinks=False).st_mtime >= min_age:

@@ -131,6 +131,7 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], quiet: bool) -> None:
                         break
                 else:
                     tally[result.outcome.value] += 1
+        store.close()
     for line in problems:
         click.echo(line, err=True)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(tally.items())) or "nothing to do"

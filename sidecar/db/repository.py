@@ -48,6 +48,18 @@ class CatalogueUnavailable(CatalogueError):
     """The catalogue cannot be read or written now (connection, lock, missing table)."""
 
 
+class CatalogueFull(CatalogueError):
+    """The database is out of space (SQLite SQLITE_FULL, PostgreSQL class 53)."""
+
+
+def _is_full(exc: SQLAlchemyError) -> bool:
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return True
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return isinstance(state, str) and state.startswith("53")  # insufficient resources
+
+
 class RowRefused(CatalogueError):
     """The database refused a row (a constraint: usually the same UID recorded concurrently).
 
@@ -273,6 +285,8 @@ class Repository:
             raise RowRefused(str(exc.orig), exc.__class__.__name__) from exc
         except SQLAlchemyError as exc:
             name = exc.__class__.__name__
+            if _is_full(exc):
+                raise CatalogueFull(f"database full: {getattr(exc, 'orig', exc)}", name) from exc
             raise CatalogueError(f"database commit failed: {name}", name) from exc
 
     def replace_instance(self, pk: int, meta: InstanceMeta, stored: StoredFile) -> None:

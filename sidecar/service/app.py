@@ -171,8 +171,9 @@ class Sidecar:
             jobs.report_tls_certificate(self.tls_certificate, at_start=at_start)
 
     def clear_temporaries(self) -> int:
-        """Remove the storage's stale temporary files (:func:`jobs.clear_temporaries`)."""
-        return jobs.clear_temporaries(self.store.root)
+        """Tidy what interrupted stores left (:meth:`InstanceStore.tidy`); how many files."""
+        report = self.store.tidy()
+        return report.temporaries + report.orphans
 
     def mark_stable(self) -> int:
         """Mark studies quiet for ``stability.stable_age`` seconds as stable."""
@@ -283,6 +284,7 @@ class Sidecar:
             self.pool.stop()
         if self.node is not None:
             self.node.stop()
+        self.store.close()
         if self.query_server is not None:
             self.query_server.close()
             self.query_server = None

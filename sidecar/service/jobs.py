@@ -5,18 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from sidecar.archive.store import STALE_TEMPORARY_AGE, remove_temporaries, stale_temporaries
 from sidecar.config import Config
 from sidecar.db.repository import Repository
 from sidecar.dicom.tls import NodeCertificate
 
 logger = logging.getLogger(__name__)
+
+TIDY_INTERVAL_S = 300.0
+"""Seconds between two tidies of interrupted stores' leftovers (InstanceStore.tidy)."""
 
 
 def report_tls_certificate(cert: NodeCertificate, *, at_start: bool = False) -> None:
@@ -31,19 +32,6 @@ def report_tls_certificate(cert: NodeCertificate, *, at_start: bool = False) -> 
                        cert.describe())
     elif at_start:
         logger.info("DICOM TLS certificate %s", cert.describe())
-
-
-def clear_temporaries(root: Path) -> int:
-    """Remove the storage's temporary files older than :data:`STALE_TEMPORARY_AGE`.
-
-    They were left by a store that stopped between writing and linking (its
-    sender got no Success and sends again). Files without a catalogue row in
-    the storage itself are only found by ``sidecar verify``, which walks it all.
-    """
-    removed = remove_temporaries(root, stale_temporaries(root, STALE_TEMPORARY_AGE))
-    if removed:
-        logger.info("removed %d temporary file(s) left by an interrupted store", removed)
-    return removed
 
 
 def mark_stable(repository: Repository, stable_age: float) -> int:
@@ -85,8 +73,9 @@ def scheduler(
     """
     sched = BackgroundScheduler(timezone="UTC")
     once: dict[str, Any] = {"max_instances": 1, "coalesce": True}
-    # At start, then hourly: temporary files a crash left behind (never acknowledged).
-    sched.add_job(clear_temporaries, "interval", seconds=STALE_TEMPORARY_AGE,
+    # At start, then every 5 minutes: what interrupted stores left (a receiver process
+    # that died and was restarted leaves its temporaries; the tidy is a listdir).
+    sched.add_job(clear_temporaries, "interval", seconds=TIDY_INTERVAL_S,
                   id="clear_temporaries", next_run_time=dt.datetime.now(dt.UTC), **once)
     if report_tls_certificate is not None:
         # Daily: the certificate in use, until it is renewed and the service restarted.

@@ -57,8 +57,9 @@ def _receiver_main(
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
     engine, repo = open_catalogue(config, migrate=False)
     client = QueryClient(*query_endpoint) if query_endpoint is not None else None
+    store = InstanceStore(config, repo)
     node = DicomNode(
-        config, InstanceStore(config, repo), reuse_port=True, max_associations=share,
+        config, store, reuse_port=True, max_associations=share,
         similarity=SimilarityFind(
             client, engine, config.query,
             retrieve_ae_title=config.dicom.effective_retrieve_ae_title,
@@ -76,6 +77,7 @@ def _receiver_main(
             pass
     finally:
         node.stop()
+        store.close()
         engine.dispose()
 
 
