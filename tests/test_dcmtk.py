@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from sidecar.db.models import Instance
 from sidecar.service.app import Sidecar
-from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct, part10
+from tests.conftest import STORESCU_PROPOSE, dcmtk_env, dcmtk_tool, make_ct, part10, storage_files
 
 pytestmark = pytest.mark.dcmtk
 
@@ -56,7 +56,7 @@ def instance_rows(app: Sidecar) -> dict[str, dict[str, Any]]:
 
 
 def stored_files(app: Sidecar) -> list[Path]:
-    return sorted(p for p in app.store.root.rglob("*") if p.is_file())
+    return storage_files(app.store.root)
 
 
 def test_echoscu(running: Sidecar) -> None:

@@ -82,12 +82,10 @@ def test_success_is_sent_only_after_file_directory_and_row_are_durable(
         before = rec.events[start:end]
         series = storage / ds.StudyInstanceUID / ds.SeriesInstanceUID
 
-        def first(pred: Any, events: list[tuple[str, str]] = before) -> int:
-            return next(i for i, e in enumerate(events) if pred(e))
-
-        i_file = first(lambda e: e[0] == "fsync" and e[1].endswith(".part")
-                       and ds.SOPInstanceUID in Path(e[1]).name)
-        i_dir = first(lambda e: e == ("fsync", str(series)))
+        sop, series_dir = str(ds.SOPInstanceUID), str(series)
+        i_file = next(i for i, e in enumerate(before) if e[0] == "fsync"
+                      and e[1].endswith(".part") and sop in Path(e[1]).name)
+        i_dir = next(i for i, e in enumerate(before) if e == ("fsync", series_dir))
         i_commit = max(i for i, e in enumerate(before) if e[0] == "commit")
         assert i_file < i_dir < i_commit, before
         start = end + 1

@@ -144,7 +144,7 @@ def test_three_channel_model_takes_rgb_and_replicated_grey(
 
 
 def test_slicenet_weights_give_their_channels(tmp_path: Path) -> None:
-    assert TorchEmbedder.from_config(EmbeddingConfig()).channels == 1
+    assert TorchEmbedder.from_config(EmbeddingConfig()).channels == 3  # the shipped model v2
     # SliceNetV1 weights with in_channels 3 (as adapted weights are loaded) take RGB
     net = _net(channels=3)
     pt = tmp_path / "rgb.pt"
@@ -469,7 +469,7 @@ def test_cli_export_onnx_writes_the_loaded_model(
     assert res.exit_code == 0, res.output
     builtin = TorchEmbedder.from_config(EmbeddingConfig())
     onnx_embedder = load_embedder(EmbeddingConfig(model_path=out))
-    assert f"model id {onnx_embedder.model_id}, input 1 x 128 x 128, dim 128" in res.stdout
+    assert f"model id {onnx_embedder.model_id}, input 3 x 128 x 128, dim 128" in res.stdout
     assert f"(model id {builtin.model_id})" in res.stdout
     assert onnx_embedder.model_id == _hash16(out) != builtin.model_id
     batch = _pixels(6, 128, 128, seed=8)

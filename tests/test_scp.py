@@ -46,6 +46,7 @@ from tests.conftest import (
     c_find,
     file_meta,
     make_ct,
+    storage_files,
     wait_for,
 )
 
@@ -142,9 +143,7 @@ def status_of(rsp: Dataset) -> int:
 
 
 def files_under(root: Path) -> list[Path]:
-    """Every file below ``root`` but a live store's lock (``.tmp/<owner>.lock``)."""
-    return sorted(p for p in root.rglob("*") if p.is_file()
-                  and not (p.parent.name == ".tmp" and p.suffix == ".lock"))
+    return storage_files(root)
 
 
 def rows(app: Sidecar) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10
+from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10, storage_files
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -121,9 +121,7 @@ class Env:
             return list(s.scalars(select(Study)).all())
 
     def stored_files(self) -> list[Path]:
-        """Every file under storage but the live store's lock (``.tmp/<owner>.lock``)."""
-        return [p for p in files_under(self.storage)
-                if not (p.parent == self.storage / ".tmp" and p.suffix == ".lock")]
+        return storage_files(self.storage)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from torch import nn
 
 WEIGHTS_DIR: Final = Path(__file__).resolve().parent / "weights"
 """Directory of the shipped weights (package data)."""
-BUILTIN_WEIGHTS: Final = "slicenet-v1-ssl-seed0-98602748.pt"
+BUILTIN_WEIGHTS: Final = "slicenet-v2-distil-seed0-56f97977.pt"
 """File name of the built-in weights in :data:`WEIGHTS_DIR`."""
 WEIGHTS_FORMAT: Final = 1
 """Version of the weights JSON layout."""
