@@ -10,8 +10,10 @@ audited (Instances Accessed, Delete) in the standard's schema.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from tests.conftest import (
     dcmtk_env,
     dcmtk_tool,
     file_meta,
+    free_port,
     make_ct,
     wait_for,
 )
@@ -191,6 +194,15 @@ def similar_images(app: Sidecar, reference_sop: str) -> set[str]:
     return {str(v) for v in res.values("SOPInstanceUID")}
 
 
+def http_similar(app: Sidecar, reference_sop: str) -> set[str]:
+    """The instances ``GET /v1/similar`` at image level (top 20) returns (loopback, no token)."""
+    url = (f"http://127.0.0.1:{app.config.http.port}/v1/similar?instance={reference_sop}"
+           "&level=image&k=20")
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        body = json.loads(resp.read())
+    return {str(h["sop_instance_uid"]) for h in body["hits"]}
+
+
 def count(app: Sidecar, model: type, *where: object) -> int:
     with Session(app.engine) as s:
         return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)  # type: ignore[arg-type]
@@ -212,7 +224,7 @@ def test_quality_rejection_hides_from_every_find_and_is_audited(
     config_factory: Callable[..., Config], tmp_path: Path, schema: etree.RelaxNG,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    app = Sidecar(config_factory(LIVE))
+    app = Sidecar(config_factory({**LIVE, "http": {"enabled": True, "port": free_port()}}))
     app.start()
     try:
         reference = make_ct(patient_id=OTHER, seed=10)  # another patient's: similar images
@@ -225,6 +237,7 @@ def test_quality_rejection_hides_from_every_find_and_is_audited(
         study_uid = kept[0].StudyInstanceUID
         assert found_images(app, study_uid) == bad | good
         assert bad <= similar_images(app, reference.SOPInstanceUID)
+        assert bad <= http_similar(app, reference.SOPInstanceUID)
         hidden_files = [app.store.root / p for p in _paths(app, bad)]
 
         note = rejection_note(codes.DCM.RejectedForQualityReasons, rejected)
@@ -235,6 +248,8 @@ def test_quality_rejection_hides_from_every_find_and_is_audited(
         assert found_images(app, study_uid) == good | {note.SOPInstanceUID}
         similar = similar_images(app, reference.SOPInstanceUID)
         assert not similar & bad and good <= similar
+        over_http = http_similar(app, reference.SOPInstanceUID)
+        assert not over_http & bad and good <= over_http
         # hide: rows and vectors gone, files moved aside (not deleted)
         assert count(app, Instance, Instance.sop_instance_uid.in_(bad)) == 0
         assert count(app, SliceVector) == 3
