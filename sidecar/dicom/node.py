@@ -478,6 +478,7 @@ class DicomNode:
             return _status(_INVALID_STATUS.get(exc.kind, Status.CANNOT_UNDERSTAND), str(exc))
         except RejectedInstance as exc:
             st.refused += 1
+            st.not_kept(event)
             logger.info("store from %s refused: %s", origin.ae_title, exc)
             return _status(Status.SUBSEQUENT_OCCURRENCE_OF_REJECTED, "rejected by IOCM note")
         except StorageFailure as exc:
