@@ -763,6 +763,43 @@ class AuditConfig(_Section):
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
 
+IocmAction = Literal["hide", "delete", "ignore"]
+
+
+class IocmActionsConfig(_Section):
+    """What a rejection note does to the instances it names, per document title."""
+
+    quality: IocmAction = Field(
+        "hide",
+        description="(113001, DCM, \"Rejected for Quality Reasons\"). hide: rows and vectors "
+        "removed, file moved to quarantine/rejected/ (recoverable by an administrator); "
+        "delete: file removed too; ignore: the note is stored and nothing else happens.",
+    )
+    patient_safety: IocmAction = Field(
+        "hide", description="(113037, DCM, \"Rejected for Patient Safety Reasons\")."
+    )
+    incorrect_worklist: IocmAction = Field(
+        "hide", description="(113038, DCM, \"Incorrect Modality Worklist Entry\")."
+    )
+    retention_expired: IocmAction = Field(
+        "delete", description="(113039, DCM, \"Data Retention Policy Expired\")."
+    )
+
+
+class IocmConfig(_Section):
+    """IOCM rejection notes (Key Object Selection documents) received from the PACS."""
+
+    actions: IocmActionsConfig = Field(
+        default_factory=IocmActionsConfig  # type: ignore[arg-type]
+    )
+    refuse_rejected: bool = Field(
+        True,
+        description="Refuse (status 0xA770) an instance whose SOP Instance UID a rejection "
+        "note named (hide or delete), whenever it arrives, so that it never returns to a "
+        "search. false: store it again (it is searchable again).",
+    )
+
+
 class LoggingConfig(_Section):
     """Logging of the service."""
 
@@ -821,6 +858,7 @@ class Config(_Section):
     query: QueryConfig = Field(default_factory=QueryConfig)  # type: ignore[arg-type]
     http: HttpConfig = Field(default_factory=HttpConfig)  # type: ignore[arg-type]
     audit: AuditConfig = Field(default_factory=AuditConfig)  # type: ignore[arg-type]
+    iocm: IocmConfig = Field(default_factory=IocmConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
     ui: UiConfig = Field(default_factory=UiConfig)  # type: ignore[arg-type]
 

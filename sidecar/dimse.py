@@ -27,6 +27,9 @@ class Status(IntEnum):
     # General failures (PS3.7 C)
     PROCESSING_FAILURE = 0x0110
     INVALID_SOP_INSTANCE = 0x0117
+    # Failure, refused: the instance was rejected by an IOCM rejection note (the code
+    # dcm4chee answers, "Subsequent occurrence of rejected object")
+    SUBSEQUENT_OCCURRENCE_OF_REJECTED = 0xA770
     # Refused: not authorised (PS3.7 C.5): the peer lacks the permission (allowed_peers)
     NOT_AUTHORIZED = 0x0124
 

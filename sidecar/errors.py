@@ -60,6 +60,10 @@ class StorageFailure(StoreError):
     """Writing the file or committing its row failed; nothing was kept."""
 
 
+class RejectedInstance(StoreError):
+    """The instance was rejected by an IOCM rejection note and is not stored again."""
+
+
 class QueryError(SidecarError):
     """A query (C-FIND, search) that cannot be answered; the message is for the requester.
 

@@ -276,6 +276,10 @@ def test_every_kind_of_message_validates_against_the_standard_schema(
     a.http_query("reader", "10.0.0.8", {"study": "1.2.3", "k": 5}, results=5)
     a.study_deleted("admin", "1.2.3", "PID-1", "", [SopClassCount(CT_IMAGE_STORAGE, 3)],
                     reason="sidecar delete-study")
+    a.instances_deleted("PACS", "10.0.0.5", "1.2.3", "PID-1", "",
+                        [SopClassCount(CT_IMAGE_STORAGE, 1, ("1.2.3.4.5",))],
+                        reason="IOCM rejection note 1.2.9: Rejected for Quality Reasons (hide)",
+                        permanent=False)
     a.authentication_failure("", "10.0.0.8", "bearer token not recognised")
     a.access_refused("reader", "10.0.0.8", "POST /v1/admin")
     got = kinds(schema, sent)
@@ -283,7 +287,7 @@ def test_every_kind_of_message_validates_against_the_standard_schema(
         ("110100", ("110120",)), ("110100", ("110121",)),
         ("110113", ("110126",)), ("110113", ("110126",)), ("110113", ("110132",)),
         ("110104", ()), ("110104", ()), ("110112", ()), ("110112", ()), ("110105", ()),
-        ("110114", ("110122",)), ("110113", ("110132",)),
+        ("110103", ()), ("110114", ("110122",)), ("110113", ("110132",)),
     ]
     stored = etree.fromstring(sent[5])
     assert stored.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # type: ignore[union-attr]

@@ -16,11 +16,12 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
+from sidecar.archive.iocm import RejectionNote, RejectionOutcome, Rejector, rejection_note
 from sidecar.archive.layout import catalogue_path, instance_name, series_dir, stored_path
 from sidecar.archive.parse import extract_meta, is_valid_uid, read_header
 from sidecar.archive.spool import (
@@ -31,6 +32,7 @@ from sidecar.archive.spool import (
     tidy_dead_owners,
 )
 from sidecar.config import Config
+from sidecar.db.rejections import Rejections
 from sidecar.db.repository import (
     CatalogueError,
     CatalogueFull,
@@ -41,7 +43,7 @@ from sidecar.db.repository import (
     RowRefused,
     StoredFile,
 )
-from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
+from sidecar.errors import InvalidDataset, OutOfResources, RejectedInstance, StorageFailure
 from sidecar.files import fsync_dir, unlink_quietly, write_durably, write_new
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class StoreResult:
     path: Path
     patient_id: str = ""
     issuer_of_patient_id: str = ""
+    rejection: RejectionOutcome | None = None  # the instance was an IOCM rejection note
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class InstanceStore:
         self._fsync = config.storage.fsync
         self._policy = config.dicom.duplicate_policy
         self._repo = repository
+        self._rejector = Rejector(config.iocm, Rejections(repository.engine), self._root,
+                                  self._quarantine)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
@@ -215,9 +220,13 @@ class InstanceStore:
         OutOfResources
             Free disk is below the watermark (nothing is written).
         InvalidDataset
-            The dataset is unparseable or inconsistent; it was quarantined.
+            The dataset is unparseable or inconsistent (a malformed rejection
+            note too); it was quarantined.
+        RejectedInstance
+            A rejection note named it (``iocm.refuse_rejected``); nothing is kept.
         StorageFailure
-            Writing or committing failed; nothing was kept.
+            Writing or committing failed; nothing was kept. For a rejection
+            note: stored, but applying it failed (a resend applies it again).
         """
         self.check_free_space()
         try:
@@ -232,24 +241,43 @@ class InstanceStore:
                 expected_sop_class_uid=expected_sop_class_uid,
                 expected_sop_instance_uid=expected_sop_instance_uid,
             )
+            note = rejection_note(ds)
         except InvalidDataset as exc:
             self.quarantine(data, str(exc), origin)
             raise
+        try:
+            if self._rejector.refuses(meta.sop_instance_uid):
+                raise RejectedInstance(
+                    f"instance {meta.sop_instance_uid} was rejected (IOCM rejection note)")
+        except CatalogueError as exc:
+            raise StorageFailure(str(exc)) from exc
         digest = hashlib.sha256(data).hexdigest()
         with self._lock_for(meta.sop_instance_uid):
             try:
                 try:
-                    return self._store_locked(data, digest, meta, origin)
+                    result = self._store_locked(data, digest, meta, origin)
                 except _LostRace:
                     # Another process recorded the same SOP Instance UID between
                     # our duplicate check and our commit: decide again, now as a
                     # duplicate (our file was removed).
-                    return self._store_locked(data, digest, meta, origin)
+                    result = self._store_locked(data, digest, meta, origin)
             except _LostRace as exc:
                 raise StorageFailure("concurrent store of the same SOP Instance UID") from exc
             except InvalidDataset as exc:
                 self.quarantine(data, str(exc), origin)
                 raise
+        return result if note is None else self._apply(note, result)
+
+    def _apply(self, note: RejectionNote, result: StoreResult) -> StoreResult:
+        """Apply a stored rejection note (again, for a duplicate: it is idempotent)."""
+        try:
+            outcome = self._rejector.apply(note)
+        except Exception as exc:
+            cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
+            logger.error("rejection note %s stored but not applied: %s",
+                         note.sop_instance_uid, cause)
+            raise StorageFailure(f"rejection note stored, not applied: {cause}") from exc
+        return replace(result, rejection=outcome)
 
     def quarantine(self, data: bytes, reason: str, origin: Origin) -> Path | None:
         """Keep a refused dataset for the administrator, with a note of why.

@@ -23,6 +23,7 @@ from sidecar.audit.messages import (
     APPLICATION_STOP,
     DESTINATION,
     HTTP_SEARCH,
+    INSTANCES_ACCESSED,
     INSTANCES_TRANSFERRED,
     LOGIN,
     NODE_AUTHENTICATION,
@@ -184,6 +185,20 @@ class Auditor:
             Participant(user or "(unknown)", True, None),
             self.source.application(role=APPLICATION),
         ), (ParticipantObject.study(study_uid, sop_classes, life_cycle="14"),
+            ParticipantObject.patient(patient_id, issuer))))
+
+    def instances_deleted(self, calling: str, host: str, study_uid: str, patient_id: str,
+                          issuer: str, sop_classes: Sequence[SopClassCount], *,
+                          reason: str, permanent: bool) -> None:
+        """DICOM Instances Accessed (110103, Delete): instances of one study rejected by an
+        IOCM rejection note from ``calling``; ``permanent``: files erased (data life
+        cycle 15), else hidden (14, logical deletion). The SOPClass elements list the
+        SOP Instance UIDs."""
+        self._emit(Event(INSTANCES_ACCESSED, "D", Outcome.SUCCESS, (), reason, (
+            self._peer(calling, host, None),
+            self.source.application(role=APPLICATION),
+        ), (ParticipantObject.study(study_uid, sop_classes,
+                                    life_cycle="15" if permanent else "14"),
             ParticipantObject.patient(patient_id, issuer))))
 
     # ------------------------------------------------------- queries

@@ -39,6 +39,7 @@ class Code:
 
 # Event IDs (PS3.16 CID 400) and event type codes (CID 401, 403)
 APPLICATION_ACTIVITY = Code("110100", "Application Activity")
+INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 STUDY_DELETED = Code("110105", "DICOM Study Deleted")
 QUERY = Code("110112", "Query")

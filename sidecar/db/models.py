@@ -227,6 +227,25 @@ class ApiToken(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
+class RejectedInstance(Base):
+    """An instance rejected by an IOCM rejection note (a KOS; sidecar.archive.iocm).
+
+    Kept whether or not the instance was ever received, so that it is not
+    stored again when the PACS (or anyone) sends it later.
+    """
+
+    __tablename__ = "rejected_instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="", index=True)
+    reason: Mapped[str] = mapped_column(String(16))  # the document title's code value
+    action: Mapped[str] = mapped_column(String(16))  # hide or delete
+    note_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    rejected_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+
+
 # Core tables of the models, for the modules whose hot paths use SQLAlchemy Core
 # statements (no ORM unit of work): one typed name per table, defined once.
 PATIENT: Table = Patient.__table__  # type: ignore[assignment]
@@ -238,3 +257,4 @@ SERIES_VECTOR: Table = SeriesVector.__table__  # type: ignore[assignment]
 STUDY_VECTOR: Table = StudyVector.__table__  # type: ignore[assignment]
 SETTING: Table = Setting.__table__  # type: ignore[assignment]
 API_TOKEN: Table = ApiToken.__table__  # type: ignore[assignment]
+REJECTED_INSTANCE: Table = RejectedInstance.__table__  # type: ignore[assignment]

@@ -29,6 +29,7 @@ from pynetdicom import _config as pnd_config
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from sidecar.archive.iocm import audit_rejection
 from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.audit import setup as audit_setup
 from sidecar.audit.events import Auditor
@@ -53,6 +54,7 @@ from sidecar.errors import (
     InvalidQuery,
     OutOfResources,
     QueryError,
+    RejectedInstance,
     SearchError,
     StorageFailure,
 )
@@ -434,6 +436,7 @@ class DicomNode:
             * ``0x0110`` Processing failure (write or database commit failed)
             * ``0x0124`` Refused: not authorised (the peer lacks the ``store``
               permission, or ``example`` for an example image)
+            * ``0xA770`` Refused: an IOCM rejection note rejected the instance
             * ``0xC211`` Unexpected error in the handler
         """
         assoc = event.assoc
@@ -473,6 +476,11 @@ class DicomNode:
             st.refused += 1
             st.not_kept(event)
             return _status(_INVALID_STATUS.get(exc.kind, Status.CANNOT_UNDERSTAND), str(exc))
+        except RejectedInstance as exc:
+            st.refused += 1
+            st.not_kept(event)
+            logger.info("store from %s refused: %s", origin.ae_title, exc)
+            return _status(Status.SUBSEQUENT_OCCURRENCE_OF_REJECTED, "rejected by IOCM note")
         except StorageFailure as exc:
             st.failed += 1
             st.not_kept(event)
@@ -489,6 +497,8 @@ class DicomNode:
             st.stored += 1
         st.received(result.study_instance_uid, str(request.AffectedSOPClassUID),
                     result.patient_id, result.issuer_of_patient_id)
+        if result.rejection is not None:
+            audit_rejection(self._audit, origin.ae_title, origin.host, result.rejection)
         return _status(Status.SUCCESS)
 
     def _store_example(self, event: evt.Event) -> Dataset:
