@@ -17,14 +17,14 @@ SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 
 
 def test_kill9_cycles_lose_nothing_and_leave_nothing(tmp_path: Path) -> None:
-    rep = kill9.run(tmp_path, cycles=3, per_cycle=30, seed=1, log=None)
+    rep = kill9.run(tmp_path, cycles=2, per_cycle=30, seed=1, log=None)
     assert rep.ok, "\n".join(rep.lines())
     assert rep.acknowledged > 0 and rep.temporaries_after_restart == 0 and rep.orphans == 0
 
 
 def test_malformed_inputs_are_all_answered_and_harm_nothing(tmp_path: Path) -> None:
     extra = sorted(SHARED_DICOM.rglob("*.dcm"))[:40] if SHARED_DICOM.is_dir() else []
-    rep = fuzz.run(tmp_path, inputs=200, seed=1, extra_seeds=extra, log=None)
+    rep = fuzz.run(tmp_path, inputs=150, seed=1, extra_seeds=extra, log=None)
     assert rep.ok, "\n".join(rep.lines())
 
 
