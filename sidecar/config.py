@@ -498,6 +498,36 @@ class AdaptationConfig(_Section):
         return text
 
 
+class VolumeConfig(_Section):
+    """Series searched as volumes: one vector per series built from its 3-D volume."""
+
+    enabled: bool = Field(
+        True,
+        description="Build a volume vector for every series of one orientation with at least "
+        "min_slices slices (and for multi-frame volumes); series and study queries then rank "
+        "by them. Off: series and study queries rank by slice vectors only.",
+    )
+    min_slices: int = Field(
+        16, ge=3, le=4096,
+        description="Fewest slices (instances or frames) a series needs to be built as a volume.",
+    )
+    grid_voxels: int = Field(
+        64, ge=16, le=256,
+        description="The volume is resampled to isotropic voxels, the longest side of the "
+        "series' extent spanning this many (so the spacing is extent / grid_voxels mm).",
+    )
+    max_gap_ratio: float = Field(
+        3.0, gt=1.0,
+        description="A gap between adjacent slices longer than this many times the median "
+        "spacing refuses the volume (missing slices).",
+    )
+    max_tilt_degrees: float = Field(
+        45.0, ge=0.0, lt=90.0,
+        description="Largest angle between the slice normal and the stacking direction "
+        "(gantry tilt) that is resampled; a larger one refuses the volume.",
+    )
+
+
 class QueryConfig(_Section):
     """Similarity queries: result sizes, query by example and the audit log."""
 
@@ -852,6 +882,7 @@ class Config(_Section):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)  # type: ignore[arg-type]
     index: IndexConfig = Field(default_factory=IndexConfig)  # type: ignore[arg-type]
     worker: WorkerConfig = Field(default_factory=WorkerConfig)  # type: ignore[arg-type]
+    volumes: VolumeConfig = Field(default_factory=VolumeConfig)  # type: ignore[arg-type]
     adaptation: AdaptationConfig = Field(
         default_factory=AdaptationConfig  # type: ignore[arg-type]
     )

@@ -20,6 +20,7 @@ from sidecar.config import Config
 from sidecar.db.connect import catalogue
 from sidecar.db.repository import StudySummary
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.db.volumes import VolumeRepository
 from sidecar.embeddings.service import index_in_use
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 from sidecar.files import walk_files
@@ -39,6 +40,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         vectors = vrepo.count_vectors()
         active_model = vrepo.get_setting(ACTIVE_MODEL_KEY)
         retrying, given_up = vrepo.failed_breakdown(cfg.worker.max_attempts)
+        volumes = VolumeRepository(engine).summary(active_model or "")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(cfg.data_dir)
     quarantine = quarantine_usage(cfg.quarantine_dir)
@@ -54,6 +56,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "failed_given_up": given_up,
         "active_model_id": active_model,
         "vectors_by_model": vectors,
+        "volumes": {"built": volumes.built, "slice_wise_only": volumes.refused,
+                    "reasons": [{"reason": r, "series": n} for r, n in volumes.reasons]},
         "quarantine_datasets": quarantine.datasets,
         "quarantine_bytes": quarantine.bytes,
         "quarantine_max_bytes": cfg.storage.quarantine_max_mb * 2**20,
@@ -85,6 +89,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"active model: {active_model or '(none yet)'}")
     for model_id, count in sorted(vectors.items()):
         click.echo(f"  vectors of model {model_id}: {count}")
+    click.echo(f"series volumes: {volumes.built} built, {volumes.refused} slice-wise only"
+               + (":" if volumes.reasons else ""))
+    for reason, count in volumes.reasons:
+        click.echo(f"  {count:>5} {reason}")
 
 
 @click.command()

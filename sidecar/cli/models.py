@@ -56,7 +56,7 @@ def _run_worker(emb: Any, repo: Any, cfg: Config, quiet: bool) -> Any:
         while True:
             stats = emb.run_job(progress=bar.update)
             total.merge(stats)
-            if stats.series == 0:
+            if stats.idle:
                 break
     return total
 
@@ -77,6 +77,8 @@ def embed(ctx: click.Context, quiet: bool) -> None:
     click.echo(
         f"embed: {total.slices_embedded} slices from {total.instances_embedded} instances "
         f"in {total.series} series, {total.instances_failed} failed, {total.seconds:.1f} s"
+        + (f"; volumes: {total.volumes.built} series built, {total.volumes.refused} "
+           "slice-wise only" if total.volumes is not None and total.volumes.series else "")
     )
 
 

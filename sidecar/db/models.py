@@ -246,6 +246,33 @@ class RejectedInstance(Base):
     rejected_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
 
 
+class VolumeVector(Base):
+    """A series embedded as one volume under one model (sidecar.embeddings.volume).
+
+    ``vector`` is ``None`` when the series cannot be built as a volume; ``reason``
+    then says why (it is embedded slice-wise only). The primary key is the label
+    of the vector in the volume index; like slice vector keys, never reused.
+    """
+
+    __tablename__ = "volume_vector"
+    __table_args__ = (
+        UniqueConstraint("series_pk", "model_id"),
+        Index("ix_volume_vector_model_study", "model_id", "study_pk"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    model_id: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(64))
+    slices: Mapped[int] = mapped_column(Integer, default=0)
+    spacing_mm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+
+
 # Core tables of the models, for the modules whose hot paths use SQLAlchemy Core
 # statements (no ORM unit of work): one typed name per table, defined once.
 PATIENT: Table = Patient.__table__  # type: ignore[assignment]
@@ -258,3 +285,4 @@ STUDY_VECTOR: Table = StudyVector.__table__  # type: ignore[assignment]
 SETTING: Table = Setting.__table__  # type: ignore[assignment]
 API_TOKEN: Table = ApiToken.__table__  # type: ignore[assignment]
 REJECTED_INSTANCE: Table = RejectedInstance.__table__  # type: ignore[assignment]
+VOLUME_VECTOR: Table = VolumeVector.__table__  # type: ignore[assignment]

@@ -36,6 +36,7 @@ from sidecar.db.models import SETTING as _SETTING
 from sidecar.db.models import SLICE_VECTOR as _SLICE
 from sidecar.db.models import STUDY as _STUDY
 from sidecar.db.models import STUDY_VECTOR as _STUDY_VEC
+from sidecar.db.models import VOLUME_VECTOR as _VOLUME_VEC
 from sidecar.db.models import (
     InstanceState,
 )
@@ -346,6 +347,7 @@ class VectorRepository:
             conn.execute(delete(_SLICE).where(_SLICE.c.model_id == model_id))
             conn.execute(delete(_SERIES_VEC).where(_SERIES_VEC.c.model_id == model_id))
             conn.execute(delete(_STUDY_VEC).where(_STUDY_VEC.c.model_id == model_id))
+            conn.execute(delete(_VOLUME_VEC).where(_VOLUME_VEC.c.model_id == model_id))
             return int(
                 conn.execute(
                     update(_INSTANCE)

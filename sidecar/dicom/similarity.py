@@ -82,10 +82,13 @@ PRIVATE_TAGS: Final[tuple[PrivateTag, ...]] = (
     PrivateTag(0x13, "UI", "SidecarBestSeriesInstanceUID", "Best Matching Series Instance UID",
                "response"),
     PrivateTag(0x14, "LO", "SidecarModelID", "Model ID", "response"),
+    PrivateTag(0x15, "FD", "SidecarCalibratedScore", "Calibrated Score", "response"),
+    PrivateTag(0x16, "CS", "SidecarRankedBy", "Ranked By", "response"),
 )
 _BY_OFFSET = {t.offset: t for t in PRIVATE_TAGS}
 REF_SOP, REF_STUDY, REF_SERIES, TOP_K, SAME_PATIENT = 0x01, 0x02, 0x03, 0x04, 0x05
 SCORE, RANK, BEST_SOP, BEST_SERIES, MODEL_ID = 0x10, 0x11, 0x12, 0x13, 0x14
+CALIBRATED, RANKED_BY = 0x15, 0x16
 #: Standard keys that become search filters (applied before ranking).
 _FILTER_KEYWORDS: Final = ("Modality", "ModalitiesInStudy", "StudyDate", "BodyPartExamined")
 #: Keys filled from the hit itself (the best-matching series) rather than the catalogue row.
@@ -422,6 +425,9 @@ class SimilarityFind:
             block.add_new(BEST_SOP, "UI", hit.sop_instance_uid)
             block.add_new(BEST_SERIES, "UI", hit.series_instance_uid)
             block.add_new(MODEL_ID, "LO", result.model_id)
+            if hit.calibrated_score is not None:
+                block.add_new(CALIBRATED, "FD", float(hit.calibrated_score))
+            block.add_new(RANKED_BY, "CS", hit.ranked_by.upper())
             yield ds
 
 

@@ -300,6 +300,40 @@ def frame_positions(ds: Dataset, n_frames: int) -> list[float | None]:
     return [base + o for o in offsets]
 
 
+def frame_geometry(
+    ds: Dataset, n_frames: int
+) -> list[tuple[tuple[float, ...], tuple[float, ...]] | None]:
+    """(ImagePositionPatient, ImageOrientationPatient) of every frame, ``None`` where unknown.
+
+    Per-frame and shared functional groups first (Enhanced objects), then the
+    top-level attributes; a single-frame object's own position. Frames of a
+    legacy multi-frame object without per-frame geometry are ``None``.
+    """
+    top_iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    top_ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        out: list[tuple[tuple[float, ...], tuple[float, ...]] | None] = []
+        for f in range(n_frames):
+            pos_item = _group_item(ds, f, "PlanePositionSequence")
+            ori_item = _group_item(ds, f, "PlaneOrientationSequence")
+            ipp = None if pos_item is None else _floats(pos_item.get("ImagePositionPatient"), 3)
+            iop = None if ori_item is None else _floats(ori_item.get("ImageOrientationPatient"), 6)
+            iop = iop or top_iop
+            out.append(None if ipp is None or iop is None or _normal(iop) is None
+                       else (ipp, iop))
+        return out
+    if top_iop is None or top_ipp is None or _normal(top_iop) is None:
+        return [None] * n_frames
+    if n_frames == 1:
+        return [(top_ipp, top_iop)]
+    return [None] * n_frames
+
+
+def pixel_spacing(ds: Dataset, frame: int = 0) -> tuple[float, float] | None:
+    """``(row, column)`` spacing in mm of ``frame`` (functional groups first), or ``None``."""
+    return _spacing(ds, frame)
+
+
 def instance_number(ds: Dataset) -> int:
     try:
         return int(ds.get("InstanceNumber") or 0)

@@ -401,6 +401,12 @@ class VectorIndex:
         logger.debug("hnsw search could not return %d results; exact search instead", k_eff)
         return self._exact_locked(queries, k_eff, None)
 
+    def get(self, labels: Iterable[int]) -> FloatArray:
+        """The stored unit vectors of live ``labels``, in that order, ``(n, dim)``."""
+        with self._lock.read():
+            items = self._raw.get_items([int(x) for x in labels])
+        return np.asarray(items, dtype=np.float32).reshape(-1, self._dim)
+
     def exact_search(
         self, vectors: npt.ArrayLike, k: int, allowed: Iterable[int] | None = None
     ) -> tuple[LabelArray, FloatArray]:

@@ -9,6 +9,7 @@ docs/design/embeddings.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,46 @@ def window(
         np.subtract(np.float32(1.0), out, out=out)
     if padding is not None:
         out[padding] = 0.0
+    return out
+
+
+def window_stack(
+    frames: Sequence[NDArray[Any]],
+    metas: Sequence[FrameMeta],
+    cfg: PreprocessConfig,
+    paddings: Sequence[NDArray[np.bool_] | None] | None = None,
+) -> list[F32]:
+    """Window the slices of one volume alike: :func:`window`, but one percentile window.
+
+    When :func:`window` would scale each slice by its own percentiles (no file
+    window, no preset), a volume would change brightness from slice to slice;
+    here the percentiles are taken over all the slices together.
+    """
+    pads = list(paddings) if paddings is not None else [None] * len(frames)
+    if not frames or not window_rule(metas[0], cfg).startswith("percentiles"):
+        return [window(f, m, cfg, p) for f, m, p in zip(frames, metas, pads, strict=True)]
+    parts = []
+    for f, p in zip(frames, pads, strict=True):
+        step = 2 if f.size > _PERCENTILE_FULL_PIXELS else 1
+        sub = f[::step, ::step]
+        parts.append(sub[~p[::step, ::step]] if p is not None else sub.ravel())
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    lo = hi = 0.0
+    if values.size:
+        lo, hi = (float(v) for v in np.percentile(values, (cfg.percentile_low,
+                                                            cfg.percentile_high)))
+        if not hi > lo:
+            lo, hi = float(values.min()), float(values.max())
+    out: list[F32] = []
+    for f, m, p in zip(frames, metas, pads, strict=True):
+        w = (_linear_window(f, (lo + hi) / 2.0, hi - lo) if hi > lo
+             else np.zeros(f.shape, dtype=np.float32))
+        np.clip(w, 0.0, 1.0, out=w)
+        if m.invert:
+            np.subtract(np.float32(1.0), w, out=w)
+        if p is not None:
+            w[p] = 0.0
+        out.append(w)
     return out
 
 

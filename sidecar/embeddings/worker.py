@@ -29,6 +29,7 @@ from sidecar.embeddings import preprocess
 from sidecar.embeddings.codec import from_blob, to_blob
 from sidecar.embeddings.model import Embedder
 from sidecar.embeddings.service import IndexService
+from sidecar.embeddings.volume_worker import VolumeStats
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class WorkStats:
     slices_embedded: int = 0
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    volumes: VolumeStats | None = None  # the volume step of the same job run
 
     def merge(self, other: WorkStats) -> None:
         """Add another run's counts to this one."""
@@ -53,6 +55,18 @@ class WorkStats:
         self.seconds += other.seconds
         for k, v in other.stage_seconds.items():
             self.stage_seconds[k] += v
+        if other.volumes is not None:
+            mine = self.volumes or VolumeStats()
+            mine.series += other.volumes.series
+            mine.built += other.volumes.built
+            mine.refused += other.volumes.refused
+            mine.seconds += other.volumes.seconds
+            self.volumes = mine
+
+    @property
+    def idle(self) -> bool:
+        """Whether the run found nothing to do (no series, no volume)."""
+        return self.series == 0 and (self.volumes is None or self.volumes.series == 0)
 
 
 class IngestWatch:

@@ -304,6 +304,8 @@ class Ranked(NamedTuple):
     label: int = 0
     query_slice: int = -1
     cosine: float = 0.0
+    calibrated: float | None = None  # share of the archive less similar (volume ranking)
+    ranked_by: str = "slices"
 
 
 def rerank(

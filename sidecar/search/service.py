@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 from sidecar.archive.reader import read_stored
 from sidecar.config import Config
 from sidecar.db.search_queries import (
-    CatalogueRow,
     ReferenceRow,
     SearchQueries,
     SliceRow,
@@ -38,12 +37,14 @@ from sidecar.search.caches import (
     Means,
     Ranked,
     SliceCache,
+    Slices,
     mean_rows,
     rerank,
     spread,
     unit_rows,
     view_of,
 )
+from sidecar.search.hits import describe, with_matches
 from sidecar.search.images import embed_images
 from sidecar.search.readonly import EmbeddingParts, ReadOnlyEmbedding
 from sidecar.search.types import (
@@ -52,15 +53,14 @@ from sidecar.search.types import (
     MAX_QUERY_SLICES,
     EmbeddedImages,
     FloatArray,
-    Hit,
     IntArray,
     Level,
     Reference,
     ReferenceInfo,
     SearchFilters,
     SearchResult,
-    SliceMatch,
 )
+from sidecar.search.volumes import VolumeSearch
 
 logger = logging.getLogger(__name__)
 RERANK_FACTOR: Final = 10
@@ -130,6 +130,8 @@ class SearchService:
         if slice_cache is None:
             slice_cache = not isinstance(embedding, ReadOnlyEmbedding)
         self._slices = SliceCache(self._queries, refresh_interval) if slice_cache else None
+        self._volumes = (VolumeSearch(engine, config.index, refresh_interval)
+                         if config.volumes.enabled else None)
 
     def warm(self) -> None:
         """Load the in-memory mean and slice vectors of the serving model now.
@@ -235,10 +237,11 @@ class SearchService:
         elif level == "image":
             ranked = self._rank_images(query.vectors, index, model_id, k, excluded, allowed)
         else:
-            ranked, candidates = self._rank_groups(
-                level, query.vectors, index, model_id, dim, k, excluded, allowed
-            )
-        hits = self._with_matches(self._describe(ranked, level, k), query)
+            ranked, candidates = self._rank_volumes(
+                query, level, model_id, dim, k, excluded, allowed
+            ) or self._rank_groups(level, query.vectors, index, model_id, dim, k, excluded, allowed)
+        hits = with_matches(self._queries, describe(self._queries, ranked, level, k),
+                            query.labels or [])
         info = ReferenceInfo(
             kind=query.info_kind,
             uid=query.info_uid,
@@ -543,13 +546,47 @@ class SearchService:
         if not chosen:
             return [], 0
         # re-rank with the candidates' slice vectors
-        if self._slices is not None:
-            view = self._slices.view(model_id, dim, need=means.signature[1])
-        elif level == "study":
-            view = view_of(model_id, dim, self._queries.slices(model_id, study_pks=chosen))
-        else:
-            view = view_of(model_id, dim, self._queries.slices(model_id, series_pks=chosen))
+        view = self._view(level, model_id, dim, chosen, means.signature[1])
         return rerank(view, level, queries, chosen), len(chosen)
+
+    def _view(self, level: str, model_id: str, dim: int, chosen: list[int], need: int) -> Slices:
+        if self._slices is not None:
+            return self._slices.view(model_id, dim, need=need)
+        if level == "study":
+            return view_of(model_id, dim, self._queries.slices(model_id, study_pks=chosen))
+        return view_of(model_id, dim, self._queries.slices(model_id, series_pks=chosen))
+
+    def _rank_volumes(
+        self, query: _Query, level: Literal["study", "series"], model_id: str, dim: int, k: int,
+        excluded: set[int], allowed: set[int] | None,
+    ) -> tuple[list[Ranked], int] | None:
+        """Rank by volume vectors when the reference series or study has one (else ``None``).
+
+        The best (query slice, hit slice) pair of each hit is looked up in its best
+        series, so that a person sees why it matched; the score is the volume cosine.
+        """
+        if self._volumes is None or query.info_kind not in ("study", "series"):
+            return None
+        kind: Literal["study", "series"] = "study" if query.info_kind == "study" else "series"
+        row = self._queries.reference(kind, query.info_uid)
+        if row is None:
+            return None
+        series = (self._volumes.series_of_study(model_id, row.study_pk)
+                  if kind == "study" else [row.series_pk or 0])
+        found = self._volumes.vectors_of(model_id, series)
+        if found is None:
+            return None
+        hits = self._volumes.rank(model_id, found[0], found[1], level, k, excluded, allowed)
+        if not hits:
+            return None
+        top = hits[: 2 * k]
+        view = self._view("series", model_id, dim, [h.series_pk for h in top], 0)
+        pairs = {r.keys[1]: r for r in rerank(view, "series", query.vectors,
+                                               [h.series_pk for h in top])}
+        ranked = [pairs[h.series_pk]._replace(score=h.score, calibrated=h.calibrated,
+                                              ranked_by="volume")
+                  for h in top if h.series_pk in pairs]
+        return ranked, len(hits)
 
     def _rank_images(
         self,
@@ -621,62 +658,6 @@ class SearchService:
             int(label): (int(view.study[r]), int(view.series[r]), int(view.instance[r]))
             for label, r in zip(unique.tolist(), rows.tolist(), strict=True) if r >= 0
         }
-
-    def _describe(
-        self, ranked: list[Ranked], level: str, k: int
-    ) -> list[tuple[Hit, Ranked]]:
-        everything = sorted(ranked, key=lambda item: -item.score)
-        ranked = everything
-        if len(ranked) > k:  # keep ties with the k-th: they are ordered by UID below
-            last = round(ranked[k - 1].score, 6)
-            ranked = [item for i, item in enumerate(ranked)
-                      if i < k or round(item.score, 6) == last]
-        rows = self._queries.describe([item.keys for item in ranked])
-        if len(ranked) < len(everything) and any(item.keys not in rows for item in ranked):
-            # a hit deleted meanwhile (the slice view lags the database by up to
-            # refresh_interval): describe the others too, so that k hits remain
-            rows.update(self._queries.describe([item.keys for item in everything[len(ranked):]]))
-            ranked = everything
-        described: list[tuple[Ranked, CatalogueRow]] = [
-            (item, rows[item.keys]) for item in ranked if item.keys in rows
-        ]
-
-        def uid(row: CatalogueRow) -> str:
-            if level == "study":
-                return row.study_instance_uid
-            if level == "series":
-                return row.series_instance_uid
-            return row.sop_instance_uid
-
-        described.sort(key=lambda item: (-round(item[0].score, 6), uid(item[1])))
-        return [(Hit.of(rank, round(float(item.score), 6), row), item)
-                for rank, (item, row) in enumerate(described[:k], start=1)]
-
-    def _with_matches(self, described: list[tuple[Hit, Ranked]], query: _Query) -> list[Hit]:
-        """The hits with their best (query slice, hit slice) pair (:class:`SliceMatch`)."""
-        labels = {item.label for _, item in described if item.label}
-        query_labels = query.labels or []
-        labels.update(query_labels[item.query_slice] for _, item in described
-                      if 0 <= item.query_slice < len(query_labels))
-        places = self._queries.slice_places(labels) if labels else {}
-        hits: list[Hit] = []
-        for hit, item in described:
-            place = places.get(item.label)
-            if place is None or item.query_slice < 0:
-                hits.append(hit)
-                continue
-            asked = (places.get(query_labels[item.query_slice])
-                     if item.query_slice < len(query_labels) else None)
-            hits.append(replace(hit, match=SliceMatch(
-                cosine=round(float(item.cosine), 6), query_slice=item.query_slice,
-                hit_sop_instance_uid=place[0], hit_frame=place[1],
-                query_sop_instance_uid=asked[0] if asked else "",
-                query_frame=asked[1] if asked else None,
-            )))
-        return hits
-
-
-
 
 
 __all__ = [

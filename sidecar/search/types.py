@@ -283,17 +283,22 @@ class Hit(CatalogueRow):
     rank: int
     score: float
     match: SliceMatch | None = None
+    calibrated_score: float | None = None
+    ranked_by: str = "slices"
 
     @classmethod
     def of(cls, rank: int, score: float, row: CatalogueRow,
-           match: SliceMatch | None = None) -> Hit:
+           match: SliceMatch | None = None, *, calibrated_score: float | None = None,
+           ranked_by: str = "slices") -> Hit:
         """The hit ranked ``rank`` with ``score``, described by ``row``."""
-        return cls(rank=rank, score=score, match=match,
-                   **{f.name: getattr(row, f.name) for f in fields(row)})
+        return cls(rank=rank, score=score, match=match, calibrated_score=calibrated_score,
+                   ranked_by=ranked_by, **{f.name: getattr(row, f.name) for f in fields(row)})
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary: rank and score first, the row's fields, then ``match``."""
-        data: dict[str, Any] = {"rank": self.rank, "score": self.score}
+        """A JSON-ready dictionary: rank and scores first, the row's fields, then ``match``."""
+        data: dict[str, Any] = {"rank": self.rank, "score": self.score,
+                                "calibrated_score": self.calibrated_score,
+                                "ranked_by": self.ranked_by}
         for f in fields(CatalogueRow):
             data[f.name] = getattr(self, f.name)
         data["modalities_in_study"] = list(self.modalities_in_study)

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from sidecar.config import Config
 from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
+from sidecar.db.volumes import VolumeRepository
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import Embedder
 from sidecar.embeddings.registry import load_service_embedder
 from sidecar.embeddings.service import IndexService
+from sidecar.embeddings.volume_worker import VolumeWorker
 from sidecar.embeddings.worker import EmbeddingWorker, IngestWatch, WorkStats
 from sidecar.errors import SidecarError
 from sidecar.training.adapt import AdaptationOutcome, TrainingLibrary, run_adaptation
@@ -85,6 +87,7 @@ class Embedding:
         self.worker: EmbeddingWorker = EmbeddingWorker(
             config, self.vectors, self.model, self.index, pace=self.pace
         )
+        self.volume_worker = VolumeWorker(config, VolumeRepository(engine), pace=self.pace)
         self.serving: IndexService = self.index
         # The serving model's embedder while a switch made in this process re-embeds.
         self._serving_model: Embedder | None = None
@@ -159,6 +162,8 @@ class Embedding:
                 # in the old one), so the swap waits only for the old studies.
                 if again.series == 0:
                     self.swap()
+            # Series volumes once their slices are done (the model that writes them).
+            stats.volumes = self.volume_worker.run_once(self.model)
         return stats
 
     def pace(self, busy: float) -> float:
