@@ -8,8 +8,10 @@ where the shape physically is.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,13 @@ from sidecar.embeddings.volume import (
     volume_planes,
 )
 from sidecar.embeddings.volume_worker import series_volume_vector
+from sidecar.http.app import HttpServer
+from sidecar.metrics import Metrics
+from sidecar.search.front import QueryService
 from sidecar.search.service import SearchService
 from sidecar.search.types import Reference
-from tests.conftest import file_meta
+from tests.conftest import file_meta, part10
+from tests.test_http import serve
 from tests.test_worker import Node
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -307,3 +313,37 @@ def test_a_late_instance_rebuilds_the_series_volume(volume_node: Node) -> None:
     with Session(node.engine) as s:
         second = s.scalars(select(VolumeVector)).one()
     assert second.slices == 30 and second.id != first.id
+
+
+def test_a_zip_of_a_series_posted_over_http_is_searched_as_a_volume(volume_node: Node) -> None:
+    node = volume_node
+    sphere = ellipsoid((0.0, 0.0, 0.0), (18.0, 18.0, 18.0))
+    slab = box((0.0, 0.0, 0.0), (28.0, 6.0, 12.0))
+    near = write_series(ellipsoid((1.0, 0.0, -1.0), (17.0, 18.0, 19.0)), patient="P2")
+    far = write_series(slab, patient="P3")
+    node.put(*near, *far)
+    node.stabilise()
+    _run_until_idle(node)
+    search = SearchService(node.config, node.engine, node.emb, refresh_interval=0.0)
+    query = QueryService(node.config, search, metrics=Metrics())
+    servers: list[HttpServer] = []
+    try:
+        client = serve(query, Metrics(), lambda: {"ok": True}, servers)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for i, ds in enumerate(write_series(sphere, patient="P9")):
+                zf.writestr(f"series/{i:03d}.dcm", part10(ds))
+            zf.writestr("README.txt", "not DICOM: skipped")
+        answer = client.post(buf.getvalue(), content_type="application/zip", k=2)
+        assert answer.status == 200, answer.body
+        hits = answer.json()["hits"]
+        assert [h["study_instance_uid"] for h in hits] == [near[0].StudyInstanceUID,
+                                                            far[0].StudyInstanceUID]
+        assert [h["ranked_by"] for h in hits] == ["volume", "volume"]
+        assert hits[0]["calibrated_score"] >= hits[1]["calibrated_score"]
+        bad = client.post(b"PK\x03\x04 broken", content_type="application/zip")
+        assert bad.status == 400 and bad.error["kind"] == "not_zip"
+    finally:
+        for server in servers:
+            server.stop()
+        query.close()

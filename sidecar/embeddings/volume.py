@@ -88,6 +88,7 @@ class VolumePlan:
     shape: tuple[int, int]
     tilt_degrees: float
     notes: tuple[str, ...] = field(default=())
+    nearest: bool = False  # nearest slice per step instead of linear interpolation
 
 
 def plan_volume(geoms: Sequence[SliceGeometry | None], cfg: VolumeConfig) -> VolumePlan:
@@ -156,7 +157,14 @@ def plan_volume(geoms: Sequence[SliceGeometry | None], cfg: VolumeConfig) -> Vol
     targets = np.arange(count, dtype=np.float64) * step
     idx = np.clip(np.searchsorted(offsets, targets, side="right") - 1, 0, n - 1)
     nxt = np.clip(idx + 1, 0, n - 1)
-    needed = sorted(set(idx.tolist()) | set(nxt.tolist()))
+    # Slices much thinner than the output step: the nearest slice per step (half the reads).
+    nearest = median <= step / 2.0
+    if nearest:
+        closer = np.abs(offsets[nxt] - targets) < np.abs(targets - offsets[idx])
+        idx = np.where(closer, nxt, idx)
+        needed = sorted(set(idx.tolist()))
+    else:
+        needed = sorted(set(idx.tolist()) | set(nxt.tolist()))
     keys = tuple(known[i].key for i in order)
     notes = []
     if tilt > 0.5:
@@ -169,6 +177,7 @@ def plan_volume(geoms: Sequence[SliceGeometry | None], cfg: VolumeConfig) -> Vol
         origin=pos[0], row_dir=row_dir, col_dir=col_dir, stack_dir=stack_dir,
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=(first.rows, first.columns), tilt_degrees=tilt, notes=tuple(notes),
+        nearest=nearest,
     )
 
 
@@ -210,6 +219,10 @@ def build_volume(plan: VolumePlan, slices: dict[Hashable, F32]) -> Volume:
     for j, t in enumerate(plan.targets_mm):
         i0 = int(np.clip(np.searchsorted(offsets, t, side="right") - 1, 0, n - 1))
         i1 = min(i0 + 1, n - 1)
+        if plan.nearest:
+            near = i1 if abs(offsets[i1] - t) < abs(t - offsets[i0]) else i0
+            stack[j] = reduced[plan.keys[near]]
+            continue
         a = reduced[plan.keys[i0]]
         if i1 == i0 or offsets[i1] <= offsets[i0]:
             stack[j] = a

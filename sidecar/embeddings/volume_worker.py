@@ -88,8 +88,8 @@ def series_volume_vector(
     for key, ds in headers:
         photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
         if photometric not in _GREY:
-            return BuiltVolume(None, f"colour images ({photometric or 'no Photometric'}"
-                               "Interpretation) are embedded slice-wise only", 0, None)
+            return BuiltVolume(None, f"colour images (Photometric Interpretation "
+                               f"{photometric or 'absent'}) are embedded slice-wise only", 0, None)
         n = number_of_frames(ds)
         rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
         for f, geo in enumerate(frame_geometry(ds, n)):

@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
@@ -329,6 +330,30 @@ def _parse_dicom(body: bytes) -> Dataset:
     return ds
 
 
+ZIP_CONTENT_TYPES: Final = frozenset({"application/zip", "application/x-zip-compressed"})
+
+
+def _parse_zip(body: bytes, limit: int) -> list[Dataset]:
+    """Every DICOM file of a zip archive (a whole series as the query); others are skipped."""
+    try:
+        archive = zipfile.ZipFile(BytesIO(body))
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        if sum(m.file_size for m in members) > 8 * limit:
+            raise _BodyError(413, "payload_too_large", "the zip archive expands to more than "
+                             "8 times http.max_upload_mb")
+        found = []
+        for member in members:
+            try:
+                found.append(_parse_dicom(archive.read(member)))
+            except _BodyError:
+                continue
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as exc:
+        raise _BodyError(400, "not_zip", f"the request body cannot be read as zip: {exc}") from exc
+    if not found:
+        raise _BodyError(400, "not_dicom", "the zip archive holds no DICOM file")
+    return found
+
+
 # ------------------------------------------------------------------------ app
 def create_app(
     query: QueryService,
@@ -441,25 +466,24 @@ def create_app(
         study_date: StudyDate = "",
         body_part: BodyPart = "",
     ) -> JSONResponse:
-        """Query by one DICOM file sent as the raw request body."""
+        """Query by one DICOM file, or a zip of a series, sent as the raw request body."""
         _reject_unknown(request, _FILTER_PARAMS)
         _single_param(request, ("k", "level", "study_date", "body_part",
                                 "include_same_patient"))
         ctype = _content_type(request)
-        if ctype and ctype not in DICOM_CONTENT_TYPES:
-            raise _BodyError(
-                415, "unsupported_media_type",
-                f"Content-Type {ctype} is not accepted: send one DICOM file as the raw body "
-                "with Content-Type: application/dicom (no multipart form)",
-            )
+        if ctype and ctype not in DICOM_CONTENT_TYPES | ZIP_CONTENT_TYPES:
+            raise _BodyError(415, "unsupported_media_type", f"Content-Type {ctype} is not "
+                             "accepted: send one DICOM file (application/dicom) or a zip of a "
+                             "series' files (application/zip) as the raw body, no multipart form")
         body = await _read_body(request, limit)
         filters = _filters(modality, study_date, body_part)
         requester = _requester(request)
 
         def run() -> JSONResponse:
-            ds = _parse_dicom(body)
+            datasets = (_parse_zip(body, limit) if ctype in ZIP_CONTENT_TYPES
+                        else [_parse_dicom(body)])
             return answer(
-                SimilarityRequest(Reference.images([ds]), k=k, level=level,
+                SimilarityRequest(Reference.images(datasets), k=k, level=level,
                                   include_same_patient=include_same_patient, filters=filters),
                 requester, "/v1/search",
             )

@@ -60,7 +60,7 @@ from sidecar.search.types import (
     SearchFilters,
     SearchResult,
 )
-from sidecar.search.volumes import VolumeSearch
+from sidecar.search.volumes import VolumeSearch, example_volumes
 
 logger = logging.getLogger(__name__)
 RERANK_FACTOR: Final = 10
@@ -238,7 +238,7 @@ class SearchService:
             ranked = self._rank_images(query.vectors, index, model_id, k, excluded, allowed)
         else:
             ranked, candidates = self._rank_volumes(
-                query, level, model_id, dim, k, excluded, allowed
+                query, reference, level, model_id, dim, k, excluded, allowed
             ) or self._rank_groups(level, query.vectors, index, model_id, dim, k, excluded, allowed)
         hits = with_matches(self._queries, describe(self._queries, ranked, level, k),
                             query.labels or [])
@@ -557,23 +557,28 @@ class SearchService:
         return view_of(model_id, dim, self._queries.slices(model_id, series_pks=chosen))
 
     def _rank_volumes(
-        self, query: _Query, level: Literal["study", "series"], model_id: str, dim: int, k: int,
-        excluded: set[int], allowed: set[int] | None,
+        self, query: _Query, reference: Reference, level: Literal["study", "series"],
+        model_id: str, dim: int, k: int, excluded: set[int], allowed: set[int] | None,
     ) -> tuple[list[Ranked], int] | None:
         """Rank by volume vectors when the reference series or study has one (else ``None``).
 
         The best (query slice, hit slice) pair of each hit is looked up in its best
         series, so that a person sees why it matched; the score is the volume cosine.
         """
-        if self._volumes is None or query.info_kind not in ("study", "series"):
+        if self._volumes is None:
             return None
-        kind: Literal["study", "series"] = "study" if query.info_kind == "study" else "series"
-        row = self._queries.reference(kind, query.info_uid)
-        if row is None:
+        if query.info_kind == "dataset" and self._embedding is not None:
+            found = example_volumes(reference.datasets, self._cfg, self._embedding.embedder)
+        elif query.info_kind in ("study", "series"):
+            kind: Literal["study", "series"] = "study" if query.info_kind == "study" else "series"
+            row = self._queries.reference(kind, query.info_uid)
+            if row is None:
+                return None
+            series = (self._volumes.series_of_study(model_id, row.study_pk)
+                      if kind == "study" else [row.series_pk or 0])
+            found = self._volumes.vectors_of(model_id, series)
+        else:
             return None
-        series = (self._volumes.series_of_study(model_id, row.study_pk)
-                  if kind == "study" else [row.series_pk or 0])
-        found = self._volumes.vectors_of(model_id, series)
         if found is None:
             return None
         hits = self._volumes.rank(model_id, found[0], found[1], level, k, excluded, allowed)

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from sidecar.config import IndexConfig
+from sidecar.config import Config, IndexConfig
 from sidecar.db.types import Engine
 from sidecar.db.volumes import VolumeRepository, VolumeRow
 from sidecar.embeddings.codec import from_blobs
 from sidecar.embeddings.index import VectorIndex
+from sidecar.embeddings.model import Embedder
+from sidecar.embeddings.volume_worker import series_volume_vector
 from sidecar.search.types import FloatArray
 
 SAMPLE_SIZE: Final = 2048
@@ -180,6 +184,35 @@ class VolumeSearch:
             calibrated = float(np.mean(sims[qi] < score)) if sims.shape[1] else 0.0
             hits.append(VolumeHit(key, score, series, query_series[qi], round(calibrated, 4)))
         return hits
+
+
+def example_volumes(
+    datasets: Sequence[Dataset], cfg: Config, embedder: Embedder | None
+) -> tuple[list[int], FloatArray] | None:
+    """Volume vectors of the query images' series that are volumes (``None``: none is).
+
+    The images are grouped by Series Instance UID; each group is built as the
+    worker builds a stored series. Keys are -1, -2, ... (no stored series).
+    """
+    if embedder is None:
+        return None
+    groups: dict[str, list[Dataset]] = {}
+    for ds in datasets:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    vectors = []
+    for group in groups.values():
+        if sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in group) < cfg.volumes.min_slices:
+            continue
+        built = series_volume_vector(list(enumerate(group)), _reader(group), cfg, embedder)
+        if built.vector is not None:
+            vectors.append(built.vector)
+    if not vectors:
+        return None
+    return [-(i + 1) for i in range(len(vectors))], np.stack(vectors).astype(np.float32)
+
+
+def _reader(group: list[Dataset]) -> Callable[[int, list[int]], Dataset]:
+    return lambda i, _frames: group[i]
 
 
 def _arrays(rows: list[VolumeRow], dim: int) -> tuple[np.ndarray, FloatArray]:
