@@ -347,3 +347,45 @@ def test_a_zip_of_a_series_posted_over_http_is_searched_as_a_volume(volume_node:
         for server in servers:
             server.stop()
         query.close()
+
+
+def enhanced(series: list[Dataset]) -> Dataset:
+    """The slices of ``series`` as one Enhanced CT multi-frame object (functional groups)."""
+    first = series[0]
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+    ds.PatientID, ds.Modality = first.PatientID, "CT"
+    ds.NumberOfFrames = len(series)
+    ds.Rows, ds.Columns = first.Rows, first.Columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    shared = Dataset()
+    orient, measures, voi = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = first.ImageOrientationPatient
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, first.SliceThickness
+    voi.RescaleIntercept, voi.RescaleSlope, voi.RescaleType = -1024, 1, "HU"
+    shared.PlaneOrientationSequence = [orient]
+    shared.PixelMeasuresSequence = [measures]
+    shared.PixelValueTransformationSequence = [voi]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for sl in reversed(series):  # frames need not be in position order
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = sl.ImagePositionPatient
+        item.PlanePositionSequence = [pos]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = b"".join(sl.PixelData for sl in reversed(series))
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID)
+    return ds
+
+
+def test_an_enhanced_multi_frame_object_is_one_volume() -> None:
+    emb = TinyEmbedder()
+    shape = ellipsoid((0.0, 0.0, 0.0), (20.0, 12.0, 16.0))
+    series = write_series(shape)
+    single = _vector(series, emb)
+    multi = _vector([enhanced(series)], emb)
+    other = _vector(write_series(box((0.0, 0.0, 0.0), (8.0, 25.0, 6.0))), emb)
+    assert 1.0 - float(single @ multi) < 0.2 * (1.0 - float(single @ other))
