@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/volume_choice.py`` (needs ``../shared/data``; a few minutes
 on 2 cores). AdrenalMNIST3D volumes (64³, 1 mm) are taken as arrays; the product's
-plane choice (:func:`sidecar.embeddings.volume.volume_planes`), fit and the serving
+plane choice and fit (:func:`sidecar.embeddings.volume.plane_inputs`) and the serving
 model make the chosen descriptor, beside raw voxels (centred and not) and one
 central plane per axis. Labels only score; the test split is never read.
 Figures are in docs/design/volumes.md.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from sidecar.config import Config  # noqa: E402
 from sidecar.embeddings.model import load_embedder  # noqa: E402
 from sidecar.embeddings.pixels import fit  # noqa: E402
-from sidecar.embeddings.volume import series_vector, volume_planes  # noqa: E402
+from sidecar.embeddings.volume import plane_inputs, series_vector  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "medmnist3d" / "adrenalmnist3d_64.npz"
 
@@ -55,16 +55,14 @@ def main() -> int:
     def chosen(vols: np.ndarray) -> np.ndarray:
         out = []
         for v in vols:
-            planes = np.stack([fit(p, (1.0, 1.0), cfg.preprocess, size) for p in volume_planes(v)])
-            out.append(series_vector(embedder.embed(planes)))
+            out.append(series_vector(embedder.embed(plane_inputs(v, cfg.preprocess, size))))
         return np.stack(out)
 
     def central(vols: np.ndarray) -> np.ndarray:
         out = []
         for v in vols:
             planes = [np.take(v, v.shape[a] // 2, axis=a) for a in range(3)]
-            vecs = embedder.embed(np.stack([fit(p, (1.0, 1.0), cfg.preprocess, size)
-                                            for p in planes]))
+            vecs = embedder.embed(np.stack([fit(p, None, cfg.preprocess, size) for p in planes]))
             out.append(vecs.reshape(-1))
         return np.stack(out)
 

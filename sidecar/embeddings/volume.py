@@ -283,10 +283,14 @@ def volume_planes(volume: F32) -> list[F32]:
     return planes
 
 
-def plane_inputs(volume: F32, spacing_mm: float, cfg: PreprocessConfig, size: int) -> F32:
-    """The planes of :func:`volume_planes` as ``(9, size, size)`` model input."""
-    planes = volume_planes(volume)
-    return np.stack([fit(p, (spacing_mm, spacing_mm), cfg, size) for p in planes])
+def plane_inputs(volume: F32, cfg: PreprocessConfig, size: int) -> F32:
+    """The planes of :func:`volume_planes` as ``(9, size, size)`` model input.
+
+    Each plane fills the input (:func:`~sidecar.embeddings.pixels.fit` without a
+    spacing): the volume's grid already has a fixed number of voxels across the
+    series, and a physical-size crop would keep only the middle of a body.
+    """
+    return np.stack([fit(p, None, cfg, size) for p in volume_planes(volume)])
 
 
 def series_vector(plane_vectors: F32) -> F32:

@@ -117,7 +117,7 @@ def series_volume_vector(
             pads.append(None if image.padding is None else image.padding[i])
     windowed = window_stack(frames, metas, config.preprocess, pads)
     volume = build_volume(plan, dict(zip(keys, windowed, strict=True)))
-    inputs = plane_inputs(volume.voxels, plan.spacing_mm, config.preprocess, embedder.input_size)
+    inputs = plane_inputs(volume.voxels, config.preprocess, embedder.input_size)
     vector = series_vector(embedder.embed(inputs))
     return BuiltVolume(vector, "; ".join(plan.notes), len(plan.keys), plan.spacing_mm)
 
