@@ -21,7 +21,8 @@ Part A: the shared 3D set (``../shared/data/medmnist3d/adrenalmnist3d_64.npz``)
    ``stability.stable_age`` 2 s, ``stability.check_interval`` 1 s,
    ``worker.interval`` 0.5 s and ``query.max_k`` 1000). The bench waits until
    ``sidecar status --json`` shows every instance received, every study stable,
-   nothing pending (and no other ``*pending*`` count above 0), twice in a row.
+   nothing pending (and no other ``*pending*`` count above 0), with the same counts
+   (instances by state, studies, vectors) at two polls 1 s apart.
 3. Every query study is queried by similarity C-FIND at STUDY level ((0099,1002)
    = its Study Instance UID) with top-K (0099,1004) = 10 + the number of query
    studies: the service already leaves out the query's own study; the bench then
@@ -169,7 +170,7 @@ def wait_for_worker(server: VolumeServe, instances: int, studies: int,
     """Seconds until everything sent is received, stable and embedded (two equal polls)."""
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout
-    previous: dict[str, Any] | None = None
+    previous: dict[str, Any] | None = None  # the counts of the last poll that looked done
     last_log = 0.0
     while True:
         assert server.proc is not None
@@ -181,9 +182,11 @@ def wait_for_worker(server: VolumeServe, instances: int, studies: int,
         done = (st["instances_total"] == instances and st["studies"] == studies
                 and st["studies_stable"] == studies and by_state.get("pending", 0) == 0
                 and not _other_pending(st))
-        if done and previous == st:
+        seen = {k: st[k] for k in ("instances", "studies", "studies_stable",
+                                   "vectors_by_model", "failed_retrying")}
+        if done and previous == seen:
             return time.perf_counter() - t0, st
-        previous = st if done else None
+        previous = seen if done else None
         if time.monotonic() > deadline:
             raise BenchError(f"the worker did not finish within {timeout:.0f} s: {by_state}, "
                              f"{st['studies_stable']}/{studies} studies stable; log:\n"
