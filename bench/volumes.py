@@ -546,8 +546,8 @@ def discover_series() -> tuple[list[RealSeries], list[tuple[str, str]]]:
             per = found.setdefault(str(ds.SeriesInstanceUID), {})
             ts = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
             old = per.get(key)
-            if old is None or (ts in LOSSLESS_FIRST and
-                               str(old[1].file_meta.TransferSyntaxUID) not in LOSSLESS_FIRST):
+            old_ts = "" if old is None else str(getattr(old[1].file_meta, "TransferSyntaxUID", ""))
+            if old is None or (ts in LOSSLESS_FIRST and old_ts not in LOSSLESS_FIRST):
                 per[key] = (p, ds, rel)
     kept: list[RealSeries] = []
     left: list[tuple[str, str]] = []
