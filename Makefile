@@ -3,7 +3,7 @@ VENV ?= .venv
 CONFIG ?= config/sidecar.yaml
 BIN := $(VENV)/bin
 
-.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui train-default train-v1 torture clean
+.PHONY: run demo test setup setup-test lint typecheck bench bench-ingest bench-embed bench-query bench-quality bench-ceiling bench-ui bench-3d train-default train-v1 torture clean
 
 setup:
 	@scripts/setup.sh
@@ -88,6 +88,11 @@ bench-ceiling: setup-test
 
 bench-query: setup-test
 	$(BIN)/python bench/query.py
+
+## Volumes (issue 22), not in `bench`: the shared 3D set as CT series (val queries) and the real
+## series, sent to sidecar serve and searched by similarity C-FIND (~20 min on 2 cores).
+bench-3d: setup-test
+	$(BIN)/python bench/volumes.py
 
 ## The radiologists' page: server time of a study page with 20 hits, thumbnails cached (goal <= 300 ms).
 bench-ui: setup-test
