@@ -165,9 +165,17 @@ def _other_pending(status: dict[str, Any]) -> dict[str, int]:
             if "pending" in k and isinstance(v, int | float) and v > 0}
 
 
+def _volume_rows(status: dict[str, Any]) -> int:
+    vol = status.get("volumes") or {}
+    return int(vol.get("built", 0)) + int(vol.get("slice_wise_only", 0))
+
+
 def wait_for_worker(server: VolumeServe, instances: int, studies: int,
-                    timeout: float) -> tuple[float, dict[str, Any]]:
-    """Seconds until everything sent is received, stable and embedded (two equal polls)."""
+                    timeout: float, volumes: int = 0) -> tuple[float, dict[str, Any]]:
+    """Seconds until everything sent is received, stable and embedded (two equal polls).
+
+    ``volumes``: series that get a volume row (vector or refusal) before it counts as done.
+    """
     t0 = time.perf_counter()
     deadline = time.monotonic() + timeout
     previous: dict[str, Any] | None = None  # the counts of the last poll that looked done
@@ -181,7 +189,7 @@ def wait_for_worker(server: VolumeServe, instances: int, studies: int,
         by_state = st["instances"]
         done = (st["instances_total"] == instances and st["studies"] == studies
                 and st["studies_stable"] == studies and by_state.get("pending", 0) == 0
-                and not _other_pending(st))
+                and not _other_pending(st) and _volume_rows(st) >= volumes)
         seen = {k: st[k] for k in ("instances", "studies", "studies_stable",
                                    "vectors_by_model", "failed_retrying")}
         if done and previous == seen:
@@ -404,7 +412,8 @@ def part_a(args: argparse.Namespace, work: Path, data: dict[str, np.ndarray],
         send_s, _ = send(server, dirs, run_dir, args.timeout)
         log(f"  sent {len(instances)} instances by storescu ({args.associations} "
             f"association(s)) in {send_s:.1f} s ({len(instances) / send_s:.0f} inst/s)")
-        wait_s, st = wait_for_worker(server, len(instances), len(vols), args.worker_timeout)
+        wait_s, st = wait_for_worker(server, len(instances), len(vols), args.worker_timeout,
+                                      volumes=len(vols))
         with_vectors = server.series_with_vectors()
         log(f"  worker done {wait_s:.1f} s after the last store: {st['instances']}, "
             f"{with_vectors}/{len(vols)} series with slice vectors, vectors "
@@ -650,7 +659,8 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     try:
         server.start()
         send_s, n_inst = send_real(server, series)
-        wait_s, st = wait_for_worker(server, n_inst, len(series), args.worker_timeout)
+        wait_s, st = wait_for_worker(server, n_inst, len(series), args.worker_timeout,
+                                      volumes=sum(1 for x in series if x.frames >= 16))
         log(f"  sent {n_inst} instances in {send_s:.1f} s; worker done after {wait_s:.1f} s: "
             f"{st['instances']}, {server.series_with_vectors()}/{len(series)} series with "
             f"slice vectors")
