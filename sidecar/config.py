@@ -502,8 +502,10 @@ class VolumeConfig(_Section):
     """Series searched as volumes: one vector per series built from its 3-D volume."""
 
     enabled: bool = Field(
-        True,
-        description="Build a volume vector for every series of one orientation with at least "
+        False,
+        description="Off by default: on the val split it ranked below the slice ranking "
+        "(docs/design/volumes.md). On: build a volume vector for every series of one "
+        "orientation with at least "
         "min_slices slices (and for multi-frame volumes); series and study queries then rank "
         "by them. Off: series and study queries rank by slice vectors only.",
     )

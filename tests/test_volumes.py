@@ -196,7 +196,7 @@ def test_planes_cross_the_content_not_the_empty_margin() -> None:
 
 # --------------------------------------------------------------- vectors
 
-CFG = Config()
+CFG = Config.model_validate({"volumes": {"enabled": True}})
 
 
 def _vector(series: list[Dataset], embedder: Any) -> np.ndarray:
@@ -237,7 +237,8 @@ def _run_until_idle(node: Node) -> None:
 
 @pytest.fixture
 def volume_node(config_factory: Callable[..., Config]) -> Iterator[Node]:
-    node = Node(config_factory({"preprocess": {"slice_spacing_mm": 3.0}}))
+    node = Node(config_factory({"preprocess": {"slice_spacing_mm": 3.0},
+                                 "volumes": {"enabled": True}}))
     node.open()
     yield node
     node.dispose()
