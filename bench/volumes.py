@@ -165,6 +165,12 @@ def _other_pending(status: dict[str, Any]) -> dict[str, int]:
             if "pending" in k and isinstance(v, int | float) and v > 0}
 
 
+def _volumes_on(args: argparse.Namespace) -> bool:
+    """Whether the served sidecar builds volume vectors (``--sidecar-set volumes.enabled=true``)."""
+    return any(x.replace(" ", "").lower() in ("volumes.enabled=true", "volumes.enabled=1")
+               for x in args.sidecar_set)
+
+
 def _volume_rows(status: dict[str, Any]) -> int:
     vol = status.get("volumes") or {}
     return int(vol.get("built", 0)) + int(vol.get("slice_wise_only", 0))
@@ -413,7 +419,7 @@ def part_a(args: argparse.Namespace, work: Path, data: dict[str, np.ndarray],
         log(f"  sent {len(instances)} instances by storescu ({args.associations} "
             f"association(s)) in {send_s:.1f} s ({len(instances) / send_s:.0f} inst/s)")
         wait_s, st = wait_for_worker(server, len(instances), len(vols), args.worker_timeout,
-                                      volumes=len(vols))
+                                      volumes=len(vols) if _volumes_on(args) else 0)
         with_vectors = server.series_with_vectors()
         log(f"  worker done {wait_s:.1f} s after the last store: {st['instances']}, "
             f"{with_vectors}/{len(vols)} series with slice vectors, vectors "
@@ -660,7 +666,8 @@ def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         server.start()
         send_s, n_inst = send_real(server, series)
         wait_s, st = wait_for_worker(server, n_inst, len(series), args.worker_timeout,
-                                      volumes=sum(1 for x in series if x.frames >= 16))
+                                      volumes=sum(1 for x in series if x.frames >= 16)
+                                      if _volumes_on(args) else 0)
         log(f"  sent {n_inst} instances in {send_s:.1f} s; worker done after {wait_s:.1f} s: "
             f"{st['instances']}, {server.series_with_vectors()}/{len(series)} series with "
             f"slice vectors")
