@@ -172,11 +172,6 @@ class VolumeRepository:
         built = sum(1 for is_null, _ in rows if not is_null)
         return VolumeSummary(built, sum(refused.values()), refused.most_common(top))
 
-    def forget(self, model_id: str) -> int:
-        """Delete every volume row of ``model_id`` (``sidecar reindex --reembed``)."""
-        with write_transaction(self._engine) as conn:
-            return int(conn.execute(delete(_VOL).where(_VOL.c.model_id == model_id)).rowcount)
-
 
 def _reason_kind(reason: str) -> str:
     """A reason without its numbers, so that alike refusals count together."""

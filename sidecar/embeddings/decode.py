@@ -273,21 +273,11 @@ def _normal(iop: tuple[float, ...] | None) -> NDArray[np.float64] | None:
 
 def frame_positions(ds: Dataset, n_frames: int) -> list[float | None]:
     """Position of every frame along its slice normal (mm), ``None`` where unknown."""
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        return [None if geo is None else float(np.dot(_normal(geo[1]), geo[0]))  # type: ignore[arg-type]
+                for geo in frame_geometry(ds, n_frames)]
     top_iop = _floats(ds.get("ImageOrientationPatient"), 6)
     top_ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        out: list[float | None] = []
-        for f in range(n_frames):
-            pos_item = _group_item(ds, f, "PlanePositionSequence")
-            ori_item = _group_item(ds, f, "PlaneOrientationSequence")
-            ipp = None if pos_item is None else _floats(pos_item.get("ImagePositionPatient"), 3)
-            iop = None if ori_item is None else _floats(ori_item.get("ImageOrientationPatient"), 6)
-            normal = _normal(iop or top_iop)
-            if ipp is None or normal is None:
-                out.append(None)
-            else:
-                out.append(float(np.dot(normal, ipp)))
-        return out
     normal = _normal(top_iop)
     if normal is None or top_ipp is None:
         return [None] * n_frames

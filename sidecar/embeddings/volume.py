@@ -85,8 +85,6 @@ class VolumePlan:
     col_dir: F64
     stack_dir: F64
     pixel_spacing: tuple[float, float]
-    shape: tuple[int, int]
-    tilt_degrees: float
     notes: tuple[str, ...] = field(default=())
     nearest: bool = False  # nearest slice per step instead of linear interpolation
 
@@ -176,7 +174,7 @@ def plan_volume(geoms: Sequence[SliceGeometry | None], cfg: VolumeConfig) -> Vol
         needed=tuple(keys[i] for i in needed), spacing_mm=float(out_spacing),
         origin=pos[0], row_dir=row_dir, col_dir=col_dir, stack_dir=stack_dir,
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        shape=(first.rows, first.columns), tilt_degrees=tilt, notes=tuple(notes),
+        notes=tuple(notes),
         nearest=nearest,
     )
 

@@ -58,6 +58,13 @@ class VolumeStats:
     refused: int = 0
     seconds: float = 0.0
 
+    def merge(self, other: VolumeStats) -> None:
+        """Add another run's counts to this one."""
+        self.series += other.series
+        self.built += other.built
+        self.refused += other.refused
+        self.seconds += other.seconds
+
 
 @dataclass(frozen=True)
 class BuiltVolume:

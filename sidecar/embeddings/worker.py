@@ -56,12 +56,8 @@ class WorkStats:
         for k, v in other.stage_seconds.items():
             self.stage_seconds[k] += v
         if other.volumes is not None:
-            mine = self.volumes or VolumeStats()
-            mine.series += other.volumes.series
-            mine.built += other.volumes.built
-            mine.refused += other.volumes.refused
-            mine.seconds += other.volumes.seconds
-            self.volumes = mine
+            self.volumes = self.volumes or VolumeStats()
+            self.volumes.merge(other.volumes)
 
     @property
     def idle(self) -> bool:

@@ -86,6 +86,7 @@ class _Query:
     note: str = ""
     excluded: set[int] = field(default_factory=set)
     labels: list[int] | None = None  # slice vector of each query row (archived references)
+    series_pk: int | None = None  # the reference series (archived series references)
 
 
 
@@ -282,6 +283,7 @@ class SearchService:
                     info_kind=kind,
                     info_uid=uid,
                     own_study_pk=row.study_pk,
+                    series_pk=row.series_pk,
                     own_study_uid=row.study_instance_uid,
                     patient_pk=row.patient_pk if row.patient_id else None,
                     labels=[int(x) for x in view.labels[used].tolist()],
@@ -303,6 +305,7 @@ class SearchService:
             info_kind=kind,
             info_uid=uid,
             own_study_pk=row.study_pk,
+            series_pk=row.series_pk,
             own_study_uid=row.study_instance_uid,
             patient_pk=row.patient_pk if row.patient_id else None,
             note=note,
@@ -569,14 +572,11 @@ class SearchService:
             return None
         if query.info_kind == "dataset" and self._embedding is not None:
             found = example_volumes(reference.datasets, self._cfg, self._embedding.embedder)
-        elif query.info_kind in ("study", "series"):
-            kind: Literal["study", "series"] = "study" if query.info_kind == "study" else "series"
-            row = self._queries.reference(kind, query.info_uid)
-            if row is None:
-                return None
-            series = (self._volumes.series_of_study(model_id, row.study_pk)
-                      if kind == "study" else [row.series_pk or 0])
+        elif query.info_kind == "study" and query.own_study_pk is not None:
+            series = self._volumes.series_of_study(model_id, query.own_study_pk)
             found = self._volumes.vectors_of(model_id, series)
+        elif query.info_kind == "series" and query.series_pk is not None:
+            found = self._volumes.vectors_of(model_id, [query.series_pk])
         else:
             return None
         if found is None:
