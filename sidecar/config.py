@@ -243,6 +243,39 @@ class DicomConfig(_Section):
         return v
 
 
+class FetchConfig(_Section):
+    """Where files released by ``storage.keep_files`` are fetched back from (the PACS)."""
+
+    ae_title: str = Field(
+        "", description="Called AE title of the PACS to fetch released files back from. Empty: "
+        "no fetch-back (re-embedding then waits until the PACS sends the studies again).")
+    host: str = Field("", description="The PACS's host name or IP address.")
+    port: int = Field(104, ge=1, le=65535, description="The PACS's DICOM port.")
+    method: Literal["c-get", "c-move"] = Field(
+        "c-get", description="c-get: the files come back on the sidecar's own association "
+        "(the PACS must allow C-GET from dicom.ae_title). c-move: the PACS sends them to "
+        "move_destination, which it must know as a modality (they arrive through the "
+        "receivers, so that peer needs the store permission).")
+    move_destination: str = Field(
+        "", description="C-MOVE destination AE title. Empty: dicom.ae_title.")
+    interval: float = Field(
+        120.0, gt=0, description="Seconds between two fetch-back runs (each fetches the series "
+        "that wait for their pixels, up to max_series).")
+    max_series: int = Field(20, ge=1, description="Most series fetched in one run.")
+    timeout: float = Field(60.0, gt=0, description="DIMSE and network timeout (seconds) of a "
+                           "fetch-back association.")
+
+    @field_validator("ae_title", "move_destination")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v) if v.strip() else ""
+
+    @property
+    def configured(self) -> bool:
+        """Whether a PACS to fetch from is named."""
+        return bool(self.ae_title and self.host)
+
+
 class StorageConfig(_Section):
     """Where files and the embedded database live."""
 
@@ -270,6 +303,39 @@ class StorageConfig(_Section):
         "WARNING), so a sender of bad data cannot use up the disk that accepted studies "
         "need. 0 keeps none.",
     )
+    keep_files: Literal["forever", "until_embedded"] | int = Field(
+        "forever",
+        description="How long received files are kept. forever: a full second copy. "
+        "until_embedded: released once the instance is embedded (or skipped as not an image) "
+        "and its study is stable; a number: released that many days after reception, once "
+        "embedded. The catalogue, the vectors and the page's thumbnails stay: search, verify "
+        "and reindex from stored vectors keep working; what needs the pixels again "
+        "(re-embedding with a new model) fetches them back from storage.fetch. Failed and "
+        "pending instances are kept.",
+    )
+    release_interval: float = Field(
+        300.0, gt=0, description="Seconds between two runs of the release job (keep_files "
+        "other than forever).")
+    fetch: FetchConfig = Field(default_factory=FetchConfig)  # type: ignore[arg-type]
+
+    @field_validator("keep_files", mode="before")
+    @classmethod
+    def _keep(cls, v: object) -> object:
+        if isinstance(v, bool) or (isinstance(v, int) and v < 0):
+            raise ValueError("must be forever, until_embedded or a number of days (0 or more)")
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        return v
+
+    @property
+    def releases(self) -> bool:
+        """Whether files are released at all (``keep_files`` is not ``forever``)."""
+        return self.keep_files != "forever"
+
+    @property
+    def keep_days(self) -> float:
+        """Days a file is kept at least once embedded (0 for ``until_embedded``)."""
+        return float(self.keep_files) if isinstance(self.keep_files, int) else 0.0
 
 
 class DatabaseConfig(_Section):
@@ -919,6 +985,11 @@ class Config(_Section):
     def index_dir(self) -> Path:
         """Where the vector index and its facts file live."""
         return self.storage.data_dir / "index"
+
+    @property
+    def previews_dir(self) -> Path:
+        """Where the kept previews of released files live (``storage.keep_files``)."""
+        return self.storage.data_dir / "thumbnails" / "kept"
 
     @property
     def quarantine_dir(self) -> Path:

@@ -18,7 +18,7 @@ from typing import Final
 
 from pydicom.dataset import Dataset
 
-from sidecar.archive.layout import prune_empty_dirs, remove_stored, stored_path
+from sidecar.archive.layout import prune_empty_dirs, remove_previews, remove_stored, stored_path
 from sidecar.archive.parse import is_valid_uid
 from sidecar.audit.events import Auditor
 from sidecar.audit.messages import SopClassCount
@@ -123,13 +123,15 @@ class Rejector:
         The ``iocm`` settings.
     rejections
         The catalogue's rejection table.
-    storage_dir, quarantine_dir
-        Where stored files are; hidden files go to ``quarantine_dir/rejected``.
+    storage_dir, quarantine_dir, previews_dir
+        Where stored files are; hidden files go to ``quarantine_dir/rejected``; the
+        kept previews of released files (removed with their instances).
     """
 
     def __init__(self, config: IocmConfig, rejections: Rejections, storage_dir: Path,
-                 quarantine_dir: Path) -> None:
+                 quarantine_dir: Path, previews_dir: Path) -> None:
         self._cfg = config
+        self._previews = previews_dir
         self._rejections = rejections
         self._root = storage_dir
         self._hidden = quarantine_dir / REJECTED_DIR
@@ -150,6 +152,11 @@ class Rejector:
             note_sop_instance_uid=note.sop_instance_uid, patient=note.patient,
         )
         paths = [r.file_path for r in record.removed]
+        by_study: dict[str, list[str]] = {}
+        for r in record.removed:
+            by_study.setdefault(r.study_instance_uid, []).append(r.sop_instance_uid)
+        for study, sops in by_study.items():
+            remove_previews(self._previews, study, sops)
         if action == "delete":
             files = remove_stored(self._root, paths)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,3 +57,33 @@ def remove_stored(root: Path, file_paths: Iterable[str]) -> int:
             pass
         prune_empty_dirs(root, path)
     return removed
+
+
+def preview_path(directory: Path, study_instance_uid: str, series_instance_uid: str,
+                 sop_instance_uid: str, frame: int) -> Path:
+    """A kept preview (``sidecar.embeddings.previews``) of a released file's frame."""
+    return (directory / study_instance_uid / series_instance_uid / sop_instance_uid
+            / f"{frame}.png")
+
+
+def remove_previews(directory: Path, study_instance_uid: str,
+                    sops: Iterable[str] | None = None) -> None:
+    """Remove the kept previews of a study (``sops`` ``None``) or of some of its instances.
+
+    A study or instance that is deleted or hidden must not stay visible as a picture.
+    """
+    study = directory / study_instance_uid
+    if not study.is_dir():
+        return
+    targets = [study] if sops is None else [p for sop in sops for p in study.glob(f"*/{sop}")]
+    for target in targets:
+        if root_inside(directory, target):
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def root_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` lies strictly inside ``root`` (defence against odd UIDs)."""
+    try:
+        return root.resolve() in path.resolve().parents
+    except OSError:
+        return False

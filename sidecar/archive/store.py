@@ -72,6 +72,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # identical bytes already stored: no-op
     KEPT_FIRST = "kept_first"  # different bytes, policy keep_first: new copy dropped
     REPLACED = "replaced"  # different bytes, policy replace: new copy stored
+    RESTORED = "restored"  # the file had been released (storage.keep_files): a copy is back
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class InstanceStore:
         self._policy = config.dicom.duplicate_policy
         self._repo = repository
         self._rejector = Rejector(config.iocm, Rejections(repository.engine), self._root,
-                                  self._quarantine)
+                                  self._quarantine, config.previews_dir)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
@@ -336,6 +337,8 @@ class InstanceStore:
         self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin
     ) -> StoreResult:
         existing = self._find(meta.sop_instance_uid)
+        if existing is not None and existing.released:
+            return self._restore(data, digest, meta, origin, existing)
         if existing is not None:
             kept = stored_path(self._root, existing.file_path)
             if existing.sha256 == digest:
@@ -402,6 +405,33 @@ class InstanceStore:
                     origin.ae_title, origin.host, len(data))
         return StoreResult(outcome, meta.sop_instance_uid, meta.study_instance_uid, final,
                            meta.patient_id, meta.issuer_of_patient_id)
+
+    def _restore(self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin,
+                 existing: ExistingInstance) -> StoreResult:
+        """A released instance's file comes back (fetched from the PACS, or sent again).
+
+        Whatever the duplicate policy: the row has no file to compare with. The
+        PACS may send other bytes than it first did (another transfer syntax); the
+        row takes the new file's facts and keeps its state and vectors.
+        """
+        final, tmp = self._place(data, meta)
+        try:
+            self._repo.restore_instance(existing.pk, meta, StoredFile(
+                file_path=catalogue_path(self._root, final), file_size=len(data), sha256=digest,
+                calling_ae_title=origin.ae_title, calling_host=origin.host))
+        except CatalogueFull as exc:
+            unlink_quietly(final)
+            raise OutOfResources(str(exc)) from exc
+        except Exception as exc:
+            unlink_quietly(final)
+            cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
+            raise StorageFailure(f"database commit failed: {cause}") from exc
+        finally:
+            unlink_quietly(tmp)
+        logger.debug("restored the released file of %s from %s", meta.sop_instance_uid,
+                     origin.ae_title)
+        return StoreResult(Outcome.RESTORED, meta.sop_instance_uid, meta.study_instance_uid,
+                           final, meta.patient_id, meta.issuer_of_patient_id)
 
     def _find(self, sop_instance_uid: str) -> ExistingInstance | None:
         try:

@@ -2,6 +2,9 @@
 
 Reports missing, changed and orphan files and stale temporaries; ``--repair``
 quarantines orphans and removes stale temporaries (docs/design/archive.md).
+Files released on purpose (``storage.keep_files``) are counted, not missing; a
+released file still present (a release interrupted between its commit and its
+unlink) is a leftover that ``--repair`` and the release job remove.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class VerifyReport:
     """What :func:`verify_storage` found (paths relative to the storage directory)."""
 
     rows: int = 0
+    released: int = 0
     files: int = 0
     bytes_checked: int = 0
     checksums: bool = False
@@ -45,6 +49,8 @@ class VerifyReport:
     orphans: list[str] = field(default_factory=list)
     young_unrecorded: int = 0
     stale_temporaries: list[str] = field(default_factory=list)
+    released_leftovers: list[str] = field(default_factory=list)
+    removed_leftovers: int = 0
     moved_orphans: list[str] = field(default_factory=list)
     removed_temporaries: int = 0
     seconds: float = 0.0
@@ -60,12 +66,15 @@ class VerifyReport:
         """Nothing damaged and nothing left to tidy."""
         left_orphans = len(self.orphans) - len(self.moved_orphans)
         left_tmp = len(self.stale_temporaries) - self.removed_temporaries
-        return self.damaged == 0 and left_orphans == 0 and left_tmp == 0
+        left_released = len(self.released_leftovers) - self.removed_leftovers
+        return (self.damaged == 0 and left_orphans == 0 and left_tmp == 0
+                and left_released == 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
         return {
             "rows": self.rows,
+            "released": self.released,
             "files": self.files,
             "checksums": self.checksums,
             "bytes_checked": self.bytes_checked,
@@ -78,6 +87,8 @@ class VerifyReport:
             "stale_temporaries": self.stale_temporaries,
             "moved_orphans": self.moved_orphans,
             "removed_temporaries": self.removed_temporaries,
+            "released_leftovers": self.released_leftovers,
+            "removed_leftovers": self.removed_leftovers,
             "damaged": self.damaged,
             "clean": self.clean,
             "seconds": round(self.seconds, 2),
@@ -143,10 +154,15 @@ def verify_storage(
     clock = time.time() if now is None else now
     report = VerifyReport(checksums=checksums)
     recorded = _RecordedPaths()
-    for rel, size, digest in stored_files(engine):
+    for rel, size, digest, released in stored_files(engine):
         report.rows += 1
         recorded.add(rel)
         path = stored_path(root, rel)
+        if released:
+            report.released += 1
+            if path.exists():
+                report.released_leftovers.append(rel)
+            continue
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -210,3 +226,14 @@ def repair_storage(config: Config, report: VerifyReport) -> None:
         report.moved_orphans.append(rel)
         prune_empty_dirs(root, source)
     report.removed_temporaries = remove_temporaries(root, report.stale_temporaries)
+    for rel in report.released_leftovers:
+        path = stored_path(root, rel)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.error("could not remove the released file %s: %s", rel, exc)
+            continue
+        report.removed_leftovers += 1
+        prune_empty_dirs(root, path)

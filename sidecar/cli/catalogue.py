@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from sidecar.archive.layout import remove_stored
+from sidecar.archive.layout import remove_previews, remove_stored
 from sidecar.archive.store import InstanceStore, Origin, quarantine_usage
 from sidecar.archive.verify import repair_storage, verify_storage
 from sidecar.audit import setup as audit_setup
@@ -19,6 +19,7 @@ from sidecar.cli.options import config_option, human, load, logger
 from sidecar.config import Config
 from sidecar.db.connect import catalogue
 from sidecar.db.repository import StudySummary
+from sidecar.db.retention import RetentionRepository
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.db.volumes import VolumeRepository
 from sidecar.embeddings.service import index_in_use
@@ -41,6 +42,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         active_model = vrepo.get_setting(ACTIVE_MODEL_KEY)
         retrying, given_up = vrepo.failed_breakdown(cfg.worker.max_attempts)
         volumes = VolumeRepository(engine).summary(active_model or "")
+        kept = RetentionRepository(engine).counts(active_model or "",
+                                                  max_attempts=cfg.worker.max_attempts)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(cfg.data_dir)
     quarantine = quarantine_usage(cfg.quarantine_dir)
@@ -58,6 +61,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
         "vectors_by_model": vectors,
         "volumes": {"built": volumes.built, "slice_wise_only": volumes.refused,
                     "reasons": [{"reason": r, "series": n} for r, n in volumes.reasons]},
+        "keep_files": cfg.storage.keep_files,
+        "released_files": kept.released,
+        "released_bytes": kept.released_bytes,
+        "waiting_for_pixels": {"series": kept.waiting_series,
+                               "instances": kept.waiting_instances},
         "quarantine_datasets": quarantine.datasets,
         "quarantine_bytes": quarantine.bytes,
         "quarantine_max_bytes": cfg.storage.quarantine_max_mb * 2**20,
@@ -83,6 +91,17 @@ def status(ctx: click.Context, as_json: bool) -> None:
     refusing = "   STORES ARE REFUSED: below" if disk.free < floor else ", stores refused below"
     click.echo(f"stored: {human(rep.stored_bytes)}   disk free: {human(disk.free)} "
                f"of {human(disk.total)}{refusing} {human(floor)} (storage.min_free_mb)")
+    if cfg.storage.releases or kept.released:
+        fetch = cfg.storage.fetch
+        source = (f"fetched back from {fetch.ae_title}@{fetch.host}:{fetch.port} by "
+                  f"{fetch.method.upper()}" if fetch.configured else
+                  "NO storage.fetch: they wait until the PACS sends them again")
+        click.echo(f"released files (storage.keep_files: {cfg.storage.keep_files}): "
+                   f"{kept.released}, {human(kept.released_bytes)}; catalogue, vectors and "
+                   "thumbnails kept")
+        if kept.waiting_instances:
+            click.echo(f"  waiting for their pixels: {kept.waiting_instances} instance(s) in "
+                       f"{kept.waiting_series} series, {source}")
     click.echo(f"quarantine: {quarantine.datasets} refused dataset(s), "
                f"{human(quarantine.bytes)} of {human(cfg.storage.quarantine_max_mb * 2**20)} "
                f"({cfg.quarantine_dir})")
@@ -191,14 +210,18 @@ def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         checked = f", {human(report.bytes_checked)} checksummed" if checksums else ""
-        click.echo(f"verify: {report.rows} catalogue rows, {report.files} files in "
+        released = (f" ({report.released} released by storage.keep_files)"
+                    if report.released else "")
+        click.echo(f"verify: {report.rows} catalogue rows{released}, {report.files} files in "
                    f"{cfg.storage_dir}{checked}, {report.seconds:.1f} s")
         for what, items in (("MISSING (acknowledged, file gone)", report.missing),
                             ("WRONG SIZE (changed after reception)", report.wrong_size),
                             ("WRONG CHECKSUM (changed after reception)", report.wrong_checksum),
                             ("UNREADABLE", report.unreadable),
                             ("orphan (file without a row, never acknowledged)", report.orphans),
-                            ("stale temporary", report.stale_temporaries)):
+                            ("stale temporary", report.stale_temporaries),
+                            ("released but still present (interrupted release)",
+                             report.released_leftovers)):
             for rel in items:
                 click.echo(f"  {what}: {rel}")
         if report.young_unrecorded:
@@ -207,7 +230,9 @@ def verify(ctx: click.Context, checksums: bool, repair: bool, min_age: float,
         if repair:
             click.echo(f"repaired: {len(report.moved_orphans)} orphan(s) moved to "
                        f"{cfg.quarantine_dir / 'orphans'}, {report.removed_temporaries} "
-                       "temporary file(s) removed")
+                       "temporary file(s) removed"
+                       + (f", {report.removed_leftovers} released file(s) removed"
+                          if report.released_leftovers else ""))
         click.echo("verify: " + ("OK" if report.clean else
                                  f"{report.damaged} damaged" if report.damaged else
                                  "no damage; orphans or temporaries left (--repair)"))
@@ -235,6 +260,7 @@ def delete_study(ctx: click.Context, study_instance_uid: str, yes: bool) -> None
     if paths is None or summary is None:
         raise click.ClickException(f"no study {study_instance_uid} in the catalogue")
     removed = remove_stored(cfg.storage_dir, paths)
+    remove_previews(cfg.previews_dir, study_instance_uid)
     logger.info("study %s deleted: %d files removed", study_instance_uid, removed)
     audit_deletion(cfg, study_instance_uid, summary, "sidecar delete-study")
     click.echo(f"deleted study {study_instance_uid}: {len(paths)} instances, {removed} files")

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from sidecar.archive.store import InstanceStore
 from sidecar.cli.models_text import describe
 from sidecar.cli.options import config_option, load
 from sidecar.config import Config
 from sidecar.db.connect import catalogue
 from sidecar.db.repository import Repository
+from sidecar.db.retention import RetentionRepository
 from sidecar.db.vectors import VectorRepository
+from sidecar.dicom.fetch import FetchBack
 from sidecar.embeddings.service import IndexBusy, index_in_use
 from sidecar.errors import SidecarError
 from sidecar.files import sha256_file
@@ -44,6 +47,20 @@ def _open_embedding(ctx: click.Context) -> Iterator[tuple[Config, Repository, Em
             yield cfg, repo, emb
         finally:
             emb.close()
+
+
+def _fetch_released(cfg: Config, repo: Repository, model_id: str) -> None:
+    """Fetch released files back from ``storage.fetch`` until none comes back any more."""
+    if not cfg.storage.fetch.configured:
+        return
+    back = FetchBack(cfg, InstanceStore(cfg, repo), RetentionRepository(repo.engine))
+    while True:
+        stats = back.run_once(model_id)
+        if stats.series:
+            click.echo(f"reindex: {stats.restored} released file(s) fetched back from "
+                       f"{cfg.storage.fetch.ae_title} ({stats.series} series)", err=True)
+        if stats.restored == 0:
+            return
 
 
 def _run_worker(emb: Any, repo: Any, cfg: Config, quiet: bool) -> Any:
@@ -95,9 +112,21 @@ def reindex(ctx: click.Context, reembed: bool, quiet: bool) -> None:
             n = emb.vectors.requeue(emb.embedder.model_id)
             emb.index.rebuild()
             click.echo(f"reindex: {n} instances queued for embedding", err=True)
+            _fetch_released(cfg, repo, emb.embedder.model_id)
             total = _run_worker(emb, repo, cfg, quiet)
             click.echo(f"reindex: re-embedded {total.slices_embedded} slices, "
                        f"{total.instances_failed} failed")
+            waiting = RetentionRepository(repo.engine).counts(
+                emb.embedder.model_id, max_attempts=cfg.worker.max_attempts)
+            if waiting.waiting_instances:
+                click.echo(
+                    f"reindex: {waiting.waiting_instances} instance(s) in "
+                    f"{waiting.waiting_series} series still need their pixels: their files "
+                    "were released (storage.keep_files) and "
+                    + ("did not come back from storage.fetch; `sidecar serve` tries again "
+                       "every storage.fetch.interval" if cfg.storage.fetch.configured else
+                       "no storage.fetch is set: set it, or send the studies again from the "
+                       "PACS; they are embedded when they arrive"))
         else:
             count = emb.index.rebuild()
             click.echo(f"reindex: index of model {emb.embedder.model_id} rebuilt "

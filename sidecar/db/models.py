@@ -138,6 +138,9 @@ class Instance(Base):
     # Earliest time of the next embedding attempt after a failure (None: no retry).
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     embedded_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # The file was released (storage.keep_files): the row, its vectors and thumbnails stay;
+    # file_path is where a fetched-back copy goes.
+    released_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
 
     series: Mapped[Series] = relationship(back_populates="instances")
 

@@ -126,6 +126,7 @@ class ExistingInstance:
     pk: int
     sha256: str
     file_path: str
+    released: bool = False  # the file was released (storage.keep_files); a copy restores it
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ class Repository:
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
-                    select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.file_path).where(
+                    select(_INSTANCE.c.id, _INSTANCE.c.sha256, _INSTANCE.c.file_path,
+                           _INSTANCE.c.released_at).where(
                         _INSTANCE.c.sop_instance_uid == sop_instance_uid
                     )
                 ).first()
@@ -185,7 +187,8 @@ class Repository:
             raise CatalogueUnavailable(f"database unavailable: {name}", name) from exc
         if row is None:
             return None
-        return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2])
+        return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2],
+                                released=row[3] is not None)
 
     def study_summary(self, study_instance_uid: str) -> StudySummary | None:
         """The study's Patient ID and instances per SOP Class; ``None`` when unknown."""
@@ -220,7 +223,8 @@ class Repository:
             )
             rep.series = s.scalar(select(func.count()).select_from(Series)) or 0
             rep.patients = s.scalar(select(func.count()).select_from(Patient)) or 0
-            rep.stored_bytes = s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))) or 0
+            rep.stored_bytes = s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
+                                        .where(Instance.released_at.is_(None))) or 0
         for st in InstanceState:
             rep.instances_by_state.setdefault(st.value, 0)
         return rep
@@ -283,6 +287,24 @@ class Repository:
                 self.replace_instance(replace_pk, meta, stored)
         except IntegrityError as exc:
             raise RowRefused(str(exc.orig), exc.__class__.__name__) from exc
+        except SQLAlchemyError as exc:
+            name = exc.__class__.__name__
+            if _is_full(exc):
+                raise CatalogueFull(f"database full: {getattr(exc, 'orig', exc)}", name) from exc
+            raise CatalogueError(f"database commit failed: {name}", name) from exc
+
+    def restore_instance(self, pk: int, meta: InstanceMeta, stored: StoredFile) -> None:
+        """Point a released instance's row at a fetched-back copy of its file.
+
+        Only the file's facts change (path, size, digest, transfer syntax): the
+        state, vectors and study stay as they are. Raises as :meth:`record_instance`.
+        """
+        try:
+            with write_transaction(self._engine) as conn:
+                conn.execute(update(_INSTANCE).where(_INSTANCE.c.id == pk).values(
+                    file_path=stored.file_path, file_size=stored.file_size,
+                    sha256=stored.sha256, transfer_syntax_uid=meta.transfer_syntax_uid,
+                    released_at=None))
         except SQLAlchemyError as exc:
             name = exc.__class__.__name__
             if _is_full(exc):
@@ -443,15 +465,18 @@ def _instance_values(meta: InstanceMeta, stored: StoredFile, now: dt.datetime) -
         "calling_host": stored.calling_host,
         "state": InstanceState.PENDING if meta.embeddable else InstanceState.SKIPPED,
         "skip_reason": "" if meta.embeddable else meta.skip_reason,
+        "released_at": None,
     }
 
 
-def stored_files(engine: Engine, batch: int = 2000) -> Iterator[tuple[str, int, str]]:
-    """``(file_path, file_size, sha256)`` of every instance row, in storage order (streamed)."""
+def stored_files(engine: Engine, batch: int = 2000) -> Iterator[tuple[str, int, str, bool]]:
+    """``(file_path, file_size, sha256, released)`` of every instance row, in storage order
+    (streamed); ``released``: the file was released on purpose (``storage.keep_files``)."""
     with engine.connect() as conn:
         rows = conn.execution_options(yield_per=batch).execute(
-            select(_INSTANCE.c.file_path, _INSTANCE.c.file_size, _INSTANCE.c.sha256)
+            select(_INSTANCE.c.file_path, _INSTANCE.c.file_size, _INSTANCE.c.sha256,
+                   _INSTANCE.c.released_at)
             .order_by(_INSTANCE.c.id)
         )
-        for file_path, size, digest in rows:
-            yield str(file_path), int(size), str(digest)
+        for file_path, size, digest, released in rows:
+            yield str(file_path), int(size), str(digest), released is not None

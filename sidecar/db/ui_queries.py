@@ -178,19 +178,35 @@ class UiQueries:
                 rows = [SliceRef(str(a), 0, str(b)) for a, b in conn.execute(q)]
         return rows
 
-    def instance_files(self, sops: Iterable[str]) -> dict[str, tuple[str, int]]:
-        """SOP Instance UID -> (catalogue file path, number of frames) of stored instances."""
+    def instance_files(self, sops: Iterable[str]) -> dict[str, InstanceFile]:
+        """SOP Instance UID -> where its file is (or was, when released) of stored instances."""
         wanted = sorted(set(sops))
-        out: dict[str, tuple[str, int]] = {}
+        out: dict[str, InstanceFile] = {}
         with self._engine.connect() as conn:
             for i in range(0, len(wanted), _CHUNK):
                 chunk: Sequence[str] = wanted[i : i + _CHUNK]
-                q = select(_INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
-                           _INSTANCE.c.number_of_frames).where(
-                    _INSTANCE.c.sop_instance_uid.in_(chunk))
-                for sop, path, frames in conn.execute(q):
-                    out[str(sop)] = (str(path), int(frames or 1))
+                q = (select(_INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
+                            _INSTANCE.c.number_of_frames, _STUDY.c.study_instance_uid,
+                            _SERIES.c.series_instance_uid, _INSTANCE.c.released_at)
+                     .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
+                     .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
+                     .where(_INSTANCE.c.sop_instance_uid.in_(chunk)))
+                for sop, path, frames, study, series, released in conn.execute(q):
+                    out[str(sop)] = InstanceFile(str(path), int(frames or 1), str(study),
+                                                 str(series), released is not None)
         return out
 
 
-__all__ = ["SeriesRow", "SliceRef", "StudyDetail", "StudyFind", "StudyRow", "UiQueries"]
+@dataclass(frozen=True)
+class InstanceFile:
+    """A stored instance's file (catalogue path), frames, UIDs, and whether it was released."""
+
+    file_path: str
+    frames: int
+    study_instance_uid: str
+    series_instance_uid: str
+    released: bool = False
+
+
+__all__ = ["InstanceFile", "SeriesRow", "SliceRef", "StudyDetail", "StudyFind", "StudyRow",
+           "UiQueries"]

@@ -41,6 +41,7 @@ from sidecar.db.models import (
     InstanceState,
 )
 from sidecar.db.repository import utcnow
+from sidecar.db.retention import without_released
 
 ACTIVE_MODEL_KEY = "active_model_id"
 
@@ -136,7 +137,7 @@ class VectorRepository:
                 select(_SERIES.c.id, _SERIES.c.study_pk, func.count(_INSTANCE.c.id))
                 .join(_INSTANCE, _INSTANCE.c.series_pk == _SERIES.c.id)
                 .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
-                .where(_STUDY.c.stable.is_(True), due_cond)
+                .where(_STUDY.c.stable.is_(True), due_cond, without_released(_SERIES.c.id))
                 .group_by(_SERIES.c.id, _SERIES.c.study_pk)
                 .order_by(func.min(_INSTANCE.c.received_at))
             ).all()
@@ -326,6 +327,7 @@ class VectorRepository:
                     _INSTANCE.c.state == InstanceState.EMBEDDED,
                     _SERIES.c.id.not_in(have),
                     _SERIES.c.id.not_in(sorted(exclude or ())),
+                    without_released(_SERIES.c.id),
                 )
                 .group_by(_SERIES.c.id, _SERIES.c.study_pk)
                 .order_by(_SERIES.c.id)

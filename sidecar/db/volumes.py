@@ -22,6 +22,7 @@ from sidecar.db.models import STUDY as _STUDY
 from sidecar.db.models import VOLUME_VECTOR as _VOL
 from sidecar.db.models import InstanceState
 from sidecar.db.repository import utcnow
+from sidecar.db.retention import without_released
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class VolumeRepository:
                 .join(_INSTANCE, _INSTANCE.c.series_pk == _SERIES.c.id)
                 .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
                 .outerjoin(built, built.c.series_pk == _SERIES.c.id)
-                .where(_STUDY.c.stable.is_(True), image)
+                .where(_STUDY.c.stable.is_(True), image, without_released(_SERIES.c.id))
                 .group_by(_SERIES.c.id, _SERIES.c.study_pk, built.c.created_at)
                 .having(
                     and_(

@@ -5,13 +5,14 @@ with its input size and channels: same windowing, same fit), as an 8-bit grey or
 PNG whose ``window`` text chunk names the window rule. Files live in
 ``thumbnails/`` under the data directory, named by a hash of what they depend on
 (file path, frame, size, channels, pre-processing settings), written atomically;
-beyond ``ui.thumbnail_cache_mb`` the least recently used are removed.
+beyond ``ui.thumbnail_cache_mb`` the least recently used are removed. A released
+file (``storage.keep_files``) has no pixels to render from: its frames are the
+previews kept when it was released (``sidecar.embeddings.previews``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import threading
@@ -21,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from sidecar.archive.layout import preview_path
 from sidecar.archive.reader import read_stored
 from sidecar.config import Config
-from sidecar.db.ui_queries import UiQueries
-from sidecar.embeddings import preprocess
+from sidecar.db.ui_queries import InstanceFile, UiQueries
+from sidecar.embeddings.previews import render_png
 from sidecar.files import unlink_quietly, write_durably
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Thumbnails:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def get(self, sop_instance_uid: str, frame: int, *,
-            files: dict[str, tuple[str, int]] | None = None) -> Thumb | None:
+            files: dict[str, InstanceFile] | None = None) -> Thumb | None:
         """The thumbnail of a stored frame, rendered now if not cached.
 
         ``files`` is :meth:`UiQueries.instance_files` already read for a page.
@@ -90,21 +91,31 @@ class Thumbnails:
         """
         where = (files if files is not None else
                  self._queries.instance_files([sop_instance_uid])).get(sop_instance_uid)
-        if where is None or not 0 <= frame < where[1]:
+        if where is None or not 0 <= frame < where.frames:
             return None
-        key = self.key(where[0], frame)
+        if where.released:
+            return self._kept(where, sop_instance_uid, frame)
+        key = self.key(where.file_path, frame)
         path = self.directory / f"{key}.png"
         window = self._cached_window(key, path)
         if window is not None:
             return Thumb(path, key, window)
         try:
-            data, window = self._render(where[0], frame)
+            data, window = self._render(where.file_path, frame)
         except Exception as exc:  # noqa: BLE001 - any unreadable image is "no thumbnail"
-            logger.debug("no thumbnail for frame %d of %s: %s", frame, where[0], exc)
+            logger.debug("no thumbnail for frame %d of %s: %s", frame, where.file_path, exc)
             return None
         self._store(path, data)
         self._remember(key, window)
         return Thumb(path, key, window)
+
+    def _kept(self, where: InstanceFile, sop: str, frame: int) -> Thumb | None:
+        """The preview kept when the file was released (``None``: none kept for the frame)."""
+        path = preview_path(self._cfg.previews_dir, where.study_instance_uid,
+                            where.series_instance_uid, sop, frame)
+        key = "kept-" + hashlib.sha256(f"{sop}|{frame}".encode()).hexdigest()[:27]
+        window = self._cached_window(key, path)
+        return None if window is None else Thumb(path, key, window)
 
     # ----------------------------------------------------------------- cache
     def _remember(self, key: str, window: str) -> None:
@@ -137,16 +148,7 @@ class Thumbnails:
     def _render(self, file_path: str, frame: int) -> tuple[bytes, str]:
         size, channels = self._shape()
         ds = read_stored(self._cfg.storage_dir, file_path)
-        arr, rules = preprocess.prepare_named(ds, self._cfg.preprocess, size, frames=[frame],
-                                              channels=channels)
-        pixels = np.rint(np.clip(arr[0], 0.0, 1.0) * 255.0).astype(np.uint8)
-        img = (Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
-               if pixels.ndim == 3 else Image.fromarray(pixels, mode="L"))
-        info = PngImagePlugin.PngInfo()
-        info.add_text("window", rules[0])
-        out = io.BytesIO()
-        img.save(out, format="PNG", pnginfo=info)
-        return out.getvalue(), rules[0]
+        return render_png(ds, self._cfg.preprocess, size, channels, [frame])[0]
 
     def _store(self, path: Path, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,15 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sidecar.archive.retention import Releaser
 from sidecar.archive.store import InstanceStore, quarantine_usage
 from sidecar.audit import setup as audit_setup
 from sidecar.audit.trail import AuditTrail
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue, ping
+from sidecar.db.retention import RetentionRepository
 from sidecar.dicom.access import assumed_permissions
+from sidecar.dicom.fetch import FetchBack
 from sidecar.dicom.node import DicomNode
 from sidecar.dicom.similarity import SimilarityFind
 from sidecar.dicom.tls import checked_certificate
@@ -154,6 +157,7 @@ class Sidecar:
                 on_security_event=self._http_security_event, auditor=self.auditor, routers=pages,
             ))
         emb = self.embedding if config.worker.enabled else None
+        self.releaser, self.fetch_back = self._retention(emb)
         self.scheduler = jobs.scheduler(
             config,
             clear_temporaries=self.clear_temporaries,
@@ -162,6 +166,8 @@ class Sidecar:
             embed=emb.run_job if emb is not None else None,
             maintain=emb.maintain if emb is not None else None,
             adapt=self.adapt,
+            release=self.release if self.releaser is not None else None,
+            fetch=self.fetch if self.fetch_back is not None else None,
         )
         self.address: tuple[str, int] | None = None
 
@@ -183,6 +189,43 @@ class Sidecar:
         """Scheduled job: one on-site adaptation run (errors are logged, never raised)."""
         if self.embedding is not None:
             jobs.adapt(self.embedding.adapt)
+
+    def _retention(self, emb: Embedding | None) -> tuple[Releaser | None, FetchBack | None]:
+        """The release and fetch-back jobs' parts (``storage.keep_files``, ``storage.fetch``)."""
+        storage = self.config.storage
+        releaser = None
+        if storage.releases and emb is None:
+            logger.warning("storage.keep_files is %s but the embedding worker is off in this "
+                           "process: files are kept (the release job runs beside the worker)",
+                           storage.keep_files)
+        elif storage.releases and emb is not None:
+            releaser = Releaser(self.config, self.engine, lambda: emb.model.model_id,
+                                keep=emb.keep_previews)
+            fetch = storage.fetch
+            logger.log(
+                logging.INFO if fetch.configured else logging.WARNING,
+                "storage.keep_files: %s: files are released once embedded; re-embedding %s",
+                storage.keep_files,
+                f"fetches them back from {fetch.ae_title}@{fetch.host}:{fetch.port} by "
+                f"{fetch.method.upper()}" if fetch.configured else
+                "waits until the PACS sends them again (no storage.fetch)")
+        back = (FetchBack(self.config, self.store, RetentionRepository(self.engine))
+                if storage.fetch.configured and emb is not None else None)
+        return releaser, back
+
+    def release(self) -> None:
+        """Scheduled job: release the files ``storage.keep_files`` no longer wants."""
+        if self.releaser is None or self.embedding is None:
+            return
+        try:
+            self.embedding.run_exclusive(self.releaser.run_once)
+        except Exception:
+            logger.exception("release job failed; files are kept until its next run")
+
+    def fetch(self) -> None:
+        """Scheduled job: fetch released files back from the PACS for work that needs them."""
+        if self.fetch_back is not None and self.embedding is not None:
+            self.fetch_back.run_once(self.embedding.model.model_id)
 
     def catalogue_figures(self) -> CatalogueFigures:
         """Catalogue, index, example, quarantine and disk figures (read at scrape time)."""

@@ -64,12 +64,15 @@ def scheduler(
     embed: Callable[[], object] | None = None,
     maintain: Callable[[], object] | None = None,
     adapt: Callable[[], object] | None = None,
+    release: Callable[[], object] | None = None,
+    fetch: Callable[[], object] | None = None,
 ) -> BackgroundScheduler:
     """The scheduler (not started) with the service's jobs.
 
     ``report_tls_certificate`` is scheduled when given (TLS on); ``embed`` and
     ``maintain`` when given (the worker is on); ``adapt`` when also given and
-    ``adaptation.enabled``.
+    ``adaptation.enabled``; ``release`` (``storage.keep_files``) and ``fetch``
+    (``storage.fetch``) when given.
     """
     sched = BackgroundScheduler(timezone="UTC")
     once: dict[str, Any] = {"max_instances": 1, "coalesce": True}
@@ -92,4 +95,10 @@ def scheduler(
                                                           timezone="UTC"),
                           id="adapt", misfire_grace_time=3600, **once)
             logger.info("on-site adaptation scheduled: %s (UTC)", config.adaptation.schedule)
+    if release is not None:
+        sched.add_job(release, "interval", seconds=config.storage.release_interval,
+                      id="release_files", **once)
+    if fetch is not None:
+        sched.add_job(fetch, "interval", seconds=config.storage.fetch.interval,
+                      id="fetch_back", **once)
     return sched

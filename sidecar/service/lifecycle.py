@@ -13,12 +13,16 @@ import threading
 import time
 from collections.abc import Callable
 
+from pydicom.dataset import Dataset
+
 from sidecar.config import Config
+from sidecar.db.retention import Releasable, RetentionRepository
 from sidecar.db.types import Engine
 from sidecar.db.vectors import ACTIVE_MODEL_KEY, VectorRepository
 from sidecar.db.volumes import VolumeRepository
 from sidecar.embeddings.index_files import read_saved_facts
 from sidecar.embeddings.model import Embedder
+from sidecar.embeddings.previews import keep_previews
 from sidecar.embeddings.registry import load_service_embedder
 from sidecar.embeddings.service import IndexService
 from sidecar.embeddings.volume_worker import VolumeWorker
@@ -160,11 +164,32 @@ class Embedding:
                 stats.merge(again)
                 # New and pending studies go to the new index anyway (they were never
                 # in the old one), so the swap waits only for the old studies.
-                if again.series == 0:
+                if again.series == 0 and not self._waiting_for_pixels():
                     self.swap()
             # Series volumes once their slices are done (the model that writes them).
             stats.volumes = self.volume_worker.run_once(self.model)
         return stats
+
+    def _waiting_for_pixels(self) -> bool:
+        """Whether series the new model needs wait for released files (storage.fetch)."""
+        waiting = RetentionRepository(self.engine).counts(
+            self.model.model_id, max_attempts=self.config.worker.max_attempts)
+        if waiting.waiting_series:
+            logger.info("model change: %d series wait for their released files before the "
+                        "swap (storage.fetch)", waiting.waiting_series)
+        return waiting.waiting_series > 0
+
+    def run_exclusive(self, job: Callable[[], object]) -> None:
+        """Run ``job`` (the release job) never beside an embedding job run or a switch."""
+        with self._job_lock:
+            job()
+
+    def keep_previews(self, ds: Dataset, item: Releasable) -> int:
+        """Keep the page's previews of a file about to be released, at the serving shape."""
+        serving = self.embedder
+        return keep_previews(self.config.previews_dir, ds, item.frames,
+                             cfg=self.config.preprocess, size=int(serving.input_size),
+                             channels=int(serving.channels), fsync=self.config.storage.fsync)
 
     def pace(self, busy: float) -> float:
         """The worker's pause after a series that took ``busy`` seconds; returns the pause.
