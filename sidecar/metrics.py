@@ -43,6 +43,8 @@ class CatalogueFigures:
     quarantine_bytes: int | None = None
     disk_free_bytes: int | None = None
     disk_min_free_bytes: int | None = None
+    released_files: int | None = None  # storage.keep_files other than forever
+    waiting_for_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,17 @@ class _CatalogueCollector(Collector):
             )
             vectors.add_metric([], fig.index_vectors)
             yield vectors
+        if fig.released_files is not None and fig.waiting_for_pixels is not None:
+            released = GaugeMetricFamily(
+                "sidecar_released_files",
+                "Instances whose files storage.keep_files released (catalogue and vectors kept).")
+            released.add_metric([], fig.released_files)
+            yield released
+            waiting = GaugeMetricFamily(
+                "sidecar_instances_waiting_for_pixels",
+                "Released instances that re-embedding needs back from the PACS (storage.fetch).")
+            waiting.add_metric([], fig.waiting_for_pixels)
+            yield waiting
         if fig.quarantine_bytes is not None and fig.quarantine_datasets is not None:
             kept = GaugeMetricFamily("sidecar_quarantine_datasets",
                                      "Refused datasets kept in the quarantine directory.")

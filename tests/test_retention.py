@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lxml import etree
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -33,6 +34,7 @@ from sidecar.db.retention import RetentionRepository
 from sidecar.embeddings.model import TinyEmbedder
 from sidecar.service.app import Sidecar
 from tests.conftest import free_port, part10, wait_for
+from tests.test_audit import audit_file, event_id
 from tests.test_search import ct_slice
 from tests.test_ui import Site, c_store_all
 
@@ -137,7 +139,13 @@ def test_files_go_once_embedded_and_search_page_verify_and_reindex_keep_working(
     assert app.embedding.index.rebuild() == 12
     # deleting a study removes its kept previews too
     previews = app.config.previews_dir / site.studies["B"]
-    assert previews.is_dir() and any(previews.rglob("*.png"))
+    assert previews.is_dir() and len(list(previews.rglob("*.png"))) == 4
+    conf = app.config.data_dir.parent / "sidecar.yaml"
+    deleted = CliRunner().invoke(cli, ["delete-study", site.studies["B"], "--yes",
+                                       "--config", str(conf)])
+    assert deleted.exit_code == 0, deleted.output
+    assert not previews.exists()
+    assert site.get(f"/ui/thumbnails/{next(iter(files))}/0.png").status == 200  # others stay
 
 
 def test_reembedding_waits_for_the_pixels_and_a_resend_restores_them(
@@ -167,6 +175,10 @@ def test_reembedding_waits_for_the_pixels_and_a_resend_restores_them(
     assert stats.slices_embedded == 4 and stats.instances_failed == 0
     app.release()
     assert dcm_files(app) == []
+    # so does /metrics
+    metrics = site.get("/metrics").text
+    assert "sidecar_released_files 12.0" in metrics
+    assert "sidecar_instances_waiting_for_pixels 8.0" in metrics
     # `sidecar status` says what waits and why
     conf = app.config.data_dir.parent / "sidecar.yaml"
     result = CliRunner().invoke(cli, ["status", "--config", str(conf)])
@@ -291,3 +303,18 @@ def test_released_files_come_back_from_orthanc_for_reembedding(
             assert dcm_files(app) == []
         finally:
             app.stop()
+    # audited: both releases (Instances Accessed, Delete, the local copies), and for C-GET
+    # the instances the sidecar's own association brought back (Instances Transferred)
+    xml = [etree.fromstring(m) for m in audit_file(cfg)]
+    released = [m for m in xml if event_id(m)[0] == "110103"
+                and "keep_files" in (m.findtext("EventIdentification/EventOutcomeDescription")
+                                     or "")]
+    assert len(released) == 2
+    study_obj = released[0].find("ParticipantObjectIdentification[@ParticipantObjectID="
+                                 f"'{study}']")
+    assert study_obj is not None and study_obj.get("ParticipantObjectDataLifeCycle") == "15"
+    fetched = [m for m in xml if event_id(m)[0] == "110104"
+               and m.find(f"ActiveParticipant[@UserID='{pacs.ae_title}']") is not None]
+    # C-MOVE: Orthanc's associations to the receiver (its forward and the move);
+    # C-GET: its forward and the sidecar's own fetch
+    assert len(fetched) == 2

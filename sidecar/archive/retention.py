@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from pydicom.dataset import Dataset
 
 from sidecar.archive.layout import stored_path
 from sidecar.archive.reader import read_stored
+from sidecar.audit.events import Auditor
+from sidecar.audit.messages import SopClassCount
 from sidecar.config import Config
 from sidecar.db.repository import utcnow
 from sidecar.db.retention import Releasable, RetentionRepository
@@ -62,18 +65,21 @@ class Releaser:
     keep
         Renders the previews of a file before it goes (``None``: none are kept,
         e.g. without an embedding model in this process).
+    auditor
+        Audits each study's released files (DICOM Instances Accessed, Delete).
     model_id
         Called for the model the worker writes: a series needs its vectors (and its
         volume row, with volumes on) under it before its files go.
     """
 
     def __init__(self, config: Config, engine: Engine, model_id: Callable[[], str],
-                 keep: KeepPreviews | None = None) -> None:
+                 keep: KeepPreviews | None = None, auditor: Auditor | None = None) -> None:
         self._cfg = config
         self._root = config.storage_dir
         self._repo = RetentionRepository(engine)
         self._keep = keep
         self._model_id = model_id
+        self._auditor = auditor
         self._swept = False
 
     def run_once(self, *, limit: int = 5000, now: dt.datetime | None = None) -> ReleaseStats:
@@ -118,7 +124,8 @@ class Releaser:
                 logger.warning("no preview kept of %s before its release: %s",
                                item.file_path, exc)
         dirs = set()
-        for item in self._repo.mark_released(due):
+        marked = self._repo.mark_released(due)
+        for item in marked:
             path = stored_path(self._root, item.file_path)
             try:
                 path.unlink()
@@ -133,6 +140,24 @@ class Releaser:
                     fsync_dir(d)
                 except OSError as exc:
                     logger.debug("cannot fsync %s: %s", d, exc)
+        if self._auditor is not None:
+            self._audit(marked)
+
+    def _audit(self, marked: list[Releasable]) -> None:
+        """One message per study (and batch), listing the released SOP Instance UIDs."""
+        auditor = self._auditor
+        assert auditor is not None
+        studies: dict[str, list[Releasable]] = defaultdict(list)
+        for item in marked:
+            studies[item.study_instance_uid].append(item)
+        for study, items in studies.items():
+            by_class: dict[str, list[str]] = defaultdict(list)
+            for item in items:
+                by_class[item.sop_class_uid].append(item.sop_instance_uid)
+            auditor.files_released(
+                study, items[0].patient_id, items[0].issuer_of_patient_id,
+                [SopClassCount(uid, len(sops), tuple(sops)) for uid, sops in by_class.items()],
+                policy=str(self._cfg.storage.keep_files))
 
     def sweep(self) -> int:
         """Remove released files still on disk (a release interrupted after its commit).

@@ -201,6 +201,17 @@ class Auditor:
                                     life_cycle="15" if permanent else "14"),
             ParticipantObject.patient(patient_id, issuer))))
 
+    def files_released(self, study_uid: str, patient_id: str, issuer: str,
+                       sop_classes: Sequence[SopClassCount], *, policy: str) -> None:
+        """DICOM Instances Accessed (110103, Delete): the sidecar's own copies of one
+        study's files erased by ``storage.keep_files`` (data life cycle 15); the
+        catalogue, vectors and previews stay, the PACS keeps the originals."""
+        self._emit(Event(INSTANCES_ACCESSED, "D", Outcome.SUCCESS, (),
+                         f"storage.keep_files {policy}: local copies released", (
+                             self.source.application(requestor=True, role=APPLICATION),
+                         ), (ParticipantObject.study(study_uid, sop_classes, life_cycle="15"),
+                             ParticipantObject.patient(patient_id, issuer))))
+
     # ------------------------------------------------------- queries
     def dicom_query(self, calling: str, host: str, sop_class: str, identifier: bytes,
                     transfer_syntax: str, *, matches: int, status: int,

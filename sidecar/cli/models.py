@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sidecar.archive.store import InstanceStore
+from sidecar.audit import setup as audit_setup
 from sidecar.cli.models_text import describe
 from sidecar.cli.options import config_option, load
 from sidecar.config import Config
@@ -53,14 +54,22 @@ def _fetch_released(cfg: Config, repo: Repository, model_id: str) -> None:
     """Fetch released files back from ``storage.fetch`` until none comes back any more."""
     if not cfg.storage.fetch.configured:
         return
-    back = FetchBack(cfg, InstanceStore(cfg, repo), RetentionRepository(repo.engine))
-    while True:
-        stats = back.run_once(model_id)
-        if stats.series:
-            click.echo(f"reindex: {stats.restored} released file(s) fetched back from "
-                       f"{cfg.storage.fetch.ae_title} ({stats.series} series)", err=True)
-        if stats.restored == 0:
-            return
+    trail = audit_setup.open_trail(cfg) if cfg.audit.enabled else None
+    if trail is not None:
+        trail.start()
+    try:
+        back = FetchBack(cfg, InstanceStore(cfg, repo), RetentionRepository(repo.engine),
+                         auditor=audit_setup.auditor(cfg, trail))
+        while True:
+            stats = back.run_once(model_id)
+            if stats.series:
+                click.echo(f"reindex: {stats.restored} released file(s) fetched back from "
+                           f"{cfg.storage.fetch.ae_title} ({stats.series} series)", err=True)
+            if stats.restored == 0:
+                return
+    finally:
+        if trail is not None:
+            trail.stop()
 
 
 def _run_worker(emb: Any, repo: Any, cfg: Config, quiet: bool) -> Any:

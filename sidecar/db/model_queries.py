@@ -51,7 +51,8 @@ def embedded_slices(engine: Engine, series_pk: int, model_id: str) -> list[Embed
             .where(SLICE_VECTOR.c.series_pk == series_pk,
                    SLICE_VECTOR.c.model_id == model_id,
                    SLICE_VECTOR.c.frame >= 0,
-                   INSTANCE.c.state == InstanceState.EMBEDDED)
+                   INSTANCE.c.state == InstanceState.EMBEDDED,
+                   INSTANCE.c.released_at.is_(None))  # storage.keep_files: no pixels left
             .order_by(SLICE_VECTOR.c.instance_pk, SLICE_VECTOR.c.frame)
         ).all()
     return [EmbeddedSlice(int(pk), int(frame), str(path)) for pk, frame, path in rows]

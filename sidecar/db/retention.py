@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Engine, and_, exists, func, or_, select, u
 
 from sidecar.db.engine import write_transaction
 from sidecar.db.models import INSTANCE as _INSTANCE
+from sidecar.db.models import PATIENT as _PATIENT
 from sidecar.db.models import SERIES as _SERIES
 from sidecar.db.models import SERIES_VECTOR as _SERIES_VEC
 from sidecar.db.models import SLICE_VECTOR as _SLICE
@@ -41,6 +42,10 @@ class Releasable:
     sop_instance_uid: str
     file_path: str
     frames: tuple[int, ...]
+    sop_class_uid: str = ""
+    study_instance_uid: str = ""
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
 
 
 @dataclass
@@ -120,9 +125,12 @@ class RetentionRepository:
             ))
         with self._engine.connect() as conn:
             rows = conn.execute(
-                select(_INSTANCE.c.id, _INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path)
+                select(_INSTANCE.c.id, _INSTANCE.c.sop_instance_uid, _INSTANCE.c.file_path,
+                       _INSTANCE.c.sop_class_uid, _STUDY.c.study_instance_uid,
+                       _PATIENT.c.patient_id, _PATIENT.c.issuer_of_patient_id)
                 .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
                 .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
+                .join(_PATIENT, _PATIENT.c.id == _STUDY.c.patient_pk)
                 .where(*conds).order_by(_INSTANCE.c.received_at, _INSTANCE.c.id).limit(limit)
             ).all()
             frames: dict[int, set[int]] = {int(r[0]): set() for r in rows}
@@ -133,8 +141,9 @@ class RetentionRepository:
                     .where(_SLICE.c.instance_pk.in_(pks[i:i + _CHUNK])).distinct()
                 ):
                     frames[int(pk)].add(int(frame))
-        return [Releasable(int(pk), str(sop), str(path), tuple(sorted(frames[int(pk)])))
-                for pk, sop, path in rows]
+        return [Releasable(int(r[0]), str(r[1]), str(r[2]), tuple(sorted(frames[int(r[0])])),
+                           str(r[3]), str(r[4]), str(r[5] or ""), str(r[6] or ""))
+                for r in rows]
 
     def mark_released(self, items: Sequence[Releasable], now: dt.datetime | None = None
                       ) -> list[Releasable]:

@@ -42,6 +42,8 @@ from pydicom.uid import (
 from pynetdicom import AE, build_role, evt
 
 from sidecar.archive.store import InstanceStore, Origin, Outcome
+from sidecar.audit.events import Auditor
+from sidecar.audit.messages import sop_class_counts
 from sidecar.config import Config
 from sidecar.db.retention import RetentionRepository, SeriesToFetch
 from sidecar.dicom.statuses import Status
@@ -89,11 +91,15 @@ class FetchBack:
         Where a C-GET's instances are kept (restoring released rows).
     repository
         Which series wait for their pixels.
+    auditor
+        Audits what a C-GET brought back (DICOM Instances Transferred, one message
+        per study; a C-MOVE's instances are audited by the receivers).
     """
 
     def __init__(self, config: Config, store: InstanceStore,
-                 repository: RetentionRepository) -> None:
+                 repository: RetentionRepository, *, auditor: Auditor | None = None) -> None:
         self._cfg = config
+        self._auditor = auditor
         self._fetch = config.storage.fetch
         self._store = store
         self._repo = repository
@@ -173,20 +179,28 @@ class FetchBack:
         roles = [build_role(uid, scp_role=True) for uid in classes]
         wanted = set(item.sop_instance_uids)
         origin = Origin(ae_title=self._fetch.ae_title, host=self._fetch.host)
+        kept: dict[str, int] = {}
+        patient: list[str] = []
+        failed = 0
 
         def on_store(event: Any) -> int:
             sop = str(event.request.AffectedSOPInstanceUID)
             if sop not in wanted:
                 logger.debug("fetch-back: %s is not one of the released files; not kept", sop)
                 return int(Status.SUCCESS)
+            nonlocal failed
             try:
                 result = self._store.store(
                     event.encoded_dataset(include_meta=True), str(event.context.transfer_syntax),
                     origin, expected_sop_class_uid=str(event.request.AffectedSOPClassUID),
                     expected_sop_instance_uid=sop)
             except Exception as exc:  # noqa: BLE001 - answered as a failed sub-operation
+                failed += 1
                 logger.warning("fetch-back: a returned instance was not kept: %s", exc)
                 return int(Status.PROCESSING_FAILURE)
+            sop_class = str(event.request.AffectedSOPClassUID)
+            kept[sop_class] = kept.get(sop_class, 0) + 1
+            patient[:] = [result.patient_id, result.issuer_of_patient_id]
             if result.outcome is not Outcome.RESTORED:
                 logger.debug("fetch-back: %s was %s", sop, result.outcome.value)
             return int(Status.SUCCESS)
@@ -198,6 +212,11 @@ class FetchBack:
         finally:
             if assoc.is_established:
                 assoc.release()
+            if self._auditor is not None and (kept or failed):
+                pid, issuer = patient or ["", ""]
+                self._auditor.instances_received(
+                    self._fetch.ae_title, self._fetch.host, item.study_instance_uid, pid,
+                    issuer, sop_class_counts(kept.items()), failed=failed)
 
     def _move(self, ident: Dataset) -> None:
         ae = self._ae()

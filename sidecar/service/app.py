@@ -200,7 +200,7 @@ class Sidecar:
                            storage.keep_files)
         elif storage.releases and emb is not None:
             releaser = Releaser(self.config, self.engine, lambda: emb.model.model_id,
-                                keep=emb.keep_previews)
+                                keep=emb.keep_previews, auditor=self.auditor)
             fetch = storage.fetch
             logger.log(
                 logging.INFO if fetch.configured else logging.WARNING,
@@ -209,7 +209,8 @@ class Sidecar:
                 f"fetches them back from {fetch.ae_title}@{fetch.host}:{fetch.port} by "
                 f"{fetch.method.upper()}" if fetch.configured else
                 "waits until the PACS sends them again (no storage.fetch)")
-        back = (FetchBack(self.config, self.store, RetentionRepository(self.engine))
+        back = (FetchBack(self.config, self.store, RetentionRepository(self.engine),
+                          auditor=self.auditor)
                 if storage.fetch.configured and emb is not None else None)
         return releaser, back
 
@@ -250,7 +251,16 @@ class Sidecar:
             quarantine_bytes=quarantine.bytes,
             disk_free_bytes=free,
             disk_min_free_bytes=self.store.min_free_bytes,
+            **self._retention_figures(),
         )
+
+    def _retention_figures(self) -> dict[str, int]:
+        if self.releaser is None or self.embedding is None:
+            return {}
+        counts = RetentionRepository(self.engine).counts(
+            self.embedding.model.model_id, max_attempts=self.config.worker.max_attempts)
+        return {"released_files": counts.released,
+                "waiting_for_pixels": counts.waiting_instances}
 
     def _http_security_event(self, kind: str, token_name: str | None, remote: str,
                              path: str) -> None:
