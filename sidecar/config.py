@@ -923,6 +923,12 @@ class UiConfig(_Section):
         description="Most MiB of thumbnails kept in thumbnails/ in the data directory; the "
         "least recently used are removed beyond it.",
     )
+    session_hours: float = Field(
+        8.0, gt=0, le=720,
+        description="When tokens are required (http.auth): how long a browser's sign-in to "
+        "the page lasts (a session cookie standing for the token; revoking the token ends it "
+        "at once).",
+    )
 
     @field_validator("viewer_url")
     @classmethod

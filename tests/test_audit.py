@@ -285,12 +285,15 @@ def test_every_kind_of_message_validates_against_the_standard_schema(
     a.files_released("1.2.3", "PID-1", "", [SopClassCount(CT_IMAGE_STORAGE, 2, ("1.2.3.4.6",
                                                                               "1.2.3.4.7"))],
                      policy="until_embedded")
+    a.user_session("reader", "10.0.0.8")
+    a.user_session("reader", "10.0.0.8", logout=True)
     got = kinds(schema, sent)
     assert got == [
         ("110100", ("110120",)), ("110100", ("110121",)),
         ("110113", ("110126",)), ("110113", ("110126",)), ("110113", ("110132",)),
         ("110104", ()), ("110104", ()), ("110112", ()), ("110112", ()), ("110105", ()),
         ("110103", ()), ("110114", ("110122",)), ("110113", ("110132",)), ("110103", ()),
+        ("110114", ("110122",)), ("110114", ("110123",)),
     ]
     stored = etree.fromstring(sent[5])
     assert stored.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # type: ignore[union-attr]

@@ -26,6 +26,7 @@ from sidecar.audit.messages import (
     INSTANCES_ACCESSED,
     INSTANCES_TRANSFERRED,
     LOGIN,
+    LOGOUT,
     NODE_AUTHENTICATION,
     NODE_ID,
     QUERY,
@@ -147,6 +148,15 @@ class Auditor:
             Participant(user or "(unknown)", True, None, address=address),
             self.source.application(role=APPLICATION),
         )))
+
+    def user_session(self, user: str, address: str, *, logout: bool = False) -> None:
+        """User Authentication, Login or Logout, success: the page's sign-in with a token
+        named ``user`` (never the token), or its sign-out."""
+        self._emit(Event(USER_AUTHENTICATION, "E", Outcome.SUCCESS,
+                         (LOGOUT if logout else LOGIN,), "", (
+                             Participant(user or "(unknown)", True, None, address=address),
+                             self.source.application(role=APPLICATION),
+                         )))
 
     def access_refused(self, user: str, address: str, what: str) -> None:
         """Security Alert, Use of Restricted Function: an HTTP token lacks the scope."""

@@ -10,9 +10,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Row, select, update
+from sqlalchemy import Engine, Row, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
-from sidecar.db.models import API_TOKEN
+from sidecar.db.models import API_TOKEN, SETTING
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,25 @@ def revoke_token(engine: Engine, name: str, now: dt.datetime) -> int:
             .values(revoked_at=_naive(now))
         )
     return int(result.rowcount or 0)
+
+
+SESSION_KEY = "ui_session_key"
+"""The setting holding the page sessions' HMAC key (hex), made once per catalogue."""
+
+
+def session_key(engine: Engine, new: str) -> str:
+    """The page sessions' key: the stored one, else ``new`` stored now (first caller wins)."""
+    with engine.connect() as conn:
+        value = conn.execute(select(SETTING.c.value).where(SETTING.c.key == SESSION_KEY)).scalar()
+    if value:
+        return str(value)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(SETTING).values(key=SESSION_KEY, value=new,
+                                                updated_at=dt.datetime.now(dt.UTC)
+                                                .replace(tzinfo=None)))
+    except IntegrityError:
+        pass  # another process stored one first
+    with engine.connect() as conn:
+        return str(conn.execute(select(SETTING.c.value)
+                                .where(SETTING.c.key == SESSION_KEY)).scalar())

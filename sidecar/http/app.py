@@ -38,15 +38,11 @@ from uvicorn.server import ServerState
 
 from sidecar.audit.events import Auditor
 from sidecar.config import HttpConfig
-from sidecar.errors import (
-    BadQuery,
-    NotEmbedded,
-    SearchError,
-    SidecarError,
-)
+from sidecar.errors import BadQuery, NotEmbedded, SearchError, SidecarError
 from sidecar.http.auth import Access, SecurityEventHandler, log_security_event
 from sidecar.http.clients import audit_keys as _audit_keys
 from sidecar.http.clients import requester as _requester
+from sidecar.http.sessions import Sessions
 from sidecar.http.tls import server_context
 from sidecar.http.tokens import TokenStore
 from sidecar.metrics import CONTENT_TYPE, Metrics
@@ -366,6 +362,7 @@ def create_app(
     on_security_event: SecurityEventHandler = log_security_event,
     auditor: Auditor | None = None,
     routers: Sequence[APIRouter] = (),
+    sessions: Sessions | None = None,
 ) -> FastAPI:
     """The FastAPI application of the HTTP API (see the module notes for the routes).
 
@@ -394,6 +391,8 @@ def create_app(
         remote, path)``; the default logs a WARNING.
     routers
         More routes served beside the API (the page: ``sidecar.http.ui``).
+    sessions
+        The page's sign-in sessions (``sidecar.http.sessions``), honoured under ``/ui``.
 
     Returns
     -------
@@ -414,7 +413,7 @@ def create_app(
     app.add_exception_handler(_BodyError, _on_body_error)
     if tokens is not None:  # inside _Guard: a refused body is still drained there
         app.add_middleware(Access, config=http_config or HttpConfig.model_validate({}),
-                           tokens=tokens, on_security_event=on_security_event)
+                           tokens=tokens, on_security_event=on_security_event, sessions=sessions)
     app.add_middleware(_Guard)
 
     def answer(request: SimilarityRequest, requester: Requester, path: str) -> JSONResponse:

@@ -7,7 +7,10 @@ in the API's JSON error format. Every refusal goes to one callback,
 ``on_security_event(kind, token_name, remote, path)`` (default:
 :func:`log_security_event`, a WARNING); the token itself is never logged.
 The name of an accepted token is put in ``scope["state"]["token_name"]``.
-Route table and modes: docs/http-api.md; design: docs/design/http-access.md.
+Under ``/ui`` a page session cookie (:mod:`sidecar.http.sessions`) stands for
+the token that opened it, and a browser that brings neither is sent to the
+sign-in page. Route table and modes: docs/http-api.md; design:
+docs/design/http-access.md.
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Final
+from urllib.parse import quote, urlsplit
 
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.config import HttpConfig
+from sidecar.http.sessions import PATH as SESSION_PATH
+from sidecar.http.sessions import Sessions, cookie_value
 from sidecar.http.tokens import TokenStore, Verdict, grants
 
 logger = logging.getLogger(__name__)
 
 #: Kinds of security event: the error kinds of the 401/403 answers.
-MISSING, INVALID, EXPIRED, REVOKED, SCOPE = (
-    "missing_token", "invalid_token", "expired_token", "revoked_token", "insufficient_scope")
+MISSING, INVALID, EXPIRED, REVOKED, SCOPE, CROSS_SITE = (
+    "missing_token", "invalid_token", "expired_token", "revoked_token", "insufficient_scope",
+    "cross_site_request")
 OPEN: Final = ""  # no token needed
 ANY: Final = "*"  # any valid token, whatever its scopes
 #: The scope each route needs; a path not listed needs ``admin`` (closed by default).
@@ -38,8 +45,11 @@ ROUTE_SCOPES: Final[dict[str, str]] = {
     "/healthz": OPEN,
     "/openapi.json": ANY,
 }
-#: The scope of every path under a prefix: the page (``sidecar.http.ui``) runs queries.
-PREFIX_SCOPES: Final[dict[str, str]] = {"/ui": "query"}
+#: The scope of every path under a prefix: the page (``sidecar.http.ui``) runs queries;
+#: its sign-in page and its style sheet and script (no patient data) are open.
+PREFIX_SCOPES: Final[dict[str, str]] = {"/ui/login": OPEN, "/ui/logout": OPEN,
+                                        "/ui/static": OPEN, "/ui": "query"}
+LOGIN: Final = "/ui/login"
 REALM: Final = "pacs-sidecar"
 
 SecurityEventHandler = Callable[[str, str | None, str, str], None]
@@ -141,11 +151,13 @@ class Access:
     """
 
     def __init__(self, app: ASGIApp, *, config: HttpConfig, tokens: TokenStore,
-                 on_security_event: SecurityEventHandler = log_security_event) -> None:
+                 on_security_event: SecurityEventHandler = log_security_event,
+                 sessions: Sessions | None = None) -> None:
         self.app = app
         self._config = config
         self._tokens = tokens
         self._on_event = on_security_event
+        self._sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._config.auth == "none":
@@ -154,18 +166,39 @@ class Access:
         path = str(scope.get("path", ""))
         needed = needed_scope(path, self._config)
         sent, token = _bearer(scope)
-        if needed == OPEN or (not sent and not self._config.tokens_required):
+        session = self._session_cookie(scope, path) if not sent else ""
+        if needed == OPEN or (not sent and not session and not self._config.tokens_required):
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
         remote = str(client[0]) if client else ""
-        if not sent:
+        if session and not _same_origin(scope):
+            await self._refuse(scope, receive, send, CROSS_SITE, None, remote, path)
+            return
+        if not sent and not session:
+            if self._sessions is not None and _page_navigation(scope, path):
+                target = quote(path, safe="/")  # back here after signing in
+                await RedirectResponse(f"{LOGIN}?next={target}", 303)(scope, receive, send)
+                return
             await self._refuse(scope, receive, send, MISSING, None, remote, path)
             return
-        verdict: Verdict = (await run_in_threadpool(self._tokens.authenticate, token)
-                            if token else Verdict("invalid"))
+        verdict: Verdict
+        if session:
+            assert self._sessions is not None
+            verdict = await run_in_threadpool(self._sessions.check, session)
+        else:
+            verdict = (await run_in_threadpool(self._tokens.authenticate, token)
+                       if token else Verdict("invalid"))
         name = verdict.token.name if verdict.token is not None else None
         if verdict.outcome != "ok":
+            if session and self._sessions is not None and _page_navigation(scope, path):
+                # a session that ended (expired, its token revoked): sign in again
+                await run_in_threadpool(self._report, _OUTCOME_KIND[verdict.outcome], name,
+                                        remote, path)
+                again = RedirectResponse(f"{LOGIN}?next={quote(path, safe='/')}", 303,
+                                         headers={"Set-Cookie": self._sessions.clear_cookie()})
+                await again(scope, receive, send)
+                return
             await self._refuse(scope, receive, send, _OUTCOME_KIND[verdict.outcome], name,
                                remote, path)
             return
@@ -180,11 +213,14 @@ class Access:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, kind: str,
                       name: str | None, remote: str, path: str, *, needed: str = "",
                       held: tuple[str, ...] = ()) -> None:
-        try:
-            await run_in_threadpool(self._on_event, kind, name, remote, path)
-        except Exception:  # noqa: BLE001 - reporting must not turn a refusal into a 500
-            logger.exception("HTTP API: the security event handler failed")
-        if kind == SCOPE:
+        await run_in_threadpool(self._report, kind, name, remote, path)
+        if kind == CROSS_SITE:
+            status = 403
+            message = (f"{path}: a request carried by the page's session cookie must come from "
+                       "the page itself (its Origin differs)")
+            header = _challenge()
+            body = {"kind": kind, "message": message}
+        elif kind == SCOPE:
             status = 403
             message = (f"the token {name!r} lacks scope {needed!r} needed by {path} "
                        f"(it has {', '.join(held)}); admin includes every scope")
@@ -199,6 +235,48 @@ class Access:
         response = JSONResponse({"error": body}, status_code=status,
                                 headers={"WWW-Authenticate": header})
         await response(scope, receive, send)
+
+
+    def _report(self, kind: str, name: str | None, remote: str, path: str) -> None:
+        try:
+            self._on_event(kind, name, remote, path)
+        except Exception:  # noqa: BLE001 - reporting must not turn a refusal into a 500
+            logger.exception("HTTP API: the security event handler failed")
+
+    def _session_cookie(self, scope: Scope, path: str) -> str:
+        """The page session cookie of a request under ``/ui`` ("" elsewhere or without)."""
+        if self._sessions is None or not (path == SESSION_PATH
+                                          or path.startswith(SESSION_PATH + "/")):
+            return ""
+        for key, value in scope.get("headers", []):
+            if key.lower() == b"cookie":
+                found = cookie_value(value.decode("latin-1"))
+                if found:
+                    return found
+        return ""
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+def _page_navigation(scope: Scope, path: str) -> bool:
+    """A browser asking for a page (GET of HTML under /ui): worth a redirect to sign in."""
+    return (scope.get("method") == "GET" and path.startswith(SESSION_PATH)
+            and "text/html" in _header(scope, b"accept"))
+
+
+def _same_origin(scope: Scope) -> bool:
+    """False for a state-changing request whose ``Origin`` is not this server's host."""
+    if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        return True
+    origin = _header(scope, b"origin")
+    if not origin:
+        return True  # SameSite=Strict keeps the cookie off cross-site requests anyway
+    return urlsplit(origin).netloc.lower() == _header(scope, b"host").lower()
 
 
 __all__ = ["PREFIX_SCOPES", "ROUTE_SCOPES", "Access", "SecurityEventHandler", "describe",

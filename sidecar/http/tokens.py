@@ -120,7 +120,10 @@ class TokenStore:
         """Check a presented token; a good one has its ``last_used_at`` brought up to date."""
         if not _TOKEN_RE.match(token):
             return Verdict("invalid")
-        wanted = digest(token)
+        return self.authenticate_digest(digest(token))
+
+    def authenticate_digest(self, wanted: str) -> Verdict:
+        """:meth:`authenticate` of the token whose SHA-256 is ``wanted`` (a page session)."""
         row = find_by_digest(self._engine, wanted)
         # The lookup is by digest; the digest comparison itself is in constant time.
         if row is None or not hmac.compare_digest(row.token_sha256, wanted):

@@ -33,6 +33,8 @@ from sidecar.db.ui_queries import SliceRef, StudyDetail, UiQueries
 from sidecar.errors import BadQuery, NotEmbedded, SearchError
 from sidecar.http.clients import audit_keys
 from sidecar.http.clients import requester as requester_of
+from sidecar.http.sessions import Sessions
+from sidecar.http.signin import add_signin_routes
 from sidecar.http.thumbnails import Thumb, Thumbnails
 from sidecar.search.caches import spread
 from sidecar.search.front import QueryService, Requester, SimilarityRequest
@@ -147,8 +149,10 @@ class Pages:
     """What the routes share: templates, catalogue reads, thumbnails, the query front."""
 
     def __init__(self, config: Config, engine: Engine, query: QueryService,
-                 embedding: EmbeddingParts | None, auditor: Auditor | None = None) -> None:
+                 embedding: EmbeddingParts | None, auditor: Auditor | None = None, *,
+                 signed: bool = False) -> None:
         self.cfg = config
+        self.signed = signed  # sign-in sessions: the header offers "Sign out"
         self.query = query
         self.auditor = auditor
         self.embedding = embedding
@@ -173,7 +177,7 @@ class Pages:
     def render(self, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         html = self.env.get_template(name).render(
             static=self.static_etags, retrieve_ae=self.cfg.dicom.effective_retrieve_ae_title,
-            **context)
+            **{"signed": self.signed, **context})
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def problem(self, status: int, title: str, message: str) -> HTMLResponse:
@@ -283,6 +287,8 @@ def create_ui_router(
     *,
     auditor: Auditor | None = None,
     dependencies: Sequence[Callable[..., Any]] = (),
+    sessions: Sessions | None = None,
+    on_security_event: Callable[[str, str | None, str, str], None] | None = None,
 ) -> APIRouter:
     """The page's routes under ``/ui`` (docs/http-api.md).
 
@@ -304,12 +310,17 @@ def create_ui_router(
     dependencies
         FastAPI dependencies run before every route of the page (e.g. the
         HTTP API's authentication): the one place to add them.
+    sessions, on_security_event
+        With tokens required: the sign-in sessions (``/ui/login``, ``/ui/logout``,
+        :mod:`sidecar.http.signin`) and where a refused sign-in is reported.
     """
-    pages = Pages(config, engine, query, embedding, auditor)
+    pages = Pages(config, engine, query, embedding, auditor, signed=sessions is not None)
     router = APIRouter(prefix="/ui", dependencies=[Depends(d) for d in dependencies],
                        include_in_schema=False)
     qcfg = config.query
     limit = config.http.max_upload_mb * 1024 * 1024
+    if sessions is not None:
+        add_signin_routes(router, pages, sessions, auditor=auditor, on_failure=on_security_event)
 
     @router.get("")
     def root() -> Response:

@@ -148,13 +148,21 @@ class Sidecar:
                                and "auth" not in config.http.model_fields_set)
             logger.log(logging.WARNING if open_by_default else logging.INFO,
                        "%s", describe(config.http))
+            from sidecar.http.sessions import Sessions  # noqa: PLC0415 - with the API only
+
+            tokens = TokenStore(self.engine)
+            sessions = (Sessions(tokens, self.engine, lifetime=config.ui.session_hours * 3600,
+                                 secure=config.http.tls.enabled)
+                        if config.ui.enabled and config.http.tokens_required else None)
             pages = ([create_ui_router(config, self.engine, self.query, self.embedding,
-                                       auditor=self.auditor)]
+                                       auditor=self.auditor, sessions=sessions,
+                                       on_security_event=self._http_security_event)]
                      if config.ui.enabled else [])
             self.http = HttpServer(config.http, create_app(
                 self.query, self.metrics, self.health, max_upload_mb=config.http.max_upload_mb,
-                tokens=TokenStore(self.engine), http_config=config.http,
+                tokens=tokens, http_config=config.http,
                 on_security_event=self._http_security_event, auditor=self.auditor, routers=pages,
+                sessions=sessions,
             ))
         emb = self.embedding if config.worker.enabled else None
         self.releaser, self.fetch_back = self._retention(emb)
