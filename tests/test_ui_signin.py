@@ -205,3 +205,34 @@ def test_browser_signs_in_with_the_form(site: Site, guarded: Guarded,  # noqa: F
     wait_for(lambda: "/ui/login" in browser.current_url, 30, "the sign-in page again")
     browser.get(f"{guarded.base}/ui/studies/{site.studies['R']}")
     wait_for(lambda: "/ui/login" in browser.current_url, 30, "signed out")
+
+
+def test_the_service_offers_sign_in_when_tokens_are_required(
+    config_factory: Any,
+) -> None:
+    from sidecar.embeddings.model import TinyEmbedder  # noqa: PLC0415
+    from sidecar.service.app import Sidecar  # noqa: PLC0415
+
+    cfg = config_factory({"http": {"enabled": True, "port": free_port(), "auth": "token"},
+                          "worker": {"enabled": False}})
+    app = Sidecar(cfg, embedder=TinyEmbedder())
+    app.start()
+    try:
+        assert app.http is not None and app.http.address is not None
+        host, port = app.http.address
+        token, _ = TokenStore(app.engine).create("radiologist", ["query"])
+        g = Guarded(f"http://{host}:{port}", TokenStore(app.engine), token, "", [])
+        assert g.ask("/ui/").headers["location"] == "/ui/login?next=/ui/"
+        ok = g.sign_in(token)
+        assert ok.status == 303 and g.ask("/ui/", cookie=session_of(ok)).status == 200
+    finally:
+        app.stop()
+    # audited: the sign-in as a successful User Authentication (Login)
+    from lxml import etree  # noqa: PLC0415
+
+    from tests.test_audit import audit_file, event_id  # noqa: PLC0415
+
+    logins = [etree.fromstring(m) for m in audit_file(cfg)]
+    assert any(event_id(m) == ("110114", ("110122",))
+               and m.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+               for m in logins)
