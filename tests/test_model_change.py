@@ -90,3 +90,50 @@ def test_model_change_reembeds_then_swaps(config_factory: Callable[..., Config])
         assert back.vectors.get_setting(ACTIVE_MODEL_KEY) == back.embedder.model_id
     finally:
         close()
+
+
+def test_a_model_change_waits_for_released_files_before_it_swaps(
+    config_factory: Callable[..., Config],
+) -> None:
+    from sidecar.archive.retention import Releaser  # noqa: PLC0415
+    from sidecar.db.retention import RetentionRepository  # noqa: PLC0415
+
+    cfg = config_factory({**OVERRIDES, "storage": {"keep_files": "until_embedded"}})
+    study, series = generate_uid(), generate_uid()
+    files = [part10(make_ct(study_uid=study, series_uid=series, instance_number=i + 1,
+                            seed=i)) for i in range(4)]
+    engine, repo = open_catalogue(cfg)
+    store = InstanceStore(cfg, repo)
+    for data in files:
+        store.store(data, None, Origin("PACS", "127.0.0.1"))
+    repo.mark_stable_studies(0.0)
+    old, close = _embedding(cfg, seed=0)
+    old.run_job()
+    released = Releaser(cfg, old.engine, lambda: old.model.model_id,
+                        keep=old.keep_previews).run_once()
+    assert released.released == 4 and released.previews == 4
+    raw = {p.name: p for p in cfg.storage_dir.rglob("*.dcm")}
+    assert raw == {}
+    close()
+
+    new, close = _embedding(cfg, seed=1)
+    try:
+        assert new.reembedding
+        for _ in range(3):  # nothing can be re-embedded without the pixels: no swap
+            stats = new.run_job()
+            assert stats.slices_embedded == 0 and stats.instances_failed == 0
+            assert new.reembedding
+        waiting = RetentionRepository(new.engine).counts(new.model.model_id, max_attempts=3)
+        assert (waiting.waiting_series, waiting.waiting_instances) == (1, 4)
+        # the PACS sends the series again: restored, re-embedded, then the swap
+        for data in files:
+            store.store(data, None, Origin("PACS", "127.0.0.1"))
+        assert new.run_job().slices_embedded == 4
+        assert new.run_job().series == 0  # nothing left: swap
+        assert not new.reembedding
+        assert new.vectors.get_setting(ACTIVE_MODEL_KEY) == new.embedder.model_id
+        # and its files go again, now that the new model has its vectors
+        assert Releaser(cfg, new.engine, lambda: new.model.model_id).run_once().released == 4
+    finally:
+        close()
+        engine.dispose()
