@@ -346,6 +346,29 @@ def test_find_instance(repo: Repository) -> None:
     assert repo.find_instance(generate_uid()) is None
 
 
+def test_lookup_finds_the_instance_and_a_rejection_in_one_query(
+    engine: Engine, repo: Repository,
+) -> None:
+    from sidecar.db.rejections import RejectedRef, Rejections  # noqa: PLC0415
+
+    meta = make_meta()
+    stored = make_stored(meta, sha256="ab" * 32)
+    pk = repo.add_instance(meta, stored)
+    found = repo.lookup(meta.sop_instance_uid)
+    assert found.existing is not None and not found.rejected
+    assert (found.existing.pk, found.existing.sha256, found.existing.released) == (
+        pk, "ab" * 32, False)
+    unknown = generate_uid()
+    assert repo.lookup(unknown).existing is None and not repo.lookup(unknown).rejected
+    # a rejection note names a UID not received yet: it is rejected, not existing
+    Rejections(engine).reject([RejectedRef(meta.study_instance_uid, meta.series_instance_uid,
+                                           unknown)], reason="113001", action="hide",
+                              note_sop_instance_uid=generate_uid(),
+                              patient=(meta.patient_id, meta.issuer_of_patient_id))
+    later = repo.lookup(unknown)
+    assert later.existing is None and later.rejected
+
+
 def test_replace_instance_points_at_the_new_file(engine: Engine, repo: Repository) -> None:
     meta = add(repo, instance_number=1)
     found = repo.find_instance(meta.sop_instance_uid)

@@ -28,7 +28,7 @@ from sidecar.archive.store import InstanceStore, Origin, Outcome
 from sidecar.config import Config
 from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, InstanceState, Study
-from sidecar.db.repository import Repository
+from sidecar.db.repository import Lookup, Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10, storage_files
 
@@ -504,17 +504,17 @@ def test_lost_race_with_another_process_is_a_duplicate(env: Env) -> None:
     and the store is decided again as an identical duplicate (Success)."""
     data = part10(make_ct())
     other = InstanceStore(env.config, env.repo)  # stands for the other process
-    real_find = env.repo.find_instance
+    real_lookup = env.repo.lookup
     calls = {"n": 0}
 
     def find_then_lose(uid: str) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             other.store(data, None, PACS)  # the other writer wins right now
-            return None  # ... but our check ran just before it
-        return real_find(uid)
+            return Lookup(None, False)  # ... but our check ran just before it
+        return real_lookup(uid)
 
-    env.repo.find_instance = find_then_lose  # type: ignore[method-assign]
+    env.repo.lookup = find_then_lose  # type: ignore[method-assign]
     result = env.store.store(data, None, PACS)
     assert result.outcome is Outcome.DUPLICATE
     assert len(env.instances()) == 1

@@ -136,9 +136,10 @@ class Rejector:
         self._root = storage_dir
         self._hidden = quarantine_dir / REJECTED_DIR
 
-    def refuses(self, sop_instance_uid: str) -> bool:
-        """Whether an arriving instance is refused because a note rejected it."""
-        return self._cfg.refuse_rejected and self._rejections.is_rejected(sop_instance_uid)
+    @property
+    def refusing(self) -> bool:
+        """Whether an instance a note rejected is refused when it arrives again."""
+        return bool(self._cfg.refuse_rejected)
 
     def apply(self, note: RejectionNote) -> RejectionOutcome:
         """Record the note's references and hide or delete the instances received."""

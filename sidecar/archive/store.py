@@ -246,12 +246,6 @@ class InstanceStore:
         except InvalidDataset as exc:
             self.quarantine(data, str(exc), origin)
             raise
-        try:
-            if self._rejector.refuses(meta.sop_instance_uid):
-                raise RejectedInstance(
-                    f"instance {meta.sop_instance_uid} was rejected (IOCM rejection note)")
-        except CatalogueError as exc:
-            raise StorageFailure(str(exc)) from exc
         digest = hashlib.sha256(data).hexdigest()
         with self._lock_for(meta.sop_instance_uid):
             try:
@@ -336,7 +330,14 @@ class InstanceStore:
     def _store_locked(
         self, data: bytes, digest: str, meta: InstanceMeta, origin: Origin
     ) -> StoreResult:
-        existing = self._find(meta.sop_instance_uid)
+        try:
+            found = self._repo.lookup(meta.sop_instance_uid)  # one query for both
+        except CatalogueUnavailable as exc:
+            raise StorageFailure(str(exc)) from exc
+        if found.rejected and self._rejector.refusing:
+            raise RejectedInstance(
+                f"instance {meta.sop_instance_uid} was rejected (IOCM rejection note)")
+        existing = found.existing
         if existing is not None and existing.released:
             return self._restore(data, digest, meta, origin, existing)
         if existing is not None:

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: Execution option that marks a connection's transactions as writes.
 WRITE_OPTION = "sidecar_write"
+#: Execution option of a connection that runs one SELECT and nothing else (SQLite: no BEGIN).
+SINGLE_READ_OPTION = "sidecar_single_read"
 
 
 def make_engine(url: str, *, busy_timeout_ms: int = 10000, echo: bool = False) -> Engine:
@@ -59,7 +61,10 @@ def make_engine(url: str, *, busy_timeout_ms: int = 10000, echo: bool = False) -
             # A write transaction takes the write lock up front: a deferred one
             # that reads first and writes later can fail with SQLITE_BUSY
             # (no busy-wait) when another writer commits in between.
-            immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+            options = conn.get_execution_options()
+            if options.get(SINGLE_READ_OPTION, False):
+                return  # one SELECT is atomic by itself: no BEGIN ... ROLLBACK around it
+            immediate = options.get(WRITE_OPTION, False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     else:

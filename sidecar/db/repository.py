@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sidecar.db.engine import write_transaction
+from sidecar.db.engine import SINGLE_READ_OPTION, write_transaction
 from sidecar.db.models import INSTANCE as _INSTANCE
 from sidecar.db.models import PATIENT as _PATIENT
+from sidecar.db.models import REJECTED_INSTANCE as _REJECTED
 from sidecar.db.models import SERIES as _SERIES
 from sidecar.db.models import (
     SERIES_VECTOR,
@@ -130,6 +131,14 @@ class ExistingInstance:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """What the catalogue holds of an arriving SOP Instance UID (one query)."""
+
+    existing: ExistingInstance | None
+    rejected: bool  # an IOCM rejection note named it
+
+
+@dataclass(frozen=True)
 class StudySummary:
     """Who a study belongs to and what it holds (for its audit message)."""
 
@@ -189,6 +198,33 @@ class Repository:
             return None
         return ExistingInstance(pk=row[0], sha256=row[1], file_path=row[2],
                                 released=row[3] is not None)
+
+    def lookup(self, sop_instance_uid: str) -> Lookup:
+        """:meth:`find_instance` and whether a rejection note named the UID, in one query.
+
+        Raises
+        ------
+        CatalogueUnavailable
+            The catalogue cannot be read.
+        """
+        rejected = (select(_REJECTED.c.id)
+                    .where(_REJECTED.c.sop_instance_uid == sop_instance_uid).exists())
+        try:
+            with self._engine.connect().execution_options(**{SINGLE_READ_OPTION: True}) as conn:
+                row = conn.execute(
+                    select(rejected.label("rejected"), _INSTANCE.c.id, _INSTANCE.c.sha256,
+                           _INSTANCE.c.file_path, _INSTANCE.c.released_at)
+                    .select_from(select(literal(1).label("one")).subquery())
+                    .outerjoin(_INSTANCE, _INSTANCE.c.sop_instance_uid == sop_instance_uid)
+                ).first()
+        except SQLAlchemyError as exc:
+            name = exc.__class__.__name__
+            raise CatalogueUnavailable(f"database unavailable: {name}", name) from exc
+        assert row is not None
+        existing = (None if row[1] is None else
+                    ExistingInstance(pk=row[1], sha256=row[2], file_path=row[3],
+                                     released=row[4] is not None))
+        return Lookup(existing, bool(row[0]))
 
     def study_summary(self, study_instance_uid: str) -> StudySummary | None:
         """The study's Patient ID and instances per SOP Class; ``None`` when unknown."""
@@ -379,10 +415,11 @@ class Repository:
     @staticmethod
     def _touch_hierarchy(conn: Connection, meta: InstanceMeta, now: dt.datetime) -> int:
         """Create or update patient, study and series rows; return the series key."""
+        # The usual case, a study already known, is one statement: re-open it and read it.
         row = conn.execute(
-            select(_STUDY.c.id, _STUDY.c.modalities_in_study).where(
-                _STUDY.c.study_instance_uid == meta.study_instance_uid
-            )
+            update(_STUDY).where(_STUDY.c.study_instance_uid == meta.study_instance_uid)
+            .values(last_received_at=now, stable=False, stable_at=None)
+            .returning(_STUDY.c.id, _STUDY.c.modalities_in_study)
         ).first()
         if row is None:
             patient_pk = conn.execute(
@@ -419,11 +456,10 @@ class Repository:
             ).inserted_primary_key[0]  # type: ignore[index]
         else:
             study_pk, modalities = row
-            changes: dict[str, Any] = {"last_received_at": now, "stable": False, "stable_at": None}
             mods = set(filter(None, modalities.split("\\")))
             if meta.modality and meta.modality not in mods:
-                changes["modalities_in_study"] = "\\".join(sorted(mods | {meta.modality}))
-            conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(**changes))
+                conn.execute(update(_STUDY).where(_STUDY.c.id == study_pk).values(
+                    modalities_in_study="\\".join(sorted(mods | {meta.modality}))))
         series = conn.execute(
             select(_SERIES.c.id, _SERIES.c.study_pk).where(
                 _SERIES.c.series_instance_uid == meta.series_instance_uid
