@@ -1,4 +1,4 @@
-"""Ingest benchmark: DCMTK ``storescu`` into DCMTK ``storescp`` and into ``sidecar serve``.
+"""Ingest benchmark: DCMTK ``storescu`` into DCMTK ``storescp``, Orthanc and ``sidecar serve``.
 
 Run with ``make bench-ingest`` (or ``.venv/bin/python bench/ingest.py --quick`` for a
 fast check). What it does, in order:
@@ -8,8 +8,9 @@ fast check). What it does, in order:
    deterministic for a given ``--seed``, into a temporary directory that is reused
    by every run. Files are hard-linked into one folder per association, so each
    ``storescu`` process gets its share by ``+sd`` (no argv limits).
-2. For each repeat, for each association count (default 1 and 4), runs the two
-   receivers alternately: ``/usr/bin/storescp`` first, then ``sidecar serve``.
+2. For each repeat, for each association count (default 1 and 4), runs the
+   receivers alternately: ``/usr/bin/storescp`` first, then Orthanc (when
+   installed; not with ``--tls``), then ``sidecar serve``.
    Every run starts a fresh receiver process on a free loopback port with a fresh,
    empty output directory, waits until it answers ``/usr/bin/echoscu`` (no fixed
    sleeps; for the sidecar also until it has logged "sidecar ready", which it does
@@ -25,15 +26,21 @@ fast check). What it does, in order:
    exit code other than 0, or a receiver that dies, aborts the benchmark with
    exit code 1: a benchmark that silently loses instances is worthless.
 4. Prints machine facts, one line per run, then a table of median (min/max)
-   instances/s per receiver and association count, the ratio sidecar/storescp,
-   and whether the goal (ratio >= 0.5 with durability on) is met. The exit code
-   is 0 whether the goal is met or not.
+   instances/s per receiver and association count, the ratios sidecar/storescp
+   (goal >= 0.5) and sidecar/Orthanc (issue 20: >= 1.0 on one association, >= 0.8
+   on four, durability on), and whether each goal is met. The exit code is 0
+   whether the goals are met or not.
 
 Receivers
 ---------
 * storescp: ``--fork`` (one child process per association), ``+B`` (bit-preserving:
   the data set is written exactly as received), ``-pdu 131072`` (largest allowed),
   ``-dhl`` (no reverse DNS). It does not fsync: it is the speed reference.
+* Orthanc (``/usr/sbin/Orthanc``, the Debian package, through
+  ``scripts/orthanc_pacs.py``): ``SyncStorageArea: true`` (it fsyncs each file
+  before answering, and its SQLite index commits), no compression, the senders
+  registered as modalities, ``TCP_NODELAY=1`` in its environment. The peer whose
+  promises match ours: it is the PACS that forwards to the sidecar.
 * sidecar: a generated configuration with ``storage.fsync: true`` (every file and
   its directory fsynced and the SQLite row committed before Success is sent),
   ``storage.min_free_mb: 16``, ``logging.level: WARNING``; other settings are the
@@ -98,7 +105,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.tls_pki import Pki, make_pki  # noqa: E402 - the repository on the path first
+from scripts.orthanc_pacs import (  # noqa: E402 - the repository on the path first
+    ORTHANC_BINARY,
+    Modality,
+    OrthancPacs,
+    orthanc_available,
+)
+from scripts.tls_pki import Pki, make_pki  # noqa: E402
 
 DCMTK = Path("/usr/bin")
 STORESCU = DCMTK / "storescu"
@@ -107,7 +120,9 @@ ECHOSCU = DCMTK / "echoscu"
 MAX_PDU = 131072  # the largest DCMTK accepts, for sending and receiving
 ROWS = COLS = 512
 GOAL_RATIO = 0.5
-RECEIVERS = ("storescp", "sidecar")
+#: Issue 20's goals against Orthanc (durability on): by association count, "others" for 4+.
+ORTHANC_GOALS = {1: 1.0, "others": 0.8}
+RECEIVERS = ("storescp", "orthanc", "sidecar")
 SPOT_CHECKS = 3  # files per run compared byte for byte with the source
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -483,6 +498,46 @@ class StoreSCP(Receiver):
                 for p in self.out_dir.iterdir() if p.is_file()}
 
 
+class OrthancReceiver(Receiver):
+    """Orthanc (the Debian package) as the PACS peer: it fsyncs every file
+    (``SyncStorageArea: true``) and commits its SQLite index before it answers,
+    as the sidecar does; ``TCP_NODELAY=1`` in its environment (DCMTK's network
+    layer otherwise waits on Nagle and Orthanc measures ~10x slower)."""
+
+    name = "orthanc"
+
+    def __init__(self, run_dir: Path, ready_timeout: float, pki: Pki | None = None) -> None:
+        super().__init__(run_dir, ready_timeout, pki)
+        self.ae_title = f"OR{secrets.token_hex(4).upper()}"
+        self.pacs: OrthancPacs | None = None
+
+    def command(self) -> list[str]:
+        self.pacs = OrthancPacs(
+            self.run_dir / "orthanc", ae_title=self.ae_title, dicom_port=self.port,
+            http_port=free_port(),
+            modalities={"bench": Modality("BENCHSCU", "127.0.0.1", 104),
+                        "echo": Modality("BENCHECHO", "127.0.0.1", 104)},
+            extra={"SyncStorageArea": True, "StorageCompression": False,
+                   "DicomThreadsCount": 8, "LogExportedResources": False,
+                   "KeepAlive": True, "StorageAccessOnFind": "Never"},
+        )
+        return [ORTHANC_BINARY, "--no-jobs", str(self.pacs.write_config())]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "TCP_NODELAY": "1"}
+
+    def received(self) -> dict[str, Path]:
+        from pydicom import dcmread  # noqa: PLC0415 - only to name Orthanc's files
+
+        assert self.pacs is not None
+        out: dict[str, Path] = {}
+        for p in (self.pacs.workdir / "storage").glob("*/*/*"):
+            if p.is_file():
+                ds = dcmread(p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                out[str(ds.SOPInstanceUID)] = p
+        return out
+
+
 class SidecarServe(Receiver):
     name = "sidecar"
     ready_marker = "sidecar ready:"
@@ -662,6 +717,8 @@ def run_once(kind: str, assoc: int, repeat: int, dirs: Sequence[Path],
     receiver: Receiver
     if kind == "storescp":
         receiver = StoreSCP(run_dir, args.ready_timeout, args.pki)
+    elif kind == "orthanc":
+        receiver = OrthancReceiver(run_dir, args.ready_timeout)
     else:
         receiver = SidecarServe(run_dir, args.ready_timeout, args.sidecar_exe,
                                 args.sidecar_overrides, args.pki)
@@ -837,14 +894,14 @@ def _fmt(x: float) -> str:
 
 
 def summarise(runs: Sequence[RunResult], assoc_counts: Sequence[int],
-              fsync_on: bool) -> dict[str, Any]:
+              fsync_on: bool, receivers: Sequence[str] = RECEIVERS) -> dict[str, Any]:
     summary: dict[str, Any] = {"by_receiver": [], "ratios": []}
     log()
     log(f"{'receiver':<9} {'assoc':>5} {'median':>9} {'min':>7} {'max':>7} {'runs':>4} "
         f"{'recv CPU%':>9} {'send CPU%':>9} {'other%':>6}  (instances/s; CPU% of one core)")
     medians: dict[tuple[str, int], float] = {}
     for a in assoc_counts:
-        for kind in RECEIVERS:
+        for kind in receivers:
             sel = [r for r in runs if r.receiver == kind and r.associations == a]
             if not sel:
                 continue
@@ -874,6 +931,17 @@ def summarise(runs: Sequence[RunResult], assoc_counts: Sequence[int],
                                   "met": met, "fsync": fsync_on})
         log(f"ratio sidecar/storescp, {a} association{'s' if a > 1 else ''}: {ratio:.2f}   "
             f"goal ratio >= {GOAL_RATIO}: {'MET' if met else 'NOT MET'} ({durability})")
+    for a in assoc_counts:
+        if ("orthanc", a) not in medians or ("sidecar", a) not in medians:
+            continue
+        ratio = medians[("sidecar", a)] / medians[("orthanc", a)]
+        goal = float(ORTHANC_GOALS.get(a, ORTHANC_GOALS["others"]))
+        met = ratio >= goal
+        summary["ratios"].append({"associations": a, "peer": "orthanc", "ratio": ratio,
+                                  "goal": goal, "met": met, "fsync": fsync_on})
+        log(f"ratio sidecar/Orthanc,  {a} association{'s' if a > 1 else ''}: {ratio:.2f}   "
+            f"goal ratio >= {goal}: {'MET' if met else 'NOT MET'} ({durability}; Orthanc "
+            "fsyncs too)")
     return summary
 
 
@@ -956,8 +1024,8 @@ def _main(args: argparse.Namespace, work: Path) -> int:
     print_header(
         "ingest", facts, work, args,
         f"{args.count} instances, associations {args.assoc_counts}, "
-        f"{args.repeats} repeat(s); storescp (no fsync) then sidecar "
-        f"(fsync {'on' if fsync_on else 'OFF'}) alternately"
+        f"{args.repeats} repeat(s); storescp (no fsync), Orthanc (SyncStorageArea) and "
+        f"sidecar (fsync {'on' if fsync_on else 'OFF'}) alternately"
         + ("; both over TLS (mutual)" if args.tls else ""),
     )
 
@@ -973,12 +1041,17 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         f"{time.perf_counter() - t0:.1f} s; UID set sha256 {digest.hexdigest()[:12]}")
     log()
 
+    receivers = [k for k in RECEIVERS if k != "orthanc" or (orthanc_available()
+                                                             and not args.tls)]
+    if "orthanc" not in receivers:
+        log("  note: Orthanc not measured (" + ("--tls" if args.tls else
+            f"{ORTHANC_BINARY} not installed: apt-get install orthanc") + ")")
     runs: list[RunResult] = []
-    total = args.repeats * len(args.assoc_counts) * len(RECEIVERS)
+    total = args.repeats * len(args.assoc_counts) * len(receivers)
     n = 0
     for rep in range(1, args.repeats + 1):
         for a in args.assoc_counts:
-            for kind in RECEIVERS:
+            for kind in receivers:
                 n += 1
                 run_no = f"[{n}/{total}]"
                 r = run_once(kind, a, rep, parts[a], instances, work, args, run_no)
@@ -994,7 +1067,7 @@ def _main(args: argparse.Namespace, work: Path) -> int:
                     f"send {r.senders_cpu_pct:3.0f} other {r.other_cpu_pct:3.0f} "
                     f"iowait {r.iowait_pct:3.0f}{kids}{warn}  verified")
 
-    summary = summarise(runs, args.assoc_counts, fsync_on)
+    summary = summarise(runs, args.assoc_counts, fsync_on, receivers)
     facts["loadavg_end"] = os.getloadavg()
     log("  load average at end: " + " ".join(f"{x:.2f}" for x in facts["loadavg_end"]))
     noisy = [r for r in runs if r.other_cpu_pct > 25]
