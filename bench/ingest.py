@@ -837,7 +837,8 @@ def sidecar_overrides(p: argparse.ArgumentParser, items: list[str]) -> dict[str,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="DCMTK storescu -> storescp vs sidecar serve, instances/s and ratio.")
+        description="DCMTK storescu -> storescp, Orthanc and sidecar serve: instances/s and "
+                    "ratios.")
     p.add_argument("--count", type=int, default=None,
                    help="instances to generate and send per run (default 1000)")
     p.add_argument("--repeats", type=int, default=None,
@@ -863,6 +864,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "openssl; storescu and echoscu present a client certificate)")
     p.add_argument("--keep", action="store_true",
                    help="keep run directories (logs, received files) for inspection")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where one C-STORE's time goes, stage by stage, in an "
+                        "in-process node on one association (bench/ingest_profile.py)")
     args = p.parse_args(argv)
     if args.count is None:
         args.count = 200 if args.quick else 1000
@@ -1040,6 +1044,10 @@ def _main(args: argparse.Namespace, work: Path) -> int:
         f"{size / len(instances) / 1e6:.2f} MB each, Explicit VR LE) in "
         f"{time.perf_counter() - t0:.1f} s; UID set sha256 {digest.hexdigest()[:12]}")
     log()
+    if args.profile:
+        from bench.ingest_profile import run_profile  # noqa: PLC0415 - only for --profile
+
+        return run_profile(args.count, STORESCU, [i.path for i in instances], dcmtk_env(), log)
 
     receivers = [k for k in RECEIVERS if k != "orthanc" or (orthanc_available()
                                                              and not args.tls)]
