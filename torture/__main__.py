@@ -1,5 +1,5 @@
-"""``python -m torture {kill9,fuzz,all} [options]``: run campaigns, print figures, exit 1 on
-any loss, crash or hang."""
+"""``python -m torture {kill9,fuzz,concurrency,resources,all} [options]``: run campaigns,
+print figures, exit 1 on any loss, crash or hang."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from torture import concurrency, fuzz, kill9
+from torture import concurrency, fuzz, kill9, resources
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torture", description=__doc__)
-    parser.add_argument("campaign", choices=["kill9", "fuzz", "concurrency", "all"])
+    parser.add_argument("campaign", choices=["kill9", "fuzz", "concurrency", "resources", "all"])
     parser.add_argument("--cycles", type=int, default=50, help="kill9 cycles (default 50)")
     parser.add_argument("--per-cycle", type=int, default=60, help="instances sent per cycle")
     parser.add_argument("--inputs", type=int, default=1000, help="fuzz: malformed datasets")
     parser.add_argument("--associations", type=int, default=8, help="concurrency: senders")
     parser.add_argument("--per-association", type=int, default=500,
                         help="concurrency: instances each association sends")
+    parser.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
+                        help="resources: the small filesystem to fill (mounted; needs root)")
+    parser.add_argument("--fs-mib", type=int, default=64, help="resources: its size in MiB")
+    parser.add_argument("--room", type=int, default=40,
+                        help="resources: instances that fit before the disk is full")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None,
                         help="working directory (default: a temporary one, removed after)")
@@ -47,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             for line in crep.lines():
                 print(line, flush=True)
             failed |= not crep.ok
+        if args.campaign in ("resources", "all"):
+            rrep = resources.run(work / "resources", mib=args.fs_mib, room=args.room,
+                                 kind=args.fs, seed=args.seed)
+            for line in rrep.lines():
+                print(line, flush=True)
+            failed |= not rrep.ok
     return 1 if failed else 0
 
 

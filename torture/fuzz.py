@@ -18,10 +18,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench.ingest import dataset_offset
 from torture.node import HarnessError, Node
-from torture.traffic import SendLog, dataset_offset, send_files, write_series
+from torture.traffic import SendLog, send_files, write_series
 
 # Statuses that say what was wrong (PS3.4 B.2.3 and PS3.7 C): anything else is a finding.
 SPECIFIC = {0x0000, 0x0107, 0x0111, 0x0116, 0x0117, 0x0122, 0x0124, 0xB000, 0xB006, 0xB007}
@@ -351,13 +352,13 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
         if node.alive():
             node.stop()
     log_text = "".join(p.read_text(errors="replace") for p in node.root.glob("serve-*.log"))
-    if _our_tracebacks(log_text):
+    if our_tracebacks(log_text):
         report.problems.append("a traceback in the node's log (see " + str(node.root) + ")")
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _our_tracebacks(log_text: str) -> int:
+def our_tracebacks(log_text: str) -> int:
     """Tracebacks in the log but those pynetdicom's DUL logs for the malformed PDUs sent
     on purpose ("Unable to decode the received PDU data": its way to report them)."""
     lines = log_text.splitlines()
