@@ -4,11 +4,19 @@ print figures, exit 1 on any loss, crash or hang."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torture import concurrency, fuzz, kill9, resources
+from torture.node import kill_all
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the campaigns' clean-ups (nodes, mounts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,35 +37,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="working directory (default: a temporary one, removed after)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupted)  # ``timeout`` in ``make torture``
+    with tempfile.TemporaryDirectory(prefix="torture-", ignore_cleanup_errors=True) as tmp:
+        try:
+            return _campaigns(args, args.work or Path(tmp))
+        finally:
+            left = kill_all()
+            if left:
+                print(f"torture: killed {left} sidecar serve process group(s) left running",
+                      flush=True)
+
+
+def _campaigns(args: argparse.Namespace, work: Path) -> int:
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+    runs: dict[str, Callable[[], Any]] = {
+        "kill9": lambda: kill9.run(work / "kill9", cycles=args.cycles,
+                                   per_cycle=args.per_cycle, seed=args.seed),
+        "fuzz": lambda: fuzz.run(
+            work / "fuzz", inputs=args.inputs, seed=args.seed,
+            extra_seeds=sorted(shared.rglob("*.dcm"))[:200] if shared.is_dir() else []),
+        "concurrency": lambda: concurrency.run(
+            work / "concurrency", associations=args.associations,
+            per_association=args.per_association, seed=args.seed),
+        "resources": lambda: resources.run(work / "resources", mib=args.fs_mib,
+                                           room=args.room, kind=args.fs, seed=args.seed),
+    }
     failed = False
-    with tempfile.TemporaryDirectory(prefix="torture-") as tmp:
-        work = args.work or Path(tmp)
-        if args.campaign in ("kill9", "all"):
-            rep = kill9.run(work / "kill9", cycles=args.cycles, per_cycle=args.per_cycle,
-                            seed=args.seed)
-            for line in rep.lines():
+    for name, campaign in runs.items():
+        if args.campaign in (name, "all"):
+            report = campaign()
+            for line in report.lines():
                 print(line, flush=True)
-            failed |= not rep.ok
-        if args.campaign in ("fuzz", "all"):
-            shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
-            extra = sorted(shared.rglob("*.dcm"))[:200] if shared.is_dir() else []
-            frep = fuzz.run(work / "fuzz", inputs=args.inputs, seed=args.seed,
-                            extra_seeds=extra)
-            for line in frep.lines():
-                print(line, flush=True)
-            failed |= not frep.ok
-        if args.campaign in ("concurrency", "all"):
-            crep = concurrency.run(work / "concurrency", associations=args.associations,
-                                   per_association=args.per_association, seed=args.seed)
-            for line in crep.lines():
-                print(line, flush=True)
-            failed |= not crep.ok
-        if args.campaign in ("resources", "all"):
-            rrep = resources.run(work / "resources", mib=args.fs_mib, room=args.room,
-                                 kind=args.fs, seed=args.seed)
-            for line in rrep.lines():
-                print(line, flush=True)
-            failed |= not rrep.ok
+            failed |= not report.ok
     return 1 if failed else 0
 
 

@@ -68,6 +68,25 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+def kill_all() -> int:
+    """SIGKILL every ``sidecar serve`` a node of this process started and that still runs
+    (their own process groups: an interrupted campaign must not leave them behind)."""
+    killed = 0
+    for proc in list(_RUNNING):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        _RUNNING.discard(proc)
+    return killed
+
+
 @dataclass
 class Node:
     """A data directory and the ``sidecar serve`` processes run on it, one at a time."""
@@ -115,6 +134,7 @@ class Node:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(),
                 start_new_session=True,
             )
+        _RUNNING.add(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if READY in self.log_path.read_text(errors="replace"):
@@ -134,6 +154,7 @@ class Node:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        _RUNNING.discard(self.proc)
         self.proc = None
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -146,6 +167,7 @@ class Node:
         except subprocess.TimeoutExpired:
             self.kill9()
             raise HarnessError(f"sidecar serve did not stop within {timeout:.0f} s") from None
+        _RUNNING.discard(self.proc)
         self.proc = None
         return code
 

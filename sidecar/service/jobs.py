@@ -16,6 +16,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sidecar.config import Config
 from sidecar.db.repository import Repository
 from sidecar.dicom.tls import NodeCertificate
+from sidecar.errors import is_native_panic
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ class GuardedJob:
     def __call__(self) -> object:
         try:
             result = self.func()
-        except Exception as exc:  # noqa: BLE001 - a job must not take the scheduler down
+        except BaseException as exc:  # a job must not take the scheduler down
+            if not isinstance(exc, Exception) and not is_native_panic(exc):
+                raise  # KeyboardInterrupt, SystemExit
             self._failed(exc)
             return None
         with self._lock:
@@ -75,7 +78,7 @@ class GuardedJob:
                         failures, "" if failures == 1 else "s")
         return result
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: BaseException) -> None:
         full = out_of_space(exc)
         kind = "full" if full else exc.__class__.__name__
         now = self._clock()
