@@ -36,7 +36,7 @@ def test_the_same_instances_from_two_associations_at_once(tmp_path: Path) -> Non
 
 
 def test_a_full_disk_is_refused_out_of_resources_and_recovers(tmp_path: Path) -> None:
-    rep = resources.run(tmp_path, mib=24, watermark_mib=8, room=10, worker=False, receivers=1,
+    rep = resources.run(tmp_path, mib=16, watermark_mib=4, room=6, worker=False, receivers=1,
                         connections=False, log=None)
     if rep.skipped:
         pytest.skip(rep.skipped)  # mounting the small filesystem needs root
@@ -46,5 +46,6 @@ def test_a_full_disk_is_refused_out_of_resources_and_recovers(tmp_path: Path) ->
 
 
 def test_silent_and_half_open_connections_are_dropped_and_block_no_one(tmp_path: Path) -> None:
-    rep = resources.run(tmp_path, disk=False, acse_timeout=2.0, network_timeout=3.0, log=None)
+    rep = resources.run(tmp_path, disk=False, acse_timeout=1.5, network_timeout=2.5, receivers=1,
+                        log=None)
     assert rep.ok, "\n".join(rep.lines())

@@ -230,13 +230,13 @@ def _phase(report: ResourcesReport, name: str, sent: list[Sent], expected: int) 
 
 def _disk(root: Path, report: ResourcesReport, *, mib: int, watermark_mib: int,
           room: int, kind: FsKind, seed: int, worker: bool, receivers: int, log: Any) -> None:
-    files = write_series(root / "files", studies=max(1, (3 * room + 10) // 20 + 1),
-                         per_series=20, seed=seed, rows=256)
-    report.instance_kib = round(files[0].path.stat().st_size / 1024)
-    size = files[0].path.stat().st_size
-    small = write_series(root / "small", studies=2, per_series=20, seed=seed + 2, rows=64)
     report.watermark_mib = watermark_mib
     with small_filesystem(root / "fs", mib, kind) as fs:
+        files = write_series(root / "files", studies=max(1, (3 * room + 10) // 20 + 1),
+                             per_series=20, seed=seed, rows=256)
+        report.instance_kib = round(files[0].path.stat().st_size / 1024)
+        size = files[0].path.stat().st_size
+        small = write_series(root / "small", studies=2, per_series=20, seed=seed + 2, rows=64)
         report.fs = f"{kind} of {mib} MiB"
         http_port = free_port()
         node = Node(root / "node", data_at=fs / "data", overrides={
@@ -387,13 +387,14 @@ def _watch(watched: list[_Watched], lock: threading.Lock, stop: threading.Event)
 
 
 def _connections(root: Path, report: ResourcesReport, *, silent: int, half: int, idle: int,
-                 acse_timeout: float, network_timeout: float, seed: int) -> None:
+                 acse_timeout: float, network_timeout: float, receivers: int,
+                 seed: int) -> None:
     report.silent, report.half, report.idle = silent, half, idle
     report.acse_timeout, report.network_timeout = acse_timeout, network_timeout
     node = Node(root / "node-conn", overrides={
         "worker": {"enabled": False},
         "dicom": {"acse_timeout": acse_timeout, "network_timeout": network_timeout,
-                  "dimse_timeout": network_timeout}})
+                  "dimse_timeout": network_timeout, "receiver_processes": receivers}})
     files = write_series(root / "files-conn", studies=1, per_series=10, seed=seed + 1)
     node.start()
     watched: list[_Watched] = []
@@ -492,6 +493,7 @@ def run(root: Path, *, mib: int = 64, watermark_mib: int = 16, room: int = 40,
         report.skipped = "not asked for"
     if connections:
         _connections(root, report, silent=silent, half=half, idle=idle,
-                     acse_timeout=acse_timeout, network_timeout=network_timeout, seed=seed)
+                     acse_timeout=acse_timeout, network_timeout=network_timeout,
+                     receivers=receivers, seed=seed)
     report.seconds = time.monotonic() - t0
     return report
