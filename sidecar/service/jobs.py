@@ -153,28 +153,26 @@ def scheduler(
     """
     sched = BackgroundScheduler(timezone="UTC")
     once: dict[str, Any] = {"max_instances": 1, "coalesce": True}
-    add = sched.add_job
 
     def add_job(func: Callable[[], object], *args: Any, id: str, **kw: Any) -> None:  # noqa: A002
-        add(GuardedJob(id, func), *args, id=id, name=id, **kw)
+        sched.add_job(GuardedJob(id, func), *args, id=id, name=id, **kw)
 
     # At start, then every 5 minutes: what interrupted stores left (a receiver process
     # that died and was restarted leaves its temporaries; the tidy is a listdir).
     add_job(clear_temporaries, "interval", seconds=TIDY_INTERVAL_S,
-                  id="clear_temporaries", next_run_time=dt.datetime.now(dt.UTC), **once)
+            id="clear_temporaries", next_run_time=dt.datetime.now(dt.UTC), **once)
     if report_tls_certificate is not None:
         # Daily: the certificate in use, until it is renewed and the service restarted.
-        add_job(report_tls_certificate, "interval", days=1,
-                      id="report_tls_certificate", **once)
+        add_job(report_tls_certificate, "interval", days=1, id="report_tls_certificate",
+                **once)
     add_job(mark_stable, "interval", seconds=config.stability.check_interval,
-                  id="mark_stable", **once)
+            id="mark_stable", **once)
     if embed is not None and maintain is not None:
         add_job(embed, "interval", seconds=config.worker.interval, id="embed", **once)
-        add_job(maintain, "interval", seconds=config.index.save_interval,
-                      id="save_index", **once)
+        add_job(maintain, "interval", seconds=config.index.save_interval, id="save_index",
+                **once)
         if adapt is not None and config.adaptation.enabled:
-            add_job(adapt, CronTrigger.from_crontab(config.adaptation.schedule,
-                                                          timezone="UTC"),
-                          id="adapt", misfire_grace_time=3600, **once)
+            add_job(adapt, CronTrigger.from_crontab(config.adaptation.schedule, timezone="UTC"),
+                    id="adapt", misfire_grace_time=3600, **once)
             logger.info("on-site adaptation scheduled: %s (UTC)", config.adaptation.schedule)
     return sched
