@@ -48,26 +48,32 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress shows in a log file as it happens
+
+
 def _campaigns(args: argparse.Namespace, work: Path) -> int:
     shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
     runs: dict[str, Callable[[], Any]] = {
         "kill9": lambda: kill9.run(work / "kill9", cycles=args.cycles,
-                                   per_cycle=args.per_cycle, seed=args.seed),
+                                   per_cycle=args.per_cycle, seed=args.seed, log=_say),
         "fuzz": lambda: fuzz.run(
             work / "fuzz", inputs=args.inputs, seed=args.seed,
-            extra_seeds=sorted(shared.rglob("*.dcm"))[:200] if shared.is_dir() else []),
+            extra_seeds=sorted(shared.rglob("*.dcm"))[:200] if shared.is_dir() else [],
+            log=_say),
         "concurrency": lambda: concurrency.run(
             work / "concurrency", associations=args.associations,
-            per_association=args.per_association, seed=args.seed),
+            per_association=args.per_association, seed=args.seed, log=_say),
         "resources": lambda: resources.run(work / "resources", mib=args.fs_mib,
-                                           room=args.room, kind=args.fs, seed=args.seed),
+                                           room=args.room, kind=args.fs, seed=args.seed,
+                                           log=_say),
     }
     failed = False
     for name, campaign in runs.items():
         if args.campaign in (name, "all"):
             report = campaign()
             for line in report.lines():
-                print(line, flush=True)
+                _say(line)
             failed |= not report.ok
     return 1 if failed else 0
 
