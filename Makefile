@@ -107,7 +107,7 @@ clean:
 ## part is reported NOT RUN) and connections that never finish. Prints its figures; exits
 ## non-zero on any loss, crash or hang. TORTURE_ARGS to narrow; TORTURE_TIMEOUT bounds the
 ## whole run (SIGTERM: the harness kills its nodes and unmounts; the full sizes took about
-## 16 min on the 2-core machine).
+## 13.5 min on the 2-core machine, python -m torture all, 2026-12-08).
 TORTURE_ARGS ?= all
 TORTURE_TIMEOUT ?= 3600
 torture: setup-test
