@@ -17,6 +17,17 @@ class SidecarError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+def is_native_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Rust extension's panic (pyo3's ``PanicException``).
+
+    It derives from :class:`BaseException`, not :class:`Exception`, so ``except
+    Exception`` lets it through: pylibjpeg-rle panics on a damaged RLE frame (found by
+    the torture fuzz campaign, issue 19: the embedding job died on it at every run).
+    """
+    kind = type(exc)
+    return kind.__name__ == "PanicException" and kind.__module__ == "pyo3_runtime"
+
+
 class ConfigError(SidecarError):
     """The configuration file or an environment override is invalid.
 

@@ -25,3 +25,26 @@ def configure_logging(level: str) -> None:
     noisy = logging.DEBUG if level == "DEBUG" else logging.WARNING
     for name in ("pynetdicom", "pydicom", "apscheduler", "alembic"):
         logging.getLogger(name).setLevel(noisy)
+    if level != "DEBUG":
+        quiet_decoder_plugin_failures()
+
+
+class _PluginFailures(logging.Filter):
+    """Drops pydicom's ERROR-with-traceback for each decoding plugin that fails on a frame."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.funcName == "_decode_frame" and record.exc_info is not None)
+
+
+_PLUGIN_FAILURES = _PluginFailures()
+
+
+def quiet_decoder_plugin_failures() -> None:
+    """pydicom logs every decoding plugin that fails on a frame at ERROR with a full
+    traceback, then raises one error naming them all (or decodes with the next plugin).
+    The worker records that error on the instance and logs it on one line, so a damaged
+    compressed file put tracebacks in the service's log (torture fuzz campaign, issue 19).
+    Those records are dropped; pydicom's warnings stay. Idempotent."""
+    logger = logging.getLogger("pydicom.pixels.decoders.base")
+    if _PLUGIN_FAILURES not in logger.filters:
+        logger.addFilter(_PLUGIN_FAILURES)

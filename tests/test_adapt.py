@@ -279,7 +279,7 @@ def test_schedule_is_off_by_default_and_validated(
         fields = {f.name: str(f) for f in job.trigger.fields}
         assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("15", "4", "6")
         assert str(job.trigger.timezone) == "UTC"
-        assert job.func == on.adapt
+        assert job.func.func == on.adapt  # through jobs.GuardedJob
     finally:
         on.stop()
 

@@ -8,6 +8,7 @@ before the temporary is removed); a store made afterwards tidies at start.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -163,5 +164,28 @@ def test_a_full_disk_answers_out_of_resources_and_keeps_nothing(
         store.store(part10(ds), None, Origin("PACS", "h"))  # space again: stored
         assert repo.find_instance(str(ds.SOPInstanceUID)) is not None
         store.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_dead_owners_empty_directory_is_removed_without_a_log_line(
+    config_factory: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config_factory()
+    engine, repo = open_catalogue(cfg)
+    try:
+        first = InstanceStore(cfg, repo)
+        first.store(part10(make_ct()), None, Origin("PACS", "h"))  # makes its spool
+        spool = first._spool  # noqa: SLF001 - its directory, empty between two stores
+        assert spool is not None
+        os.close(spool._fd)  # noqa: SLF001 - its lock released, as if its process died
+        spool._fd = -1  # noqa: SLF001
+        with caplog.at_level(logging.INFO, logger="sidecar.archive.store"):
+            second = InstanceStore(cfg, repo)  # the restart: tidies at start
+        report = second.tidy()
+        assert not report.anything
+        assert not [r for r in caplog.records if "tidied" in r.getMessage()]
+        assert sorted((cfg.storage_dir / ".tmp").iterdir()) == []
+        second.close()
     finally:
         engine.dispose()

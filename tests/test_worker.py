@@ -56,6 +56,7 @@ from sidecar.embeddings.service import IndexBusy, IndexService, OpenReport
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10, wait_for
 from tests.conftest import make_sr as make_sr_base
+from tests.test_damaged_pixels import make_rle_that_panics
 
 REPO = Path(__file__).resolve().parent.parent
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -785,6 +786,28 @@ def test_damaged_file_fails_and_is_embedded_after_repair(
     assert (row.state, row.error, row.next_attempt_at) == (InstanceState.EMBEDDED, "", None)
     rows = assert_consistent(node)
     assert {r.sop for r in rows.values()} == {str(ds.SOPInstanceUID) for ds in series}
+
+
+def test_a_decoder_panic_fails_its_instance_and_the_job_goes_on(
+    node_factory: Callable[..., Node]
+) -> None:
+    # Torture finding (issue 19): pylibjpeg-rle panics on a damaged RLE frame; the panic is
+    # a BaseException, so it went through every ``except Exception`` and killed the job at
+    # each run, leaving the series pending for ever.
+    node = node_factory({**every_slice(), "worker": {"enabled": False}})
+    series = ct_series(5)
+    make_rle_that_panics(series[3])
+    node.put(*series)
+    node.stabilise()
+    node.open()
+
+    stats = node.emb.worker.run_once()
+
+    assert (stats.instances_embedded, stats.instances_failed) == (4, 1)
+    row = node.instances()[str(series[3].SOPInstanceUID)]
+    assert row.state == InstanceState.FAILED
+    assert row.error.startswith("cannot prepare pixels: cannot decode RLE Lossless")
+    assert len(assert_consistent(node)) == 4
 
 
 # ------------------------------------------------------ index consistency at open

@@ -4,8 +4,10 @@ PDUs sent to ``sidecar serve`` while a valid transfer runs beside them."""
 from __future__ import annotations
 
 import collections
+import io
 import random
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -16,12 +18,13 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench.ingest import dataset_offset
 from torture.node import HarnessError, Node
-from torture.traffic import SendLog, dataset_offset, send_files, write_series
+from torture.traffic import SendLog, send_files, write_series
 
 # Statuses that say what was wrong (PS3.4 B.2.3 and PS3.7 C): anything else is a finding.
 SPECIFIC = {0x0000, 0x0107, 0x0111, 0x0116, 0x0117, 0x0122, 0x0124, 0xB000, 0xB006, 0xB007}
@@ -148,6 +151,18 @@ MUTATIONS: tuple[Callable[[bytearray, int, random.Random], str], ...] = (
 )
 
 
+def with_new_uid(data: bytes, rng: random.Random) -> bytes:
+    """The same file under a new SOP Instance UID (dataset and file meta), so that its
+    mutation is stored and embedded rather than answered as a duplicate of the seed."""
+    ds = dcmread(io.BytesIO(data), force=True)
+    uid = generate_uid(entropy_srcs=[str(rng.random())])
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def mutate(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     """A mutated copy of a Part-10 file image (its File Meta kept so that it can be sent)."""
     start = dataset_offset(data)
@@ -162,8 +177,11 @@ class FuzzReport:
     inputs: int = 0
     by_status: collections.Counter[str] = field(default_factory=collections.Counter)
     by_mutation: collections.Counter[str] = field(default_factory=collections.Counter)
+    unsendable: int = 0  # mutations pynetdicom would not send (not counted in ``inputs``)
     unanswered: int = 0
     unspecific: int = 0
+    worker_states: dict[str, int] = field(default_factory=dict)
+    worker_failure: str = ""  # one failed instance's message
     pdus: int = 0
     pdu_problems: int = 0
     valid_sent: int = 0
@@ -182,6 +200,9 @@ class FuzzReport:
             f"fuzz: {self.inputs} malformed datasets, {self.unanswered} unanswered, "
             f"{self.unspecific} without a specific status, {self.crashes} crashes",
             f"fuzz: statuses {top}",
+            f"fuzz: {self.unsendable} more mutations pynetdicom would not send (not counted)",
+            f"fuzz: the embedding worker on what was stored: {self.worker_states}, e.g. "
+            f"{self.worker_failure[:120]!r}",
             f"fuzz: {self.pdus} malformed PDUs/associations, {self.pdu_problems} problems; "
             f"valid transfer beside them: {self.valid_ok}/{self.valid_sent} stored",
             f"fuzz: {self.seconds:.0f} s; " + ("OK" if self.ok else
@@ -280,9 +301,15 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
                               kwargs={"stop": stop, "calling": "VALID"}, daemon=True)
     beside.start()
     try:
-        for n in range(inputs):
+        n = -1
+        seed_bytes: dict[Path, bytes] = {}
+        while report.inputs < inputs and n < 3 * inputs:  # ``inputs`` that reach the node
+            n += 1
             seed_path = rng.choice(seeds)
-            data, how = mutate(seed_path.read_bytes(), rng)
+            original = seed_bytes.setdefault(seed_path, seed_path.read_bytes())
+            if rng.random() < 0.75:  # most under a new UID: stored, so the worker meets them
+                original = with_new_uid(original, rng)
+            data, how = mutate(original, rng)
             path = mutated_dir / f"{n:05d}.dcm"
             path.write_bytes(data)
             started = time.monotonic()
@@ -291,6 +318,8 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
             except Exception as exc:  # noqa: BLE001 - the file meta itself broke: skip it
                 code, comment = -2, f"{type(exc).__name__}: {exc}"
             if code == -2:
+                report.unsendable += 1
+                path.unlink()
                 continue  # pynetdicom would not send it: nothing reached the node
             report.inputs += 1
             report.by_mutation[how] += 1
@@ -312,8 +341,8 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
                 report.crashes += 1
                 report.problems.append(f"the node died after input {n}:\n{node.tail()}")
                 break
-            if log is not None and (n + 1) % 250 == 0:
-                log(f"fuzz: {n + 1}/{inputs} inputs")
+            if log is not None and report.inputs % 250 == 0:
+                log(f"fuzz: {report.inputs}/{inputs} inputs")
         for name, payload in _pdus(rng):
             report.pdus += 1
             try:
@@ -342,7 +371,11 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
             report.problems.append(f"valid transfer: {report.valid_ok}/{report.valid_sent} "
                                    "stored with Success")
         # let the worker try the stored malformed files: it must survive them
-        time.sleep(4.0)
+        deadline = time.monotonic() + 300
+        while node.alive() and time.monotonic() < deadline:
+            if not node.cli_json("status")["instances"]["pending"]:
+                break
+            time.sleep(1.0)
         if not node.alive():
             report.crashes += 1
             report.problems.append(f"the node died while embedding:\n{node.tail()}")
@@ -350,14 +383,32 @@ def run(root: Path, *, inputs: int, seed: int = 0, extra_seeds: Sequence[Path] =
         stop.set()
         if node.alive():
             node.stop()
+    _worker_outcome(node, report)
     log_text = "".join(p.read_text(errors="replace") for p in node.root.glob("serve-*.log"))
-    if _our_tracebacks(log_text):
+    if our_tracebacks(log_text):
         report.problems.append("a traceback in the node's log (see " + str(node.root) + ")")
     report.seconds = time.monotonic() - t0
     return report
 
 
-def _our_tracebacks(log_text: str) -> int:
+def _worker_outcome(node: Node, report: FuzzReport) -> None:
+    """The stored instances' embedding states (read from the catalogue): none left pending,
+    every failed one with its message."""
+    db = node.data_dir / "sidecar.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT state, error FROM instance").fetchall()
+    report.worker_states = dict(collections.Counter(str(state) for state, _ in rows))
+    failed = [str(err or "") for state, err in rows if state == "failed"]
+    report.worker_failure = next((e for e in failed if e), "")
+    if report.worker_states.get("pending"):
+        report.problems.append(f"{report.worker_states['pending']} stored instances still "
+                               "pending: the worker did not get through them")
+    if any(not e for e in failed):
+        report.problems.append(f"{sum(1 for e in failed if not e)} failed instances without "
+                               "a message")
+
+
+def our_tracebacks(log_text: str) -> int:
     """Tracebacks in the log but those pynetdicom's DUL logs for the malformed PDUs sent
     on purpose ("Unable to decode the received PDU data": its way to report them)."""
     lines = log_text.splitlines()

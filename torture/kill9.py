@@ -50,7 +50,7 @@ class Kill9Report:
         ]
 
 
-def _metric(port: int, name: str) -> float | None:
+def metric(port: int, name: str) -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
@@ -135,7 +135,7 @@ def run(root: Path, *, cycles: int, per_cycle: int = 60, associations: int = 3,
                     break
                 time.sleep(1.0)
             time.sleep(2.0)  # one more save interval
-            report.index_vectors = int(_metric(http_port, "sidecar_index_vectors") or 0)
+            report.index_vectors = int(metric(http_port, "sidecar_index_vectors") or 0)
     finally:
         node.stop()
     status = node.cli_json("status")

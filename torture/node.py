@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,11 +25,33 @@ class HarnessError(RuntimeError):
     """The harness itself could not go on (a node that never became ready, a bad reply)."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago on 127.0.0.1, outside the ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is one it also gives to outgoing
+    connections: while a campaign opens thousands of them, another could take it
+    before ``sidecar serve`` binds it ("Address already in use", seen once).
+    """
+    low, high = _ephemeral_range()
+    ranges = [r for r in (range(20000, min(low, 32768)), range(high + 1, 65536)) if r]
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(rng.choice(ranges)) if ranges else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise HarnessError("no free TCP port outside the ephemeral range")
 
 
 def _env() -> dict[str, str]:
@@ -44,6 +68,25 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+def kill_all() -> int:
+    """SIGKILL every ``sidecar serve`` a node of this process started and that still runs
+    (their own process groups: an interrupted campaign must not leave them behind)."""
+    killed = 0
+    for proc in list(_RUNNING):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        _RUNNING.discard(proc)
+    return killed
+
+
 @dataclass
 class Node:
     """A data directory and the ``sidecar serve`` processes run on it, one at a time."""
@@ -54,11 +97,18 @@ class Node:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    data_at: Path | None = None  # the data directory; default ``root / "data"``
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.data_dir = self.root / "data"
+        self.data_dir: Path = self.data_at or self.root / "data"
         self.config_path = self.root / "sidecar.yaml"
+        self.configure()
+
+    def configure(self, **overrides: Any) -> None:
+        """(Re)write the configuration: the defaults, ``self.overrides``, then ``overrides``
+        (kept for later calls). Takes effect at the next start."""
+        _deep_update(self.overrides, overrides)
         cfg: dict[str, Any] = {
             "dicom": {"ae_title": self.ae_title, "bind_address": "127.0.0.1", "port": self.port},
             "storage": {"data_dir": str(self.data_dir), "min_free_mb": 16, "fsync": True},
@@ -66,7 +116,7 @@ class Node:
             "worker": {"interval": 1.0},
             "logging": {"level": "INFO"},
         }
-        _deep_update(cfg, self.overrides)
+        _deep_update(cfg, copy.deepcopy(self.overrides))
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     @property
@@ -84,6 +134,7 @@ class Node:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(),
                 start_new_session=True,
             )
+        _RUNNING.add(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if READY in self.log_path.read_text(errors="replace"):
@@ -103,6 +154,7 @@ class Node:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        _RUNNING.discard(self.proc)
         self.proc = None
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -115,6 +167,7 @@ class Node:
         except subprocess.TimeoutExpired:
             self.kill9()
             raise HarnessError(f"sidecar serve did not stop within {timeout:.0f} s") from None
+        _RUNNING.discard(self.proc)
         self.proc = None
         return code
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
 
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, is_native_panic
 
 __all__ = [
     "DecodedImage",
@@ -433,7 +433,9 @@ def read_image(
             decoded_pi, samples = "RGB", 3
     except PreprocessError:
         raise
-    except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+    except BaseException as exc:  # decoders raise many types; all mean "cannot decode"
+        if not isinstance(exc, Exception) and not is_native_panic(exc):
+            raise  # KeyboardInterrupt, SystemExit
         others = "; ".join(decoder.missing_dependencies)
         hint = f" (decoders not installed that might: {others})" if others else ""
         raise PreprocessError(
