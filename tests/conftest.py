@@ -232,10 +232,7 @@ def pg_server() -> Iterator[PgServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
-    """``database.url`` for this test's catalogue: "" (the default SQLite file in the
-    data directory) or a fresh PostgreSQL database at head, dropped afterwards."""
+def _database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
     if catalogue == "sqlite":
         yield ""
         return
@@ -243,6 +240,19 @@ def database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str
     name = server.create_database(request.node.name)
     yield server.url(name)
     server.drop_database(name)
+
+
+@pytest.fixture
+def database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``database.url`` for this test's catalogue: "" (the default SQLite file in the
+    data directory) or a fresh PostgreSQL database at head, dropped afterwards."""
+    yield from _database_url(catalogue, request)
+
+
+@pytest.fixture(scope="module")
+def module_database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """:func:`database_url` for a module-scoped catalogue (one database per module and engine)."""
+    yield from _database_url(catalogue, request)
 
 
 @pytest.fixture

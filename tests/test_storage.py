@@ -32,6 +32,9 @@ from sidecar.db.repository import Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
 from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10, storage_files
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -288,12 +291,29 @@ def test_watermark_refuses_without_writing(env_factory: Callable[..., Env]) -> N
 
 
 # ------------------------------------------------------ database failures
+def fail_writes(engine: Engine, when: str) -> Callable[[], None]:
+    """A trigger that aborts every ``when`` (``INSERT``, ``UPDATE``) on ``instance``, in
+    the engine's own dialect; returns what drops it again."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "BEGIN SELECT RAISE(ABORT, 'injected'); END;"))
+        else:
+            conn.execute(text("CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS "
+                              "$$ BEGIN RAISE EXCEPTION 'injected'; END $$"))
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "FOR EACH ROW EXECUTE FUNCTION fail()"))
+
+    def drop() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail" + (
+                "" if engine.dialect.name == "sqlite" else " ON instance")))
+
+    return drop
+
+
 def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
-    with env.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE INSERT ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    restore = fail_writes(env.engine, "INSERT")
     ds = make_ct()
     data = part10(ds)
     with pytest.raises(StorageFailure):
@@ -304,8 +324,7 @@ def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
     assert env.repo.find_instance(ds.SOPInstanceUID) is None
 
     # Once the database works again the same instance stores normally.
-    with env.engine.begin() as conn:
-        conn.execute(text("DROP TRIGGER fail"))
+    restore()
     result = env.store.store(data, None, PACS)
     assert result.outcome is Outcome.STORED
     assert env.stored_files() == [result.path]
@@ -325,11 +344,7 @@ def test_database_failure_on_replace_keeps_the_old_file(env_factory: Callable[..
     ds = make_ct(seed=1)
     v1 = part10(ds)
     first = env.store.store(v1, None, PACS)
-    with env.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE UPDATE ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    fail_writes(env.engine, "UPDATE")
     v2 = part10(make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                           sop_uid=ds.SOPInstanceUID, seed=2))
     with pytest.raises(StorageFailure):

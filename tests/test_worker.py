@@ -57,6 +57,9 @@ from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10, wait_for
 from tests.conftest import make_sr as make_sr_base
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 REPO = Path(__file__).resolve().parent.parent
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 

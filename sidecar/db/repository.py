@@ -223,8 +223,9 @@ class Repository:
             )
             rep.series = s.scalar(select(func.count()).select_from(Series)) or 0
             rep.patients = s.scalar(select(func.count()).select_from(Patient)) or 0
-            rep.stored_bytes = s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
-                                        .where(Instance.released_at.is_(None))) or 0
+            # int(): PostgreSQL's SUM of a BIGINT is a NUMERIC (a Decimal from psycopg)
+            rep.stored_bytes = int(s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
+                                            .where(Instance.released_at.is_(None))) or 0)
         for st in InstanceState:
             rep.instances_by_state.setdefault(st.value, 0)
         return rep
