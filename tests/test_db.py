@@ -4,6 +4,8 @@ PostgreSQL (the module is marked ``catalogue``; ``engine`` is a new empty databa
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from sidecar.db.migrate import current_revision, head_revision, upgrade
 from sidecar.db.models import Base, Instance, InstanceState, Patient, Series, Study
 from sidecar.db.repository import InstanceMeta, Repository, StoredFile, utcnow
 from sidecar.errors import InvalidDataset
-from tests.conftest import CT_IMAGE_STORAGE, PgServer
+from tests.conftest import CT_IMAGE_STORAGE, PgServer, wait_for
 
 TABLES = {"patient", "study", "series", "instance"}
 
@@ -288,6 +290,44 @@ def test_modalities_in_study_accumulate(
     for modality in modalities:
         add(repo, study_instance_uid=study, modality=modality)
     assert one(engine, Study, study_instance_uid=study).modalities_in_study == expected
+
+
+def test_concurrent_stores_to_one_study_keep_every_modality(
+    engine: Engine, repo: Repository
+) -> None:
+    """Two writers add an MR and a PT instance to a CT study at the same moment: neither
+    modality is lost (on PostgreSQL, under READ COMMITTED, the study row is read for
+    update; SQLite's writers are serialised by BEGIN IMMEDIATE)."""
+    study = add(repo, modality="CT").study_instance_uid
+    errors: list[BaseException] = []
+
+    def store(modality: str) -> None:
+        try:
+            add(repo, study_instance_uid=study, modality=modality)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def waiting_writers() -> int:
+        if engine.dialect.name == "sqlite":
+            time.sleep(0.3)  # both wait for the write lock (BEGIN IMMEDIATE)
+            return 2
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")).scalar() or 0)
+
+    with engine.connect().execution_options(sidecar_write=True) as blocker, blocker.begin():
+        # holds the write lock (SQLite) or the study row's lock (PostgreSQL)
+        blocker.execute(update(Study).where(Study.study_instance_uid == study)
+                        .values(stable=False))
+        threads = [threading.Thread(target=store, args=(m,)) for m in ("MR", "PT")]
+        for t in threads:
+            t.start()
+        wait_for(lambda: waiting_writers() >= 2, 10, what="both writers to wait for the study")
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert one(engine, Study, study_instance_uid=study).modalities_in_study == "CT\\MR\\PT"
 
 
 def test_mark_stable_studies_uses_stable_age(engine: Engine, repo: Repository) -> None:

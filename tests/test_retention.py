@@ -252,6 +252,7 @@ def test_keep_files_is_checked() -> None:
 
 # ------------------------------------------------------------------ fetch-back
 @pytest.mark.orthanc
+@pytest.mark.catalogue("sqlite")  # the catalogue side of a return is the re-send's, run on both
 @pytest.mark.parametrize("method", ["c-get", "c-move"])
 def test_released_files_come_back_from_orthanc_for_reembedding(
     method: str, config_factory: Callable[..., Config], tmp_path: Path,

@@ -1050,6 +1050,7 @@ def test_kill_during_embedding(
         assert len(s.scalars(select(SliceVector.id)).all()) == len(a) + len(b)
 
 
+@pytest.mark.catalogue("sqlite")  # the index files, not the catalogue
 def test_kill_during_index_save(node_factory: Callable[..., Node], tmp_path: Path) -> None:
     node, a, b = prepared(node_factory)
     # a first good save holding series a only

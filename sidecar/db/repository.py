@@ -380,10 +380,13 @@ class Repository:
     @staticmethod
     def _touch_hierarchy(conn: Connection, meta: InstanceMeta, now: dt.datetime) -> int:
         """Create or update patient, study and series rows; return the series key."""
+        # FOR UPDATE: PostgreSQL's writers run side by side (READ COMMITTED); without the
+        # row lock two of them would merge their modality into the same old value and one
+        # would be lost. SQLite renders nothing: BEGIN IMMEDIATE already serialises writers.
         row = conn.execute(
             select(_STUDY.c.id, _STUDY.c.modalities_in_study).where(
                 _STUDY.c.study_instance_uid == meta.study_instance_uid
-            )
+            ).with_for_update()
         ).first()
         if row is None:
             patient_pk = conn.execute(
