@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from sqlalchemy import Engine, text
 
 from sidecar.config import Config, load_config
 from sidecar.db.engine import make_engine
@@ -269,6 +270,29 @@ def database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str
 def module_database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """:func:`database_url` for a module-scoped catalogue (one database per module and engine)."""
     yield from _database_url(catalogue, request)
+
+
+def fail_writes(engine: Engine, when: str) -> Callable[[], None]:
+    """A trigger that refuses every ``when`` (``INSERT``, ``UPDATE``) on ``instance`` as a
+    constraint would (message ``injected``), in the engine's own dialect; returns what
+    drops it again."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "BEGIN SELECT RAISE(ABORT, 'injected'); END;"))
+        else:
+            conn.execute(text("CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                              "BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'check_violation';"
+                              " END $$"))
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "FOR EACH ROW EXECUTE FUNCTION fail()"))
+
+    def drop() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail" + (
+                "" if engine.dialect.name == "sqlite" else " ON instance")))
+
+    return drop
 
 
 @pytest.fixture

@@ -30,7 +30,14 @@ from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10, storage_files
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    fail_writes,
+    make_ct,
+    make_sr,
+    part10,
+    storage_files,
+)
 
 #: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
 pytestmark = pytest.mark.catalogue
@@ -291,27 +298,6 @@ def test_watermark_refuses_without_writing(env_factory: Callable[..., Env]) -> N
 
 
 # ------------------------------------------------------ database failures
-def fail_writes(engine: Engine, when: str) -> Callable[[], None]:
-    """A trigger that aborts every ``when`` (``INSERT``, ``UPDATE``) on ``instance``, in
-    the engine's own dialect; returns what drops it again."""
-    with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
-                              "BEGIN SELECT RAISE(ABORT, 'injected'); END;"))
-        else:
-            conn.execute(text("CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS "
-                              "$$ BEGIN RAISE EXCEPTION 'injected'; END $$"))
-            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
-                              "FOR EACH ROW EXECUTE FUNCTION fail()"))
-
-    def drop() -> None:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER fail" + (
-                "" if engine.dialect.name == "sqlite" else " ON instance")))
-
-    return drop
-
-
 def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
     restore = fail_writes(env.engine, "INSERT")
     ds = make_ct()
