@@ -445,6 +445,27 @@ def test_status_counts_per_state(engine: Engine, repo: Repository) -> None:
     assert rep.stored_bytes == 600 and type(rep.stored_bytes) is int  # not a Decimal
 
 
+def test_page_lists_series_and_instances_without_a_number_first(repo: Repository,
+                                                                 engine: Engine) -> None:
+    """The page's order (series number, then instance number) puts a missing number first
+    on both engines (PostgreSQL sorts NULL last by default, SQLite first)."""
+    from sidecar.db.ui_queries import UiQueries
+
+    study, numbered, unnumbered = generate_uid(), generate_uid(), generate_uid()
+    sops = {}
+    for series, series_number in ((numbered, 1), (unnumbered, None)):
+        for instance_number in (2, None):
+            meta = add(repo, study_instance_uid=study, series_instance_uid=series,
+                       series_number=series_number, instance_number=instance_number, rows=8)
+            sops[series_number, instance_number] = meta.sop_instance_uid
+    pages = UiQueries(engine)
+    detail = pages.study(study)
+    assert detail is not None
+    assert [s.series_number for s in detail.series] == [None, 1]
+    assert [r.sop_instance_uid for r in pages.study_slices(study, None)] == [
+        sops[None, None], sops[None, 2], sops[1, None], sops[1, 2]]
+
+
 def test_state_is_stored_as_its_value(engine: Engine, repo: Repository) -> None:
     add(repo, embeddable=False)
     with engine.connect() as conn:
