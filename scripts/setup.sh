@@ -5,7 +5,8 @@
 #                               need: g++ and python3-dev (hnswlib compiles from source),
 #                               python3-venv, dcmtk (echoscu/storescu)
 #   scripts/setup.sh --test     (`make test`, `make demo`, benchmarks) also orthanc, openssl,
-#                               postgresql (tests/test_db.py's throwaway server) and
+#                               postgresql (the throwaway server on which the catalogue
+#                               tests run a second time, tests/conftest.py) and
 #                               chromium + chromium-driver (tests/test_ui.py's browser),
 #                               orthanc-python (the Orthanc Explorer integration's tests)
 # Not root: nothing is installed with apt; what is missing is named (the virtualenv
@@ -49,7 +50,7 @@ if [ "$want_test" = 1 ]; then
     [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)                # tests/test_orthanc.py, make demo
     [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || missing+=(orthanc-python)  # tests/test_orthanc_explorer.py
     command -v openssl >/dev/null || missing+=(openssl)           # tests/test_tls.py's certificates
-    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # tests/test_db.py
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)  # tests/conftest.py pg_server
     [ -x /usr/bin/chromium ] || missing+=(chromium)               # tests/test_ui.py (browser)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)    # tests/test_ui.py (Selenium)
 fi

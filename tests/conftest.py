@@ -1,12 +1,19 @@
 """Shared fixtures and helpers: configurations in tmp dirs, a live node on a free
 port, DICOM built in code and its Part-10 bytes (``part10``), one C-FIND client
-(``c_find``), one ``wait_for``, and the locations of optional real-world resources."""
+(``c_find``), one ``wait_for``, the locations of optional real-world resources, and
+the catalogue engine under test (``catalogue``: SQLite, and PostgreSQL in a throwaway
+cluster for modules or tests marked ``catalogue``)."""
 
 from __future__ import annotations
 
+import glob
 import io
 import os
+import pwd
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,8 +31,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from sqlalchemy import Engine, text
 
 from sidecar.config import Config, load_config
+from sidecar.db.engine import make_engine
+from sidecar.db.migrate import upgrade
 from sidecar.dicom.statuses import Status
 from sidecar.service.app import Sidecar
 
@@ -102,9 +112,194 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+# ------------------------------------------------------------ catalogue engines
+#: The catalogue engines a test marked ``catalogue`` runs on (the ``catalogue`` fixture).
+CATALOGUES = ("sqlite", "postgresql")
+INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--catalogue", choices=CATALOGUES, default=None,
+        help="run every test's catalogue on this engine only, marked ``catalogue`` or not "
+             "(default: marked tests on both engines, the others on SQLite)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``catalogue`` (or in a module so marked) that use the catalogue
+    fixture, directly or through ``config_factory``, run once per engine; the
+    PostgreSQL runs are also marked ``postgresql`` (``-m "not postgresql"`` leaves them out).
+    ``@pytest.mark.catalogue("sqlite")`` on a test of such a module: that engine only."""
+    marker = metafunc.definition.get_closest_marker("catalogue")
+    if metafunc.config.getoption("catalogue") or marker is None \
+            or "catalogue" not in metafunc.fixturenames:
+        return
+    engines = marker.args or CATALOGUES
+    assert set(engines) <= set(CATALOGUES), engines
+    if tuple(engines) == ("sqlite",):
+        return  # the default
+    metafunc.parametrize(
+        "catalogue",
+        [pytest.param(c, marks=[pytest.mark.postgresql] if c == "postgresql" else [])
+         for c in engines],
+        indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def catalogue(request: pytest.FixtureRequest) -> str:
+    """The catalogue engine under test: ``sqlite`` unless the test is marked ``catalogue``,
+    then each of :data:`CATALOGUES` in turn; ``pytest --catalogue ENGINE``: that one."""
+    return str(getattr(request, "param", None) or request.config.getoption("catalogue")
+               or "sqlite")
+
+
+@dataclass
+class PgServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (superuser ``postgres``, trust auth)
+    with a template database already at the catalogue's head revision."""
+
+    port: int
+    template: str = "sidecar_head"
+    created: int = 0
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _admin(self, *statements: str) -> None:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as conn:
+            for sql in statements:
+                conn.execute(sql)  # type: ignore[arg-type]
+
+    def create_database(self, hint: str, *, migrated: bool = True) -> str:
+        """A new empty database (``migrated``: a copy of the template at head, so the
+        catalogue's upgrade finds nothing to do); its name."""
+        self.created += 1
+        name = f"t{self.created}_" + "".join(c if c.isalnum() else "_" for c in hint).lower()[:40]
+        template = self.template if migrated else "template0"
+        # FILE_COPY: the quicker way for a small template (fsync is off)
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+                    f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name``, closing what still holds a connection to it."""
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL cluster for the session, started on first use and
+    stopped at the end; run as user ``postgres`` when the tests run as root (the
+    server refuses root), else as the current user. Skips, with the reason, where it
+    cannot run."""
+    if not INITDB:
+        pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin; "
+                    "scripts/setup.sh --test installs them as root)")
+    pytest.importorskip("psycopg")
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and no postgres system user to run PostgreSQL as")
+        uid, gid = owner.pw_uid, owner.pw_gid
+    else:
+        uid, gid = os.geteuid(), os.getegid()
+    bindir = Path(INITDB[-1]).parent
+    # Not tmp_path: pytest's base directory is private to root.
+    base = Path(tempfile.mkdtemp(prefix="sidecar-pg-"))
+    os.chown(base, uid, gid)
+    datadir = base / "data"
+    port = free_port()
+
+    def pg(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        as_user: dict[str, Any] = (
+            {"user": uid, "group": gid, "extra_groups": []} if uid != os.geteuid() else {})
+        return subprocess.run(
+            [str(a) for a in args], **as_user, cwd=base, check=check, capture_output=True,
+            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+        )
+
+    initialised = False
+    try:
+        try:
+            pg(bindir / "initdb", "-D", datadir, "-A", "trust", "-U", "postgres",
+               "--no-sync", "-E", "UTF8", "--locale=C")
+            initialised = True
+            pg(bindir / "pg_ctl", "-D", datadir, "-w", "-t", "30", "-l", base / "log",
+               "-o", f"-k {base} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off "
+               "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300",
+               "start")
+        except subprocess.CalledProcessError as exc:
+            log = (base / "log").read_text() if (base / "log").exists() else ""
+            pytest.skip(f"throwaway PostgreSQL did not start: {exc.stderr or exc}{log[-500:]}")
+        server = PgServer(port)
+        server._admin(f'CREATE DATABASE "{server.template}"')
+        engine = make_engine(server.url(server.template))
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        yield server
+    finally:
+        if initialised:  # always stop, even when start timed out half-way
+            pg(bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    if catalogue == "sqlite":
+        yield ""
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = server.create_database(request.node.name)
+    yield server.url(name)
+    server.drop_database(name)
+
+
 @pytest.fixture
-def config_factory(tmp_path: Path) -> Callable[..., Config]:
-    """Build a validated Config with data in tmp_path; pass nested overrides."""
+def database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """``database.url`` for this test's catalogue: "" (the default SQLite file in the
+    data directory) or a fresh PostgreSQL database at head, dropped afterwards."""
+    yield from _database_url(catalogue, request)
+
+
+@pytest.fixture(scope="module")
+def module_database_url(catalogue: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """:func:`database_url` for a module-scoped catalogue (one database per module and engine)."""
+    yield from _database_url(catalogue, request)
+
+
+def fail_writes(engine: Engine, when: str) -> Callable[[], None]:
+    """A trigger that refuses every ``when`` (``INSERT``, ``UPDATE``) on ``instance`` as a
+    constraint would (message ``injected``), in the engine's own dialect; returns what
+    drops it again."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "BEGIN SELECT RAISE(ABORT, 'injected'); END;"))
+        else:
+            conn.execute(text("CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                              "BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = 'check_violation';"
+                              " END $$"))
+            conn.execute(text(f"CREATE TRIGGER fail BEFORE {when} ON instance "
+                              "FOR EACH ROW EXECUTE FUNCTION fail()"))
+
+    def drop() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER fail" + (
+                "" if engine.dialect.name == "sqlite" else " ON instance")))
+
+    return drop
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path, database_url: str) -> Callable[..., Config]:
+    """Build a validated Config with data in tmp_path; pass nested overrides. The
+    catalogue is the test's ``catalogue`` engine (SQLite in the data directory unless
+    the test is marked ``catalogue``)."""
 
     def make(overrides: dict[str, Any] | None = None) -> Config:
         import yaml
@@ -116,6 +311,8 @@ def config_factory(tmp_path: Path) -> Callable[..., Config]:
             # DICOM tests do not need the CNN; embedding tests turn it on.
             "worker": {"enabled": False},
         }
+        if database_url:
+            data["database"] = {"url": database_url}
         _deep_update(data, overrides or {})
         path = tmp_path / "sidecar.yaml"
         path.write_text(yaml.safe_dump(data))

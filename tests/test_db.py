@@ -1,14 +1,11 @@
-"""Catalogue: engine settings, Alembic migrations, repository behaviour."""
+"""Catalogue: engine settings, Alembic migrations, repository behaviour; on SQLite and
+PostgreSQL (the module is marked ``catalogue``; ``engine`` is a new empty database)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +24,11 @@ from sidecar.db.migrate import current_revision, head_revision, upgrade
 from sidecar.db.models import Base, Instance, InstanceState, Patient, Series, Study
 from sidecar.db.repository import InstanceMeta, Repository, StoredFile, utcnow
 from sidecar.errors import InvalidDataset
-from tests.conftest import CT_IMAGE_STORAGE, free_port
+from tests.conftest import CT_IMAGE_STORAGE, PgServer, wait_for
 
 TABLES = {"patient", "study", "series", "instance"}
+
+pytestmark = pytest.mark.catalogue
 
 
 def make_meta(**kw: Any) -> InstanceMeta:
@@ -65,13 +64,29 @@ def add(repo: Repository, **kw: Any) -> InstanceMeta:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     eng = make_engine(f"sqlite:///{tmp_path / 'nested' / 'dir' / 'sidecar.db'}",
                       busy_timeout_ms=1234)
     try:
         yield eng
     finally:
         eng.dispose()
+
+
+@pytest.fixture
+def engine(catalogue: str, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """An empty catalogue database (no schema) on the test's engine."""
+    if catalogue == "sqlite":
+        yield request.getfixturevalue("sqlite_engine")
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    name = server.create_database(request.node.name, migrated=False)
+    eng = make_engine(server.url(name))
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+        server.drop_database(name)
 
 
 @pytest.fixture
@@ -93,9 +108,9 @@ def count(engine: Engine, model: Any) -> int:
 
 # ---------------------------------------------------------------- engine
 def test_sqlite_engine_creates_parent_dir_and_sets_pragmas(
-    engine: Engine, tmp_path: Path
+    sqlite_engine: Engine, tmp_path: Path
 ) -> None:
-    with engine.connect() as conn:
+    with sqlite_engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -103,8 +118,8 @@ def test_sqlite_engine_creates_parent_dir_and_sets_pragmas(
     assert (tmp_path / "nested" / "dir" / "sidecar.db").is_file()
 
 
-def test_pragmas_apply_to_every_pooled_connection(engine: Engine) -> None:
-    conns = [engine.connect() for _ in range(3)]
+def test_pragmas_apply_to_every_pooled_connection(sqlite_engine: Engine) -> None:
+    conns = [sqlite_engine.connect() for _ in range(3)]
     try:
         for conn in conns:
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
@@ -277,6 +292,44 @@ def test_modalities_in_study_accumulate(
     assert one(engine, Study, study_instance_uid=study).modalities_in_study == expected
 
 
+def test_concurrent_stores_to_one_study_keep_every_modality(
+    engine: Engine, repo: Repository
+) -> None:
+    """Two writers add an MR and a PT instance to a CT study at the same moment: neither
+    modality is lost (on PostgreSQL, under READ COMMITTED, the study row is read for
+    update; SQLite's writers are serialised by BEGIN IMMEDIATE)."""
+    study = add(repo, modality="CT").study_instance_uid
+    errors: list[BaseException] = []
+
+    def store(modality: str) -> None:
+        try:
+            add(repo, study_instance_uid=study, modality=modality)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def waiting_writers() -> int:
+        if engine.dialect.name == "sqlite":
+            time.sleep(0.3)  # both wait for the write lock (BEGIN IMMEDIATE)
+            return 2
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()")).scalar() or 0)
+
+    with engine.connect().execution_options(sidecar_write=True) as blocker, blocker.begin():
+        # holds the write lock (SQLite) or the study row's lock (PostgreSQL)
+        blocker.execute(update(Study).where(Study.study_instance_uid == study)
+                        .values(stable=False))
+        threads = [threading.Thread(target=store, args=(m,)) for m in ("MR", "PT")]
+        for t in threads:
+            t.start()
+        wait_for(lambda: waiting_writers() >= 2, 10, what="both writers to wait for the study")
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert one(engine, Study, study_instance_uid=study).modalities_in_study == "CT\\MR\\PT"
+
+
 def test_mark_stable_studies_uses_stable_age(engine: Engine, repo: Repository) -> None:
     meta = add(repo)
     last = one(engine, Study, study_instance_uid=meta.study_instance_uid).last_received_at
@@ -412,7 +465,28 @@ def test_status_counts_per_state(engine: Engine, repo: Repository) -> None:
     assert rep.studies_stable == 0
     assert rep.series == 6
     assert rep.patients == 2
-    assert rep.stored_bytes == 600
+    assert rep.stored_bytes == 600 and type(rep.stored_bytes) is int  # not a Decimal
+
+
+def test_page_lists_series_and_instances_without_a_number_first(repo: Repository,
+                                                                 engine: Engine) -> None:
+    """The page's order (series number, then instance number) puts a missing number first
+    on both engines (PostgreSQL sorts NULL last by default, SQLite first)."""
+    from sidecar.db.ui_queries import UiQueries
+
+    study, numbered, unnumbered = generate_uid(), generate_uid(), generate_uid()
+    sops = {}
+    for series, series_number in ((numbered, 1), (unnumbered, None)):
+        for instance_number in (2, None):
+            meta = add(repo, study_instance_uid=study, series_instance_uid=series,
+                       series_number=series_number, instance_number=instance_number, rows=8)
+            sops[series_number, instance_number] = meta.sop_instance_uid
+    pages = UiQueries(engine)
+    detail = pages.study(study)
+    assert detail is not None
+    assert [s.series_number for s in detail.series] == [None, 1]
+    assert [r.sop_instance_uid for r in pages.study_slices(study, None)] == [
+        sops[None, None], sops[None, 2], sops[1, None], sops[1, 2]]
 
 
 def test_state_is_stored_as_its_value(engine: Engine, repo: Repository) -> None:
@@ -422,108 +496,26 @@ def test_state_is_stored_as_its_value(engine: Engine, repo: Repository) -> None:
 
 
 # ------------------------------------------------------------- PostgreSQL
-INITDB = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-
-
-@pytest.fixture(scope="module")
-def pg_port() -> Iterator[int]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, run as user postgres; its port."""
-    if not INITDB:
-        pytest.skip("PostgreSQL server binaries not installed")
-    if os.geteuid() != 0:
-        pytest.skip("starting a throwaway PostgreSQL cluster needs root (to run as postgres)")
-    try:
-        pg_user = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("no postgres system user")
-    pytest.importorskip("psycopg")
-    bindir = Path(INITDB[-1]).parent
-    # Not tmp_path: pytest's base directory is private to root.
-    base = Path(tempfile.mkdtemp(prefix="sidecar-pg-"))
-    os.chown(base, pg_user.pw_uid, pg_user.pw_gid)
-    datadir = base / "data"
-    port = free_port()
-
-    def pg(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(a) for a in args], user=pg_user.pw_uid, group=pg_user.pw_gid,
-            extra_groups=[], cwd=base, check=check, capture_output=True, text=True,
-            timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
-        )
-
-    initialised = False
-    try:
-        pg(bindir / "initdb", "-D", datadir, "-A", "trust", "-U", "postgres",
-           "--no-sync", "-E", "UTF8", "--locale=C")
-        initialised = True
-        pg(bindir / "pg_ctl", "-D", datadir, "-w", "-t", "30", "-l", base / "log",
-           "-o", f"-k {base} -p {port} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        yield port
-    finally:
-        if initialised:  # always stop, even when start timed out half-way
-            pg(bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def pg_database(pg_port: int, request: pytest.FixtureRequest) -> str:
-    """A fresh database in the throwaway cluster, for one test."""
-    import psycopg
-
-    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name).lower()[:50]
-    with psycopg.connect(f"host=127.0.0.1 port={pg_port} user=postgres dbname=postgres",
-                         autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def test_postgresql_upgrade_and_add_instance(pg_port: int, pg_database: str) -> None:
-    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{pg_database}")
-    try:
-        upgrade(engine)
-        upgrade(engine)
-        assert current_revision(engine) == head_revision()
-        with engine.connect() as conn:
-            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
-            assert compare_metadata(ctx, Base.metadata) == []
-        repo = Repository(make_session_factory(engine))
-        study = generate_uid()
-        first = add(repo, study_instance_uid=study, modality="MR")
-        add(repo, study_instance_uid=study, modality="CT", embeddable=False)
-        with pytest.raises(InvalidDataset):
-            add(repo, series_instance_uid=first.series_instance_uid)
-        assert one(engine, Study, study_instance_uid=study).modalities_in_study == "CT\\MR"
-        rep = repo.status()
-        assert rep.instances_by_state == {"pending": 1, "embedded": 0, "failed": 0, "skipped": 1}
-        assert (rep.studies, rep.series, rep.patients, rep.stored_bytes) == (1, 2, 1, 200)
-        assert repo.mark_stable_studies(1.0, now=utcnow() + dt.timedelta(seconds=5)) == 1
-    finally:
-        engine.dispose()
-
-
-def test_postgresql_url_with_percent_encoded_password(pg_port: int, pg_database: str) -> None:
+def test_postgresql_url_with_percent_encoded_password(pg_server: PgServer) -> None:
     # trust authentication ignores the password; the URL still carries "p@ss;w%rd".
-    url = f"postgresql+psycopg://postgres:p%40ss%3Bw%25rd@127.0.0.1:{pg_port}/{pg_database}"
-    engine = make_engine(url)
+    name = pg_server.create_database("password", migrated=False)
+    engine = make_engine(pg_server.url(name).replace("postgres@", "postgres:p%40ss%3Bw%25rd@"))
     try:
         upgrade(engine)
         assert current_revision(engine) == head_revision()
     finally:
         engine.dispose()
+        pg_server.drop_database(name)
 
 
-def test_postgresql_catalogue_verify_and_newest_instance(
-    pg_port: int, pg_database: str, config_factory: Callable[..., Config]
-) -> None:
+def test_catalogue_verify_and_newest_instance(config_factory: Callable[..., Config]) -> None:
     from sidecar.archive.store import InstanceStore, Origin
     from sidecar.archive.verify import verify_storage
     from sidecar.db.connect import open_catalogue
     from sidecar.db.vectors import VectorRepository
     from tests.conftest import make_ct, part10
 
-    cfg = config_factory({"database": {
-        "url": f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{pg_database}"}})
+    cfg = config_factory()
     engine, repo = open_catalogue(cfg)
     try:
         assert VectorRepository(engine).latest_instance_pk() is None

@@ -21,7 +21,8 @@ from sidecar.embeddings.model import TinyEmbedder
 from sidecar.service.lifecycle import Embedding
 from tests.conftest import make_ct, part10
 
-pytestmark = pytest.mark.usefixtures("cli_isolation")
+pytestmark = [pytest.mark.usefixtures("cli_isolation"),
+              pytest.mark.catalogue]  # on SQLite and PostgreSQL (tests/conftest.py)
 
 
 def _store(cfg: Config, n: int, patient: str) -> str:

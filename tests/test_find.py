@@ -53,7 +53,8 @@ from tests.conftest import (
 )
 
 # Queries with wildcards in CS values and bad dates on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+              pytest.mark.catalogue]  # on SQLite and PostgreSQL (tests/conftest.py)
 
 PACS_AE = "MAINPACS"
 
@@ -89,20 +90,24 @@ STUDIES: dict[str, tuple[tuple[str, str], str, str, str, str, list[tuple[str, st
 }
 
 
-def _config(tmp: Path, **dicom: Any) -> Config:
-    data = {
+def _config(tmp: Path, database_url: str = "", **dicom: Any) -> Config:
+    data: dict[str, Any] = {
         "dicom": {"port": free_port(), **dicom},
         "storage": {"data_dir": str(tmp / "data"), "min_free_mb": 1, "fsync": False},
         "worker": {"enabled": False},
     }
+    if database_url:
+        data["database"] = {"url": database_url}
     path = tmp / "sidecar.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(path, environ={})
 
 
 @pytest.fixture(scope="module")
-def cat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalogue]:
-    cfg = _config(tmp_path_factory.mktemp("find"), retrieve_ae_title=PACS_AE)
+def cat(tmp_path_factory: pytest.TempPathFactory, module_database_url: str,
+        ) -> Iterator[Catalogue]:
+    cfg = _config(tmp_path_factory.mktemp("find"), module_database_url,
+                  retrieve_ae_title=PACS_AE)
     app = Sidecar(cfg)
     app.start()
     cat = Catalogue(app)
@@ -471,7 +476,7 @@ def test_cancel_after_the_first_match(cat: Catalogue, monkeypatch: pytest.Monkey
     assert studies(cat) == set(STUDIES)
 
 
-def test_database_failure_is_out_of_resources(cat: Catalogue) -> None:
+def test_database_failure_is_out_of_resources(cat: Catalogue, catalogue: str) -> None:
     engine = cat.app.engine
 
     def break_reads(conn: Any, cursor: Any, statement: str, *args: Any) -> tuple[str, Any]:
@@ -486,7 +491,9 @@ def test_database_failure_is_out_of_resources(cat: Catalogue) -> None:
         event.remove(engine, "before_cursor_execute", break_reads)
     assert res.identifiers == []
     assert res.status == Status.OUT_OF_RESOURCES
-    assert res.final.ErrorComment == "catalogue unavailable (OperationalError)"
+    # the driver's class for a missing table (sqlite3, psycopg)
+    error = {"sqlite": "OperationalError", "postgresql": "ProgrammingError"}[catalogue]
+    assert res.final.ErrorComment == f"catalogue unavailable ({error})"
     assert studies(cat) == set(STUDIES)
 
 

@@ -42,6 +42,9 @@ from tests.conftest import (
 )
 from tests.test_audit import audit_file, event_id, schema, validated  # noqa: F401 - fixture
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 PATIENT = "PID-IOCM-7"
 OTHER = "PID-IOCM-8"

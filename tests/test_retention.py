@@ -38,6 +38,9 @@ from tests.test_audit import audit_file, event_id
 from tests.test_search import ct_slice
 from tests.test_ui import Site, c_store_all
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 BASES = {"R": [0, 1, 2, 3], "A": [0, 1, 2, 3], "B": [4, 5, 6, 7]}
 
 
@@ -249,6 +252,7 @@ def test_keep_files_is_checked() -> None:
 
 # ------------------------------------------------------------------ fetch-back
 @pytest.mark.orthanc
+@pytest.mark.catalogue("sqlite")  # the catalogue side of a return is the re-send's, run on both
 @pytest.mark.parametrize("method", ["c-get", "c-move"])
 def test_released_files_come_back_from_orthanc_for_reembedding(
     method: str, config_factory: Callable[..., Config], tmp_path: Path,

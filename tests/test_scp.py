@@ -33,7 +33,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
-from sqlalchemy import event, select, text
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from sidecar.config import Config
@@ -44,6 +44,7 @@ from tests.conftest import (
     CT_IMAGE_STORAGE,
     SIMILARITY_CREATOR,
     c_find,
+    fail_writes,
     file_meta,
     make_ct,
     storage_files,
@@ -729,11 +730,13 @@ def test_concurrent_associations(running: Sidecar) -> None:
     assert {storage_dir(running) / r["file_path"] for r in all_rows} == set(stored)
 
 
+@pytest.mark.catalogue
 def test_concurrent_first_instances_of_a_new_study(running: Sidecar) -> None:
     """Associations store the first instances of one new study at the same moment.
 
-    Made deterministic: the test holds the SQLite write lock until at least two
-    handlers are at their first write to the catalogue, then lets them race to
+    Made deterministic: the test holds the SQLite write lock (on PostgreSQL: a lock
+    on the patient table that lets reads through and stops inserts) until at least
+    two handlers are at their first write to the catalogue, then lets them race to
     create the same patient and study rows. All must get Success (no 0x0110 from
     a unique-constraint race). Four senders, because two instances may share a
     storage lock stripe and then never meet in the database.
@@ -752,7 +755,9 @@ def test_concurrent_first_instances_of_a_new_study(running: Sidecar) -> None:
     event.listen(running.engine, "before_cursor_execute", note_writer)
     blocker = running.engine.raw_connection()
     try:
-        blocker.driver_connection.execute("BEGIN IMMEDIATE")
+        blocker.driver_connection.execute(
+            "BEGIN IMMEDIATE" if running.engine.dialect.name == "sqlite"
+            else "LOCK TABLE patient IN EXCLUSIVE MODE")
         study_uid = generate_uid()
         results: list[int] = []
         errors: list[BaseException] = []
@@ -780,12 +785,9 @@ def test_concurrent_first_instances_of_a_new_study(running: Sidecar) -> None:
 
 
 # ------------------------------------------------------------ failed commit
+@pytest.mark.catalogue
 def test_failed_db_commit_leaves_nothing_and_node_recovers(running: Sidecar) -> None:
-    with running.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE INSERT ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    restore = fail_writes(running.engine, "INSERT")
     ds = make_ct()
     with established(running) as assoc:
         rsp = assoc.send_c_store(ds)
@@ -793,19 +795,15 @@ def test_failed_db_commit_leaves_nothing_and_node_recovers(running: Sidecar) -> 
         assert str(rsp.get("ErrorComment", "")).strip()
         assert files_under(storage_dir(running)) == []
         assert rows(running) == []
-        with running.engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER fail"))
+        restore()
         assert status_of(assoc.send_c_store(ds)) == Status.SUCCESS
     assert [r["sop_instance_uid"] for r in rows(running)] == [ds.SOPInstanceUID]
     assert len(files_under(storage_dir(running))) == 1
 
 
+@pytest.mark.catalogue
 def test_failed_db_commit_error_comment_is_truthful(running: Sidecar) -> None:
-    with running.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE INSERT ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    fail_writes(running.engine, "INSERT")
     with established(running) as assoc:
         rsp = assoc.send_c_store(make_ct())
     assert status_of(rsp) == Status.PROCESSING_FAILURE

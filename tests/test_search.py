@@ -65,7 +65,8 @@ from sidecar.service.lifecycle import Embedding
 from tests.conftest import free_port, make_ct, part10
 from tests.conftest import make_sr as make_sr_base
 
-pytestmark = pytest.mark.usefixtures("cli_isolation")  # env, cwd and logging restored
+pytestmark = [pytest.mark.usefixtures("cli_isolation"),  # env, cwd and logging restored
+              pytest.mark.catalogue]  # on SQLite and PostgreSQL
 
 
 # ------------------------------------------------------------------ images
@@ -151,8 +152,8 @@ class Archive:
         return self.service.search(ref, k=k, **kwargs)
 
 
-def write_config(directory: Path) -> tuple[Config, Path]:
-    data = {
+def write_config(directory: Path, database_url: str = "") -> tuple[Config, Path]:
+    data: dict[str, Any] = {
         "dicom": {"port": free_port()},
         "storage": {"data_dir": str(directory / "data"), "min_free_mb": 1},
         "stability": {"stable_age": 60.0, "check_interval": 1.0},
@@ -162,6 +163,8 @@ def write_config(directory: Path) -> tuple[Config, Path]:
         "preprocess": {"slice_spacing_mm": 2.0,
                        "modality_window": {"CT": "soft_tissue", "MR": "soft_tissue"}},
     }
+    if database_url:
+        data["database"] = {"url": database_url}
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "sidecar.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -170,11 +173,12 @@ def write_config(directory: Path) -> tuple[Config, Path]:
 
 def build_archive(
     directory: Path, layout: dict[str, tuple[str, str, list[tuple[str, str, list[Any], float]]]],
-    *, extras: bool = True,
+    *, extras: bool = True, database_url: str = "",
 ) -> Archive:
     """Store ``layout`` (plus F, K and P with ``extras``), embed it with the tiny embedder
-    and keep the embedding parts open (they hold the index lock)."""
-    cfg, path = write_config(directory)
+    and keep the embedding parts open (they hold the index lock); the catalogue at
+    ``database_url`` (default: SQLite in the data directory)."""
+    cfg, path = write_config(directory, database_url)
     engine, repo = open_catalogue(cfg)
     store = InstanceStore(cfg, repo)
     origin = Origin("TEST", "127.0.0.1")
@@ -227,8 +231,10 @@ def build_archive(
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    built = build_archive(tmp_path_factory.mktemp("search"), LAYOUT)
+def archive(tmp_path_factory: pytest.TempPathFactory, module_database_url: str,
+            ) -> Iterator[Archive]:
+    built = build_archive(tmp_path_factory.mktemp("search"), LAYOUT,
+                          database_url=module_database_url)
     try:
         yield built
     finally:
@@ -696,11 +702,13 @@ def test_cli_with_nothing_embedded(config_factory: Callable[..., Config], tmp_pa
     assert "nothing has been embedded" in res.stderr
 
 
-def test_read_only_copy_follows_the_database_and_is_never_saved(tmp_path: Path) -> None:
+def test_read_only_copy_follows_the_database_and_is_never_saved(
+    tmp_path: Path, database_url: str,
+) -> None:
     """Beside a running service: its unsaved vectors, a missing index file and a saved
     index all give the same answer; the copy never writes the index directory."""
     small = build_archive(tmp_path / "small", {k: LAYOUT[k] for k in ("R", "A", "B")},
-                          extras=False)
+                          extras=False, database_url=database_url)
     r, a = small.studies["R"].uid, small.studies["A"].uid
     index_dir = small.config.index_dir / small.emb.serving.model_id
 
@@ -758,13 +766,13 @@ def test_not_embedded_under_the_serving_model(archive: Archive) -> None:
 
 
 def test_series_means_follow_new_recomputed_and_deleted_series(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, database_url: str,
 ) -> None:
     """A service's in-memory series means take new and recomputed means without reading
     the others, and read them all again after a deletion; each time they equal a fresh
     load, and the answers follow."""
     small = build_archive(tmp_path / "small", {k: LAYOUT[k] for k in ("R", "A", "B")},
-                          extras=False)
+                          extras=False, database_url=database_url)
     service, model_id, dim = small.service, small.emb.serving.model_id, small.emb.serving.dim
 
     def as_dict(means: Any) -> dict[int, tuple[int, bytes]]:

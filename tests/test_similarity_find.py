@@ -44,6 +44,9 @@ from tests.conftest import FIND_MSG_ID, FindResult, c_find, dcmtk_tool, free_por
 from tests.conftest import SIMILARITY_CREATOR as CREATOR
 from tests.test_search import LAYOUT, Archive, build_archive, ct_slice, part10, query_image
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.1"
 PACS_AE = "ORTHANC"
 EXAMPLE_AE = "SIDECAR_QUERY"
@@ -99,8 +102,10 @@ def serve(archive: Archive, cfg: Config, service: SearchService, tmp: Path) -> S
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    built = build_archive(tmp_path_factory.mktemp("similarity"), LAYOUT)
+def archive(tmp_path_factory: pytest.TempPathFactory, module_database_url: str,
+            ) -> Iterator[Archive]:
+    built = build_archive(tmp_path_factory.mktemp("similarity"), LAYOUT,
+                          database_url=module_database_url)
     try:
         yield built
     finally:

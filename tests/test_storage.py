@@ -30,7 +30,17 @@ from sidecar.db.connect import open_catalogue
 from sidecar.db.models import Instance, InstanceState, Study
 from sidecar.db.repository import Lookup, Repository
 from sidecar.errors import InvalidDataset, OutOfResources, StorageFailure
-from tests.conftest import CT_IMAGE_STORAGE, make_ct, make_sr, part10, storage_files
+from tests.conftest import (
+    CT_IMAGE_STORAGE,
+    fail_writes,
+    make_ct,
+    make_sr,
+    part10,
+    storage_files,
+)
+
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
 
 PACS = Origin(ae_title="PACS", host="10.0.0.5")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -289,11 +299,7 @@ def test_watermark_refuses_without_writing(env_factory: Callable[..., Env]) -> N
 
 # ------------------------------------------------------ database failures
 def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
-    with env.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE INSERT ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    restore = fail_writes(env.engine, "INSERT")
     ds = make_ct()
     data = part10(ds)
     with pytest.raises(StorageFailure):
@@ -304,8 +310,7 @@ def test_database_failure_leaves_no_file_and_no_row(env: Env) -> None:
     assert env.repo.find_instance(ds.SOPInstanceUID) is None
 
     # Once the database works again the same instance stores normally.
-    with env.engine.begin() as conn:
-        conn.execute(text("DROP TRIGGER fail"))
+    restore()
     result = env.store.store(data, None, PACS)
     assert result.outcome is Outcome.STORED
     assert env.stored_files() == [result.path]
@@ -325,11 +330,7 @@ def test_database_failure_on_replace_keeps_the_old_file(env_factory: Callable[..
     ds = make_ct(seed=1)
     v1 = part10(ds)
     first = env.store.store(v1, None, PACS)
-    with env.engine.begin() as conn:
-        conn.execute(text(
-            "CREATE TRIGGER fail BEFORE UPDATE ON instance "
-            "BEGIN SELECT RAISE(ABORT, 'injected'); END;"
-        ))
+    fail_writes(env.engine, "UPDATE")
     v2 = part10(make_ct(study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
                           sop_uid=ds.SOPInstanceUID, seed=2))
     with pytest.raises(StorageFailure):

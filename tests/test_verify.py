@@ -27,6 +27,9 @@ from sidecar.service.app import Sidecar
 from sidecar.service.jobs import TIDY_INTERVAL_S
 from tests.conftest import make_ct, part10
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 OLD = time.time() - 3600.0
 
 

@@ -45,6 +45,9 @@ from tests.conftest import file_meta, part10
 from tests.test_http import serve
 from tests.test_worker import Node
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 CT = "1.2.840.10008.5.1.4.1.1.2"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
@@ -290,7 +293,8 @@ def test_series_volumes_rank_series_and_studies(volume_node: Node, tmp_path: Pat
 
     # sidecar status names the volumes and the reason for the refused one
     cfg_path = tmp_path / "status.yaml"
-    cfg_path.write_text(json.dumps({"storage": {"data_dir": str(node.config.data_dir)}}))
+    cfg_path.write_text(json.dumps({"storage": {"data_dir": str(node.config.data_dir)},
+                                    "database": {"url": node.config.database.url}}))
     out = CliRunner().invoke(cli, ["status", "--json", "--config", str(cfg_path)])
     assert out.exit_code == 0, out.output
     status = json.loads(out.output)["volumes"]

@@ -58,6 +58,9 @@ from tests.conftest import make_ct, part10, wait_for
 from tests.conftest import make_sr as make_sr_base
 from tests.test_damaged_pixels import make_rle_that_panics
 
+#: Every test that reaches the catalogue runs on SQLite and on PostgreSQL (tests/conftest.py).
+pytestmark = pytest.mark.catalogue
+
 REPO = Path(__file__).resolve().parent.parent
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -1070,6 +1073,7 @@ def test_kill_during_embedding(
         assert len(s.scalars(select(SliceVector.id)).all()) == len(a) + len(b)
 
 
+@pytest.mark.catalogue("sqlite")  # the index files, not the catalogue
 def test_kill_during_index_save(node_factory: Callable[..., Node], tmp_path: Path) -> None:
     node, a, b = prepared(node_factory)
     # a first good save holding series a only

@@ -259,8 +259,9 @@ class Repository:
             )
             rep.series = s.scalar(select(func.count()).select_from(Series)) or 0
             rep.patients = s.scalar(select(func.count()).select_from(Patient)) or 0
-            rep.stored_bytes = s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
-                                        .where(Instance.released_at.is_(None))) or 0
+            # int(): PostgreSQL's SUM of a BIGINT is a NUMERIC (a Decimal from psycopg)
+            rep.stored_bytes = int(s.scalar(select(func.coalesce(func.sum(Instance.file_size), 0))
+                                            .where(Instance.released_at.is_(None))) or 0)
         for st in InstanceState:
             rep.instances_by_state.setdefault(st.value, 0)
         return rep
@@ -416,6 +417,9 @@ class Repository:
     def _touch_hierarchy(conn: Connection, meta: InstanceMeta, now: dt.datetime) -> int:
         """Create or update patient, study and series rows; return the series key."""
         # The usual case, a study already known, is one statement: re-open it and read it.
+        # The UPDATE also locks the row until the commit (PostgreSQL's writers run side by
+        # side under READ COMMITTED), so the modality merged below cannot be lost to a
+        # concurrent store; SQLite's BEGIN IMMEDIATE serialises writers anyway.
         row = conn.execute(
             update(_STUDY).where(_STUDY.c.study_instance_uid == meta.study_instance_uid)
             .values(last_received_at=now, stable=False, stable_at=None)

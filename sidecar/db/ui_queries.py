@@ -94,7 +94,10 @@ def _study_row(m: dict[str, object]) -> StudyRow:
 
 
 class UiQueries:
-    """The page's catalogue reads, on the process's engine (each opens a short connection)."""
+    """The page's catalogue reads, on the process's engine (each opens a short connection).
+
+    A missing series or instance number (or slice position) sorts first, as SQLite
+    sorts NULL; said explicitly, as PostgreSQL would sort it last."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -138,7 +141,7 @@ class UiQueries:
             .join(_INSTANCE, _INSTANCE.c.series_pk == _SERIES.c.id, isouter=True)
             .where(_STUDY.c.study_instance_uid == study_uid)
             .group_by(_SERIES.c.id)
-            .order_by(_SERIES.c.series_number, _SERIES.c.id)
+            .order_by(_SERIES.c.series_number.nulls_first(), _SERIES.c.id)
         )
         with self._engine.connect() as conn:
             series = tuple(
@@ -162,8 +165,10 @@ class UiQueries:
                     .join(_STUDY, _STUDY.c.id == _SLICE.c.study_pk)
                     .where(_STUDY.c.study_instance_uid == study_uid,
                            _SLICE.c.model_id == model_id, _SLICE.c.frame >= 0)
-                    .order_by(_SERIES.c.series_number, _SERIES.c.id, _SLICE.c.position_mm,
-                              _INSTANCE.c.instance_number, _SLICE.c.frame, _SLICE.c.id)
+                    .order_by(_SERIES.c.series_number.nulls_first(), _SERIES.c.id,
+                              _SLICE.c.position_mm.nulls_first(),
+                              _INSTANCE.c.instance_number.nulls_first(), _SLICE.c.frame,
+                              _SLICE.c.id)
                 )
                 rows = [SliceRef(str(a), int(b), str(c)) for a, b, c in conn.execute(q)]
             if not rows:
@@ -172,8 +177,8 @@ class UiQueries:
                     .join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_pk)
                     .join(_STUDY, _STUDY.c.id == _SERIES.c.study_pk)
                     .where(_STUDY.c.study_instance_uid == study_uid, _INSTANCE.c.rows.is_not(None))
-                    .order_by(_SERIES.c.series_number, _SERIES.c.id, _INSTANCE.c.instance_number,
-                              _INSTANCE.c.id)
+                    .order_by(_SERIES.c.series_number.nulls_first(), _SERIES.c.id,
+                              _INSTANCE.c.instance_number.nulls_first(), _INSTANCE.c.id)
                 )
                 rows = [SliceRef(str(a), 0, str(b)) for a, b in conn.execute(q)]
         return rows
