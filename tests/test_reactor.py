@@ -112,3 +112,39 @@ def test_the_network_timeout_still_ends_an_idle_association(
         wait_for(lambda: not a.is_established, 30, "the idle association to end")  # type: ignore[attr-defined]
     finally:
         app.stop()
+
+
+def test_a_waiting_loop_never_swallows_the_wake_up_of_a_thread_that_takes_the_message() -> None:
+    """The loop's wait and a ``get_msg(block=True)`` share the queue's condition: the
+    one ``notify`` of a ``put`` must reach the thread that takes the message (else it
+    sleeps until its DIMSE timeout, seen as a 5 s stall of a C-ECHO)."""
+    import queue  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    q: queue.Queue[int] = queue.Queue()
+    acceptor = SimpleNamespace(dimse=SimpleNamespace(msg_queue=q), is_acceptor=True)
+    stop = threading.Event()
+
+    def loop() -> None:  # the reactor: waits, never takes the message itself here
+        while not stop.is_set():
+            reactor._assoc_wait(acceptor, 0.5)  # noqa: SLF001
+
+    got: list[float] = []
+
+    def taker() -> None:
+        t0 = time.monotonic()
+        q.get(timeout=20)
+        got.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=loop), threading.Thread(target=taker)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)  # both wait on the condition now
+        q.put(1)
+        threads[1].join(30)
+        assert got and got[0] < 10, got  # woken by the put, not by its 20 s timeout
+    finally:
+        stop.set()
+        threads[0].join(5)

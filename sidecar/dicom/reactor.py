@@ -58,14 +58,24 @@ def _dul_wait(dul: Any, seconds: float) -> None:
 
 
 def _assoc_wait(assoc: Any, seconds: float) -> None:
-    """Sleep up to ``seconds``; return as soon as a DIMSE message is queued."""
+    """Sleep up to ``seconds``; return as soon as a DIMSE message is queued.
+
+    Only for an acceptor, whose reactor thread is the queue's one consumer. A
+    requestor's messages are taken by the thread that sent the request
+    (``get_msg(block=True)``, waiting on the same condition): a ``notify`` that
+    woke this loop instead would leave that thread asleep until its DIMSE timeout,
+    so a requestor sleeps as written, and the wake-up is passed on whenever a
+    message is there (another waiter may want it).
+    """
     q = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    if q is None:
+    if q is None or not getattr(assoc, "is_acceptor", False):
         time.sleep(seconds)
         return
     with q.not_empty:
         if not q._qsize():  # noqa: SLF001 - the condition's own lock is held
             q.not_empty.wait(seconds)
+        if q._qsize():  # noqa: SLF001
+            q.not_empty.notify()
 
 
 class _Clock:
