@@ -386,13 +386,8 @@ class InstanceStore:
             if existing is None and self._find(meta.sop_instance_uid):
                 raise _LostRace() from exc
             raise StorageFailure(str(exc)) from exc
-        except CatalogueFull as exc:
-            unlink_quietly(final)
-            raise OutOfResources(str(exc)) from exc
         except Exception as exc:
-            unlink_quietly(final)
-            cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
-            raise StorageFailure(f"database commit failed: {cause}") from exc
+            raise _commit_failed(exc, final) from exc
 
         if existing is not None:
             unlink_quietly(stored_path(self._root, existing.file_path))
@@ -420,13 +415,8 @@ class InstanceStore:
             self._repo.restore_instance(existing.pk, meta, StoredFile(
                 file_path=catalogue_path(self._root, final), file_size=len(data), sha256=digest,
                 calling_ae_title=origin.ae_title, calling_host=origin.host))
-        except CatalogueFull as exc:
-            unlink_quietly(final)
-            raise OutOfResources(str(exc)) from exc
         except Exception as exc:
-            unlink_quietly(final)
-            cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
-            raise StorageFailure(f"database commit failed: {cause}") from exc
+            raise _commit_failed(exc, final) from exc
         finally:
             unlink_quietly(tmp)
         logger.debug("restored the released file of %s from %s", meta.sop_instance_uid,
@@ -495,6 +485,15 @@ class InstanceStore:
                 if self._fsync:
                     fsync_dir(d.parent)
             self._known_dirs.add(directory)
+
+
+def _commit_failed(exc: Exception, final: Path) -> Exception:
+    """The catalogue refused a row: remove its file; the failure the peer is told."""
+    unlink_quietly(final)
+    if isinstance(exc, CatalogueFull):
+        return OutOfResources(str(exc))
+    cause = exc.cause if isinstance(exc, CatalogueError) else exc.__class__.__name__
+    return StorageFailure(f"database commit failed: {cause}")
 
 
 def stale_temporaries(root: Path, min_age: float, now: float | None = None, *,
