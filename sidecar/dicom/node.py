@@ -35,7 +35,7 @@ from sidecar.audit import setup as audit_setup
 from sidecar.audit.events import Auditor
 from sidecar.audit.messages import sop_class_counts
 from sidecar.config import Config
-from sidecar.dicom import reactor, strict
+from sidecar.dicom import strict
 from sidecar.dicom.access import AccessPolicy
 from sidecar.dicom.admission import LOCAL_LIMIT_EXCEEDED, Admission
 from sidecar.dicom.find import (
@@ -238,7 +238,6 @@ class DicomNode:
     # ------------------------------------------------------------ lifecycle
     def _build_ae(self) -> AE:
         strict.install()
-        reactor.install()
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom's standard per-PDU/per-message log handlers cost ~10 %
             # of a store; we log per association ourselves.
