@@ -30,7 +30,7 @@ from sidecar.config import Config
 from sidecar.db.repository import utcnow
 from sidecar.db.retention import Releasable, RetentionRepository
 from sidecar.db.types import Engine
-from sidecar.files import fsync_dir
+from sidecar.files import fsync_dir, unlink_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -127,10 +127,7 @@ class Releaser:
         marked = self._repo.mark_released(due)
         for item in marked:
             path = stored_path(self._root, item.file_path)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            unlink_quietly(path)  # one that cannot go is logged; the next start's sweep retries
             stats.released += 1
             stats.bytes += sizes.get(item.pk, 0)
             dirs.add(path.parent)

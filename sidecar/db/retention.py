@@ -74,10 +74,15 @@ def without_released(series_pk: ColumnElement[int]) -> ColumnElement[bool]:
     return ~exists().where(gone.c.series_pk == series_pk, gone.c.released_at.is_not(None))
 
 
+def _series_has_vectors(model_id: str) -> ColumnElement[bool]:
+    """The instance's series has its mean vector under ``model_id`` (it was embedded)."""
+    return exists().where(_SERIES_VEC.c.series_pk == _INSTANCE.c.series_pk,
+                          _SERIES_VEC.c.model_id == model_id)
+
+
 def _needs_pixels(model_id: str, max_attempts: int) -> ColumnElement[bool]:
     """A released instance whose pixels some work needs (pending, retry, re-embedding)."""
-    has_model = exists().where(_SERIES_VEC.c.series_pk == _INSTANCE.c.series_pk,
-                               _SERIES_VEC.c.model_id == model_id)
+    has_model = _series_has_vectors(model_id)
     return and_(
         _INSTANCE.c.released_at.is_not(None),
         or_(
@@ -105,8 +110,7 @@ class RetentionRepository:
         inst = _INSTANCE.alias("sibling")
         pending_sibling = exists().where(inst.c.series_pk == _INSTANCE.c.series_pk,
                                          inst.c.state == InstanceState.PENDING)
-        has_model = exists().where(_SERIES_VEC.c.series_pk == _INSTANCE.c.series_pk,
-                                   _SERIES_VEC.c.model_id == model_id)
+        has_model = _series_has_vectors(model_id)
         conds: list[ColumnElement[bool]] = [
             _INSTANCE.c.released_at.is_(None),
             or_(_INSTANCE.c.state == InstanceState.SKIPPED,
