@@ -177,8 +177,7 @@ class Access:
             return
         if not sent and not session:
             if self._sessions is not None and _page_navigation(scope, path):
-                target = quote(path, safe="/")  # back here after signing in
-                await RedirectResponse(f"{LOGIN}?next={target}", 303)(scope, receive, send)
+                await _to_sign_in(path)(scope, receive, send)
                 return
             await self._refuse(scope, receive, send, MISSING, None, remote, path)
             return
@@ -195,8 +194,7 @@ class Access:
                 # a session that ended (expired, its token revoked): sign in again
                 await run_in_threadpool(self._report, _OUTCOME_KIND[verdict.outcome], name,
                                         remote, path)
-                again = RedirectResponse(f"{LOGIN}?next={quote(path, safe='/')}", 303,
-                                         headers={"Set-Cookie": self._sessions.clear_cookie()})
+                again = _to_sign_in(path, {"Set-Cookie": self._sessions.clear_cookie()})
                 await again(scope, receive, send)
                 return
             await self._refuse(scope, receive, send, _OUTCOME_KIND[verdict.outcome], name,
@@ -254,6 +252,11 @@ class Access:
                 if found:
                     return found
         return ""
+
+
+def _to_sign_in(path: str, headers: dict[str, str] | None = None) -> RedirectResponse:
+    """303 to the page's sign-in, which comes back to ``path`` afterwards."""
+    return RedirectResponse(f"{LOGIN}?next={quote(path, safe='/')}", 303, headers=headers)
 
 
 def _header(scope: Scope, name: bytes) -> str:
